@@ -1,0 +1,442 @@
+//! Machine code of the built-in guests, assembled at run time with iced-x86's `code_asm`.
+//!
+//! The workloads run at CPL 3 in 64-bit mode, where this machine's paravirtual KVM executes
+//! natively (CPL-0 code is emulated, ~500x slower). They are entered directly by the VMM with
+//! `RDI` = vCPU index, `RSI` = address of the [`GuestParams`](super::GuestParams) block,
+//! `RSP` = the vCPU's stack, and IOPL 3 so `in`/`out` reach the serial port and test device.
+//! The only CPL-0 code is the exception stubs, which report the vector and stop.
+
+use std::sync::OnceLock;
+
+use iced_x86::code_asm::*;
+use iced_x86::{BlockEncoderOptions, IcedError};
+
+use super::params::offsets;
+use crate::layout::{self, SERIAL_PORT, TEST_PORT_EXIT, TEST_PORT_FAIL, TEST_PORT_PROGRESS};
+
+/// Exit status a guest reports when it took CPU exception `vector` (`0xE000_0000 | vector`).
+pub const EXCEPTION_EXIT_BASE: u32 = 0xE000_0000;
+/// Value the `verify` guest reports when the sum of its generation table is wrong, which
+/// means a whole page of the table itself was lost or stale.
+pub const VERIFY_TABLE_MISMATCH: u32 = u32::MAX;
+
+/// Multipliers of the `verify` page pattern; the host-side checker uses the same values.
+pub const VERIFY_MIX: u64 = 0x9E37_79B9_7F4A_7C15;
+/// Difference between consecutive words of a `verify` page.
+pub const VERIFY_STEP: u64 = 0x0000_0100_0000_01B3;
+const LCG_MUL: u64 = 6364136223846793005;
+const LCG_ADD: u64 = 1442695040888963407;
+
+/// Assembled code and its entry points.
+#[derive(Debug)]
+pub struct GuestCode {
+    /// Bytes to place at [`layout::CODE`].
+    pub bytes: Vec<u8>,
+    /// `counter` entry.
+    pub counter: u64,
+    /// `dirty` entry.
+    pub dirty: u64,
+    /// `verify` entry.
+    pub verify: u64,
+    /// Idle loop for vCPUs a guest does not use.
+    pub spin: u64,
+    /// CPL-0 exception stubs, one per vector 0..32.
+    pub exception_stubs: [u64; 32],
+}
+
+/// The code, assembled once per process.
+pub fn guest_code() -> &'static GuestCode {
+    static CODE: OnceLock<GuestCode> = OnceLock::new();
+    CODE.get_or_init(|| {
+        // The input is fixed, so failure is a bug in this file; a unit test assembles it.
+        assemble().expect("built-in guest code must assemble")
+    })
+}
+
+/// 64-bit TSC into RAX (clobbers RDX).
+fn read_tsc(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)
+}
+
+fn out32(a: &mut CodeAssembler, port: u16) -> Result<(), IcedError> {
+    a.mov(dx, port as u32)?;
+    a.out(dx, eax)
+}
+
+fn assemble() -> Result<GuestCode, IcedError> {
+    let mut a = CodeAssembler::new(64)?;
+
+    let mut spin = a.create_label();
+    let mut print_str = a.create_label();
+    let mut print_dec = a.create_label();
+    let mut counter = a.create_label();
+    let mut dirty = a.create_label();
+    let mut verify = a.create_label();
+    let mut verify_fill = a.create_label();
+    let mut verify_check = a.create_label();
+    let mut verify_sum = a.create_label();
+    let mut msg_counter = a.create_label();
+    let mut msg_tick = a.create_label();
+    let mut msg_verify = a.create_label();
+    let mut msg_verify_ready = a.create_label();
+    let mut stubs: Vec<CodeLabel> = (0..32).map(|_| a.create_label()).collect();
+    let mut exception_common = a.create_label();
+
+    // Idle loop.
+    a.set_label(&mut spin)?;
+    a.pause()?;
+    a.jmp(spin)?;
+
+    // print_str: RCX = NUL-terminated string. Clobbers RAX, RCX, RDX.
+    {
+        a.set_label(&mut print_str)?;
+        let mut done = a.create_label();
+        a.mov(al, byte_ptr(rcx))?;
+        a.test(al, al)?;
+        a.jz(done)?;
+        a.mov(dx, SERIAL_PORT as u32)?;
+        a.out(dx, al)?;
+        a.inc(rcx)?;
+        a.jmp(print_str)?;
+        a.set_label(&mut done)?;
+        a.ret()?;
+    }
+
+    // print_dec: RAX = unsigned value. Clobbers RAX, RCX, RDX.
+    {
+        a.set_label(&mut print_dec)?;
+        let mut digit = a.create_label();
+        a.push(rbx)?;
+        a.push(rbp)?;
+        a.mov(rbp, rsp)?;
+        a.sub(rsp, 32)?;
+        a.lea(rcx, ptr(rbp - 1))?;
+        a.mov(byte_ptr(rcx), 0)?;
+        a.mov(ebx, 10)?;
+        a.set_label(&mut digit)?;
+        a.xor(edx, edx)?;
+        a.div(rbx)?;
+        a.add(dl, b'0' as u32)?;
+        a.dec(rcx)?;
+        a.mov(byte_ptr(rcx), dl)?;
+        a.test(rax, rax)?;
+        a.jnz(digit)?;
+        a.call(print_str)?;
+        a.mov(rsp, rbp)?;
+        a.pop(rbp)?;
+        a.pop(rbx)?;
+        a.ret()?;
+    }
+
+    // counter: vCPU 0 prints "tick N" every tick_period_tsc cycles; N lives in memory.
+    {
+        a.set_label(&mut counter)?;
+        let mut wait = a.create_label();
+        let mut on_time = a.create_label();
+        a.test(edi, edi)?;
+        a.jnz(spin)?;
+        a.mov(rbx, qword_ptr(rsi + offsets::STATE_ADDR))?;
+        a.mov(r12, qword_ptr(rsi + offsets::TICK_PERIOD))?;
+        a.lea(rcx, ptr(msg_counter))?;
+        a.call(print_str)?;
+        read_tsc(&mut a)?;
+        a.mov(r13, rax)?;
+        a.set_label(&mut wait)?;
+        a.pause()?;
+        read_tsc(&mut a)?;
+        a.cmp(rax, r13)?;
+        a.jb(wait)?;
+        // After a long stall (host paused us), restart the schedule instead of bursting.
+        a.mov(rcx, rax)?;
+        a.sub(rcx, r13)?;
+        a.cmp(rcx, r12)?;
+        a.jbe(on_time)?;
+        a.mov(r13, rax)?;
+        a.set_label(&mut on_time)?;
+        a.add(r13, r12)?;
+        a.inc(qword_ptr(rbx))?;
+        a.lea(rcx, ptr(msg_tick))?;
+        a.call(print_str)?;
+        a.mov(rax, qword_ptr(rbx))?;
+        a.call(print_dec)?;
+        a.mov(al, b'\n' as u32)?;
+        a.mov(dx, SERIAL_PORT as u32)?;
+        a.out(dx, al)?;
+        a.jmp(wait)?;
+    }
+
+    // dirty: each vCPU writes one word (the pass number) into every vcpus-th page of the
+    // working set, paced to tsc_per_page_per_vcpu cycles per page. Uses no stack, so the
+    // only guest writes are the working set itself.
+    {
+        a.set_label(&mut dirty)?;
+        let mut pass = a.create_label();
+        let mut page = a.create_label();
+        let mut pace = a.create_label();
+        let mut early = a.create_label();
+        let mut pass_done = a.create_label();
+        let mut no_report = a.create_label();
+        a.mov(r8, qword_ptr(rsi + offsets::WS_START))?;
+        a.mov(r9, qword_ptr(rsi + offsets::WS_PAGES))?;
+        a.mov(r10, qword_ptr(rsi + offsets::TSC_PER_PAGE))?;
+        a.mov(r11, qword_ptr(rsi + offsets::PASSES))?;
+        a.mov(r14d, dword_ptr(rsi + offsets::VCPUS))?;
+        a.mov(r15, r10)?;
+        a.shl(r15, 6)?;
+        a.xor(ebx, ebx)?;
+        read_tsc(&mut a)?;
+        a.mov(r13, rax)?;
+        a.set_label(&mut pass)?;
+        a.inc(rbx)?;
+        a.mov(rcx, rdi)?;
+        a.set_label(&mut page)?;
+        a.cmp(rcx, r9)?;
+        a.jae(pass_done)?;
+        a.mov(rax, rcx)?;
+        a.shl(rax, 12)?;
+        a.mov(qword_ptr(r8 + rax), rbx)?;
+        a.add(rcx, r14)?;
+        a.test(r10, r10)?;
+        a.jz(page)?;
+        a.add(r13, r10)?;
+        a.set_label(&mut pace)?;
+        read_tsc(&mut a)?;
+        a.mov(rdx, rax)?;
+        a.sub(rdx, r13)?;
+        a.js(early)?;
+        // More than 64 pages behind (we were paused): resynchronise rather than burst.
+        a.cmp(rdx, r15)?;
+        a.jbe(page)?;
+        a.mov(r13, rax)?;
+        a.jmp(page)?;
+        a.set_label(&mut early)?;
+        a.pause()?;
+        a.jmp(pace)?;
+        a.set_label(&mut pass_done)?;
+        a.test(edi, edi)?;
+        a.jnz(no_report)?;
+        a.mov(eax, ebx)?;
+        out32(&mut a, TEST_PORT_PROGRESS)?;
+        a.set_label(&mut no_report)?;
+        a.test(r11, r11)?;
+        a.jz(pass)?;
+        a.cmp(rbx, r11)?;
+        a.jb(pass)?;
+        a.xor(eax, eax)?;
+        out32(&mut a, TEST_PORT_EXIT)?;
+        a.jmp(spin)?;
+    }
+
+    // verify: see `super::verify` for the scheme. Registers: R8 first page, R9 page count,
+    // R10 generation table, R11 seed, R12 LCG state, R13 check cursor, R14 passes,
+    // R15 sum of all generations (held in a register so a stale table page is caught too).
+    {
+        a.set_label(&mut verify)?;
+        let mut init = a.create_label();
+        let mut init_done = a.create_label();
+        let mut round = a.create_label();
+        let mut update = a.create_label();
+        let mut checks = a.create_label();
+        let mut check = a.create_label();
+        let mut next = a.create_label();
+        a.test(edi, edi)?;
+        a.jnz(spin)?;
+        a.mov(r8, qword_ptr(rsi + offsets::VERIFY_START))?;
+        a.mov(r9, qword_ptr(rsi + offsets::VERIFY_PAGES))?;
+        a.mov(r10, qword_ptr(rsi + offsets::GEN_TABLE))?;
+        a.mov(r11, qword_ptr(rsi + offsets::SEED))?;
+        a.lea(rcx, ptr(msg_verify))?;
+        a.call(print_str)?;
+        a.xor(ebx, ebx)?;
+        a.set_label(&mut init)?;
+        a.cmp(rbx, r9)?;
+        a.jae(init_done)?;
+        a.mov(qword_ptr(r10 + rbx * 8), 0)?;
+        a.call(verify_fill)?;
+        a.inc(rbx)?;
+        a.jmp(init)?;
+        a.set_label(&mut init_done)?;
+        a.xor(r15d, r15d)?;
+        a.xor(r13d, r13d)?;
+        a.xor(r14d, r14d)?;
+        a.mov(r12, r11)?;
+        a.lea(rcx, ptr(msg_verify_ready))?;
+        a.call(print_str)?;
+        a.set_label(&mut round)?;
+        a.mov(rbp, qword_ptr(rsi + offsets::UPDATES))?;
+        a.set_label(&mut update)?;
+        a.test(rbp, rbp)?;
+        a.jz(checks)?;
+        a.mov(rax, LCG_MUL)?;
+        a.imul_2(r12, rax)?;
+        a.mov(rax, LCG_ADD)?;
+        a.add(r12, rax)?;
+        a.mov(rax, r12)?;
+        a.shr(rax, 33)?;
+        a.xor(edx, edx)?;
+        a.div(r9)?;
+        a.mov(rbx, rdx)?;
+        a.inc(qword_ptr(r10 + rbx * 8))?;
+        a.inc(r15)?;
+        a.call(verify_fill)?;
+        a.dec(rbp)?;
+        a.jmp(update)?;
+        a.set_label(&mut checks)?;
+        a.mov(rbp, qword_ptr(rsi + offsets::CHECKS))?;
+        a.set_label(&mut check)?;
+        a.test(rbp, rbp)?;
+        a.jz(round)?;
+        a.mov(rbx, r13)?;
+        a.call(verify_check)?;
+        a.inc(r13)?;
+        a.cmp(r13, r9)?;
+        a.jb(next)?;
+        a.xor(r13d, r13d)?;
+        a.call(verify_sum)?;
+        a.inc(r14)?;
+        a.mov(eax, r14d)?;
+        out32(&mut a, TEST_PORT_PROGRESS)?;
+        a.set_label(&mut next)?;
+        a.dec(rbp)?;
+        a.jmp(check)?;
+    }
+
+    // Page pattern base for page RBX: ((p << 32) ^ gen) * MIX ^ seed into RAX; page address
+    // into RDI; ECX = 512 words; RDX = step. Shared by fill and check.
+    let pattern_setup = |a: &mut CodeAssembler| -> Result<(), IcedError> {
+        a.mov(rdx, qword_ptr(r10 + rbx * 8))?;
+        a.mov(rax, rbx)?;
+        a.shl(rax, 32)?;
+        a.xor(rax, rdx)?;
+        a.mov(rcx, VERIFY_MIX)?;
+        a.imul_2(rax, rcx)?;
+        a.xor(rax, r11)?;
+        a.mov(rdi, rbx)?;
+        a.shl(rdi, 12)?;
+        a.add(rdi, r8)?;
+        a.mov(ecx, 512)?;
+        a.mov(rdx, VERIFY_STEP)
+    };
+
+    // verify_fill: writes page RBX for its current generation. Clobbers RAX, RCX, RDX, RDI.
+    {
+        a.set_label(&mut verify_fill)?;
+        let mut word = a.create_label();
+        pattern_setup(&mut a)?;
+        a.set_label(&mut word)?;
+        a.mov(qword_ptr(rdi), rax)?;
+        a.add(rax, rdx)?;
+        a.add(rdi, 8)?;
+        a.dec(ecx)?;
+        a.jnz(word)?;
+        a.ret()?;
+    }
+
+    // verify_check: checks page RBX; reports its index on the first wrong word.
+    {
+        a.set_label(&mut verify_check)?;
+        let mut word = a.create_label();
+        let mut bad = a.create_label();
+        pattern_setup(&mut a)?;
+        a.set_label(&mut word)?;
+        a.cmp(qword_ptr(rdi), rax)?;
+        a.jne(bad)?;
+        a.add(rax, rdx)?;
+        a.add(rdi, 8)?;
+        a.dec(ecx)?;
+        a.jnz(word)?;
+        a.ret()?;
+        a.set_label(&mut bad)?;
+        a.mov(eax, ebx)?;
+        out32(&mut a, TEST_PORT_FAIL)?;
+        a.ret()?;
+    }
+
+    // verify_sum: the generation table must sum to R15.
+    {
+        a.set_label(&mut verify_sum)?;
+        let mut add = a.create_label();
+        let mut compare = a.create_label();
+        let mut ok = a.create_label();
+        a.xor(eax, eax)?;
+        a.xor(ecx, ecx)?;
+        a.set_label(&mut add)?;
+        a.cmp(rcx, r9)?;
+        a.jae(compare)?;
+        a.add(rax, qword_ptr(r10 + rcx * 8))?;
+        a.inc(rcx)?;
+        a.jmp(add)?;
+        a.set_label(&mut compare)?;
+        a.cmp(rax, r15)?;
+        a.je(ok)?;
+        a.mov(eax, VERIFY_TABLE_MISMATCH)?;
+        out32(&mut a, TEST_PORT_FAIL)?;
+        a.set_label(&mut ok)?;
+        a.ret()?;
+    }
+
+    // CPL-0 exception stubs: report 0xE000_0000 | vector as the exit status, then halt.
+    for (vector, stub) in stubs.iter_mut().enumerate() {
+        a.set_label(stub)?;
+        a.push(vector as i32)?;
+        a.jmp(exception_common)?;
+    }
+    {
+        a.set_label(&mut exception_common)?;
+        let mut halt = a.create_label();
+        a.pop(rax)?;
+        a.or(eax, EXCEPTION_EXIT_BASE as i32)?;
+        out32(&mut a, TEST_PORT_EXIT)?;
+        a.set_label(&mut halt)?;
+        a.hlt()?;
+        a.jmp(halt)?;
+    }
+
+    a.set_label(&mut msg_counter)?;
+    a.db(b"ferry counter guest\n\0")?;
+    a.set_label(&mut msg_tick)?;
+    a.db(b"tick \0")?;
+    a.set_label(&mut msg_verify)?;
+    a.db(b"ferry verify guest: filling memory\n\0")?;
+    a.set_label(&mut msg_verify_ready)?;
+    a.db(b"verify: ready, checking\n\0")?;
+
+    let result = a.assemble_options(
+        layout::CODE,
+        BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+    )?;
+    let address = |label: &CodeLabel| result.label_ip(label);
+    let mut exception_stubs = [0u64; 32];
+    for (slot, stub) in exception_stubs.iter_mut().zip(&stubs) {
+        *slot = address(stub)?;
+    }
+    Ok(GuestCode {
+        counter: address(&counter)?,
+        dirty: address(&dirty)?,
+        verify: address(&verify)?,
+        spin: address(&spin)?,
+        exception_stubs,
+        bytes: result.inner.code_buffer,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_assembles_and_fits_its_area() {
+        let code = assemble().unwrap();
+        assert!(!code.bytes.is_empty());
+        assert!((code.bytes.len() as u64) < layout::CODE_END - layout::CODE);
+        let end = layout::CODE + code.bytes.len() as u64;
+        for entry in [code.counter, code.dirty, code.verify, code.spin] {
+            assert!((layout::CODE..end).contains(&entry));
+        }
+        let mut distinct = code.exception_stubs.to_vec();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 32);
+    }
+}

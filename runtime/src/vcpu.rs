@@ -1,0 +1,342 @@
+//! vCPU threads: each vCPU runs its blocking `KVM_RUN` loop on its own thread, and the VM
+//! pauses them by asking, then kicking.
+//!
+//! A kick is a real-time signal whose handler sets `immediate_exit` in the vCPU's `kvm_run`
+//! page. If the thread is inside `KVM_RUN`, the signal makes it return `EINTR`; if it is about
+//! to enter, `immediate_exit` makes the entry return `EINTR` at once — so no kick is lost in
+//! the window between checking the pause flag and entering the guest. Returning through
+//! `EINTR` also completes any pending port I/O inside KVM, so state read afterwards is exact.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+
+use crate::devices::{Devices, PortEffect};
+
+/// How long `pause` waits before kicking a vCPU again (a kick can only be "lost" if the
+/// thread was between loop iterations, and then the retry catches it).
+const REKICK_INTERVAL: Duration = Duration::from_millis(10);
+/// Give up on a vCPU that does not stop within this time (a KVM bug or a wedged host).
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+thread_local! {
+    /// This thread's `kvm_run` page, for the kick signal handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Only async-signal-safe work here: a const-initialised thread-local read and a volatile
+    // store into memory that stays mapped while the pointer is set.
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is set by this same thread to its vCPU's mmapped kvm_run page
+        // and cleared before that mapping can go away, so the field address is valid.
+        let field = unsafe { &raw mut (*run).immediate_exit };
+        // SAFETY: as above; a single-byte volatile store the kernel reads on KVM_RUN entry.
+        unsafe { field.write_volatile(1) };
+    }
+}
+
+/// Installs the kick handler once per process.
+pub(crate) fn install_kick_handler() -> Result<(), std::io::Error> {
+    static INSTALLED: OnceLock<Result<(), i32>> = OnceLock::new();
+    match INSTALLED
+        .get_or_init(|| register_signal_handler(kick_signal(), handle_kick).map_err(|e| e.errno()))
+    {
+        Ok(()) => Ok(()),
+        Err(errno) => Err(std::io::Error::from_raw_os_error(*errno)),
+    }
+}
+
+/// Why a vCPU stopped running guest code for good.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VcpuStop {
+    /// The guest reported an exit status through the test device.
+    GuestExit(u32),
+    /// Triple fault / shutdown.
+    Shutdown,
+    /// `HLT` with no in-kernel irqchip to wake it.
+    Halted,
+    /// KVM reported an error or an exit the VMM cannot handle.
+    Failed(String),
+}
+
+/// Where a vCPU thread is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VcpuRunState {
+    /// Not yet started or parked by a pause.
+    Parked,
+    /// In its `KVM_RUN` loop.
+    Running,
+    /// Done (see [`VcpuStop`]); the thread waits only for the VM to stop.
+    Finished(VcpuStop),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Want {
+    Run = 0,
+    Pause = 1,
+    Exit = 2,
+}
+
+#[derive(Debug)]
+struct ControlState {
+    want: Want,
+    vcpus: Vec<VcpuRunState>,
+}
+
+/// Shared between the VM and its vCPU threads.
+#[derive(Debug)]
+pub(crate) struct RunControl {
+    state: Mutex<ControlState>,
+    changed: Condvar,
+    /// Mirror of `state.want`, read by running vCPUs without taking the lock.
+    want: AtomicU8,
+}
+
+impl RunControl {
+    pub(crate) fn new(vcpus: usize) -> Self {
+        RunControl {
+            state: Mutex::new(ControlState {
+                want: Want::Pause,
+                vcpus: vec![VcpuRunState::Parked; vcpus],
+            }),
+            changed: Condvar::new(),
+            want: AtomicU8::new(Want::Pause as u8),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ControlState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_want(&self, want: Want) {
+        let mut state = self.lock();
+        state.want = want;
+        self.want.store(want as u8, Ordering::SeqCst);
+        drop(state);
+        self.changed.notify_all();
+    }
+
+    fn should_run(&self) -> bool {
+        self.want.load(Ordering::SeqCst) == Want::Run as u8
+    }
+
+    pub(crate) fn vcpu_states(&self) -> Vec<VcpuRunState> {
+        self.lock().vcpus.clone()
+    }
+
+    /// Marks a vCPU finished before it ever runs (restored from a state where it had).
+    pub(crate) fn mark_finished(&self, index: usize, stop: VcpuStop) {
+        self.lock().vcpus[index] = VcpuRunState::Finished(stop);
+    }
+}
+
+/// One vCPU: its fd (shared with the VM for state access while parked) and its thread.
+#[derive(Debug)]
+pub(crate) struct Vcpu {
+    pub(crate) index: u32,
+    pub(crate) fd: Arc<Mutex<VcpuFd>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Vcpu {
+    pub(crate) fn spawn(
+        index: u32,
+        fd: VcpuFd,
+        control: Arc<RunControl>,
+        devices: Arc<Devices>,
+    ) -> std::io::Result<Vcpu> {
+        let fd = Arc::new(Mutex::new(fd));
+        let thread_fd = Arc::clone(&fd);
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || vcpu_thread(index, &thread_fd, &control, &devices))?;
+        Ok(Vcpu {
+            index,
+            fd,
+            thread: Some(thread),
+        })
+    }
+
+    pub(crate) fn lock_fd(&self) -> MutexGuard<'_, VcpuFd> {
+        self.fd.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn kick(&self) {
+        if let Some(thread) = &self.thread
+            && let Err(error) = thread.kill(kick_signal())
+        {
+            tracing::warn!(vcpu = self.index, %error, "kicking vCPU failed");
+        }
+    }
+}
+
+/// Lets every vCPU that is not finished run.
+pub(crate) fn resume_all(control: &RunControl) {
+    control.set_want(Want::Run);
+}
+
+/// Stops every vCPU from running guest code and waits until all are parked or finished.
+/// Returns how long that took.
+pub(crate) fn pause_all(control: &RunControl, vcpus: &[Vcpu]) -> Result<Duration, u32> {
+    let start = Instant::now();
+    control.set_want(Want::Pause);
+    for vcpu in vcpus {
+        vcpu.kick();
+    }
+    let mut state = control.lock();
+    loop {
+        let running: Vec<usize> = state
+            .vcpus
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| **s == VcpuRunState::Running)
+            .map(|(i, _)| i)
+            .collect();
+        if running.is_empty() {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > PAUSE_TIMEOUT {
+            return Err(running[0] as u32);
+        }
+        let (guard, timeout) = control
+            .changed
+            .wait_timeout(state, REKICK_INTERVAL)
+            .unwrap_or_else(|e| e.into_inner());
+        state = guard;
+        if timeout.timed_out() {
+            for &index in &running {
+                vcpus[index].kick();
+            }
+        }
+    }
+}
+
+/// Tells every vCPU thread to exit and joins them.
+pub(crate) fn exit_all(control: &RunControl, vcpus: &mut [Vcpu]) {
+    control.set_want(Want::Exit);
+    for vcpu in vcpus.iter() {
+        vcpu.kick();
+    }
+    for vcpu in vcpus.iter_mut() {
+        if let Some(thread) = vcpu.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!(vcpu = vcpu.index, "vCPU thread panicked");
+        }
+    }
+}
+
+enum RunOutcome {
+    Kicked,
+    Stopped(VcpuStop),
+}
+
+fn vcpu_thread(index: u32, fd: &Mutex<VcpuFd>, control: &RunControl, devices: &Devices) {
+    let slot = index as usize;
+    {
+        let mut guard = fd.lock().unwrap_or_else(|e| e.into_inner());
+        let run: *mut kvm_run = guard.get_kvm_run();
+        KVM_RUN.with(|cell| cell.set(run));
+    }
+    loop {
+        {
+            let mut state = control.lock();
+            loop {
+                match state.want {
+                    Want::Exit => {
+                        KVM_RUN.with(|cell| cell.set(std::ptr::null_mut()));
+                        return;
+                    }
+                    Want::Run if !matches!(state.vcpus[slot], VcpuRunState::Finished(_)) => break,
+                    _ => {
+                        if state.vcpus[slot] == VcpuRunState::Running {
+                            state.vcpus[slot] = VcpuRunState::Parked;
+                            control.changed.notify_all();
+                        }
+                        state = control
+                            .changed
+                            .wait(state)
+                            .unwrap_or_else(|e| e.into_inner());
+                    }
+                }
+            }
+            state.vcpus[slot] = VcpuRunState::Running;
+        }
+        let outcome = {
+            let mut guard = fd.lock().unwrap_or_else(|e| e.into_inner());
+            run_until_kicked(index, &mut guard, control, devices)
+        };
+        let mut state = control.lock();
+        state.vcpus[slot] = match outcome {
+            RunOutcome::Kicked => VcpuRunState::Parked,
+            RunOutcome::Stopped(stop) => {
+                tracing::info!(vcpu = index, ?stop, "vCPU stopped");
+                VcpuRunState::Finished(stop)
+            }
+        };
+        control.changed.notify_all();
+    }
+}
+
+fn run_until_kicked(
+    index: u32,
+    fd: &mut VcpuFd,
+    control: &RunControl,
+    devices: &Devices,
+) -> RunOutcome {
+    loop {
+        if !control.should_run() {
+            fd.set_kvm_immediate_exit(1);
+        }
+        let stop = match fd.run() {
+            Ok(VcpuExit::IoOut(port, data)) => match devices.io_out(index, port, data) {
+                PortEffect::Continue => continue,
+                PortEffect::Exit(status) => VcpuStop::GuestExit(status),
+            },
+            Ok(VcpuExit::IoIn(port, data)) => {
+                devices.io_in(port, data);
+                continue;
+            }
+            Ok(VcpuExit::MmioRead(_, data)) => {
+                data.fill(0xff);
+                continue;
+            }
+            Ok(VcpuExit::MmioWrite(..)) => continue,
+            Ok(VcpuExit::Hlt) => VcpuStop::Halted,
+            Ok(VcpuExit::Shutdown) => VcpuStop::Shutdown,
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                VcpuStop::Failed(format!("VM entry failed: reason {reason:#x} on cpu {cpu}"))
+            }
+            Ok(VcpuExit::InternalError) => VcpuStop::Failed("KVM internal error".into()),
+            Ok(other) => VcpuStop::Failed(format!("unhandled exit {other:?}")),
+            Err(e) if e.errno() == libc::EINTR => {
+                fd.set_kvm_immediate_exit(0);
+                if control.should_run() {
+                    continue;
+                }
+                return RunOutcome::Kicked;
+            }
+            Err(e) if e.errno() == libc::EAGAIN => continue,
+            Err(e) => VcpuStop::Failed(format!("KVM_RUN failed: {e}")),
+        };
+        // Re-enter once with immediate_exit so KVM completes the instruction that exited
+        // (e.g. advances RIP past the `out`): state captured later is then exact.
+        fd.set_kvm_immediate_exit(1);
+        let _ = fd.run();
+        fd.set_kvm_immediate_exit(0);
+        return RunOutcome::Stopped(stop);
+    }
+}

@@ -1,0 +1,534 @@
+//! Tests that run real VMs on /dev/kvm (and, for save/restore, the `ferry-vm` binary in fresh
+//! processes). They need a host with KVM, as CI has.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ferry_runtime::guest::elf_image;
+use ferry_runtime::guest::{VERIFY_TABLE_MISMATCH, verify_layout};
+use ferry_runtime::layout::{DATA_START, PAGE_SIZE};
+use ferry_runtime::{
+    Boot, DirtyLogMode, DirtySet, ModuleFile, Preload, TestGuest, VcpuRunState, VcpuStop, Vm,
+    VmConfig, VmError,
+};
+
+const MIB: u64 = 1 << 20;
+
+fn counter(ticks_per_sec: u32) -> Boot {
+    Boot::Guest(TestGuest::Counter { ticks_per_sec })
+}
+
+fn verify() -> Boot {
+    Boot::Guest(TestGuest::Verify {
+        seed: 42,
+        pages: None,
+    })
+}
+
+/// `tick N` values in console output, in order.
+fn ticks(console: &[u8]) -> Vec<u64> {
+    String::from_utf8_lossy(console)
+        .lines()
+        .filter_map(|line| line.strip_prefix("tick ")?.trim().parse().ok())
+        .collect()
+}
+
+fn assert_consecutive(ticks: &[u64]) {
+    for pair in ticks.windows(2) {
+        assert_eq!(pair[1], pair[0] + 1, "gap or repeat in ticks: {ticks:?}");
+    }
+}
+
+fn wait_for(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    done()
+}
+
+#[test]
+fn counter_prints_consecutive_ticks() {
+    let mut vm = Vm::create(&VmConfig::new("counter", 1, 16 * MIB), &counter(100), &[]).unwrap();
+    vm.resume().unwrap();
+    assert!(wait_for(Duration::from_secs(10), || ticks(
+        &vm.console().history()
+    )
+    .len()
+        >= 20));
+    vm.pause().unwrap();
+    let seen = ticks(&vm.console().history());
+    assert_eq!(seen[0], 1);
+    assert_consecutive(&seen);
+    // The guest keeps N in memory too.
+    let mut n = [0u8; 8];
+    vm.ram()
+        .read(ferry_runtime::layout::GUEST_STATE, &mut n)
+        .unwrap();
+    assert_eq!(u64::from_le_bytes(n), *seen.last().unwrap());
+}
+
+#[test]
+fn dirty_guest_completes_its_passes() {
+    let guest = TestGuest::Dirty {
+        start: None,
+        working_set: 4 * MIB,
+        pages_per_sec: None,
+        passes: 50,
+    };
+    let mut vm = Vm::create(
+        &VmConfig::new("dirty", 2, 16 * MIB),
+        &Boot::Guest(guest),
+        &[],
+    )
+    .unwrap();
+    vm.resume().unwrap();
+    let (state, done) = vm
+        .test_device()
+        .wait_until(Duration::from_secs(20), |s| s.exits.len() == 2);
+    assert!(done, "guest did not finish: {state:?}");
+    assert_eq!(
+        state.exits.values().copied().collect::<Vec<_>>(),
+        vec![0, 0]
+    );
+    assert_eq!(state.progress, 50);
+    // Each page's first word holds the last pass number.
+    let mut word = [0u8; 8];
+    vm.ram()
+        .read(DATA_START + 7 * PAGE_SIZE, &mut word)
+        .unwrap();
+    assert_eq!(u64::from_le_bytes(word), 50);
+    assert!(
+        vm.vcpu_states()
+            .iter()
+            .all(|s| *s == VcpuRunState::Finished(VcpuStop::GuestExit(0)))
+    );
+}
+
+#[test]
+fn verify_guest_passes_and_catches_a_corrupted_page() {
+    let mut vm = Vm::create(&VmConfig::new("verify", 1, 32 * MIB), &verify(), &[]).unwrap();
+    vm.resume().unwrap();
+    let (state, ok) = vm
+        .test_device()
+        .wait_until(Duration::from_secs(20), |s| s.progress >= 3);
+    assert!(ok, "verify made no progress: {state:?}");
+    assert_eq!(state.failure_count, 0);
+
+    // Damage one data page behind the guest's back: it must name exactly that page.
+    vm.pause().unwrap();
+    let layout = verify_layout(32 * MIB, None).unwrap();
+    let victim = 1234;
+    vm.ram()
+        .write(layout.first_page + victim * PAGE_SIZE + 8, &[0xAA; 8])
+        .unwrap();
+    vm.resume().unwrap();
+    let (state, caught) = vm
+        .test_device()
+        .wait_until(Duration::from_secs(20), |s| s.failure_count > 0);
+    assert!(caught, "corruption went unnoticed: {state:?}");
+    assert_eq!(state.failures[0], victim as u32);
+
+    // Damage the generation table: the per-pass sum check reports it.
+    vm.pause().unwrap();
+    vm.ram()
+        .write(layout.gen_table + 8 * 5000, &[0x77; 8])
+        .unwrap();
+    vm.resume().unwrap();
+    let (state, caught) = vm.test_device().wait_until(Duration::from_secs(20), |s| {
+        s.failures.contains(&VERIFY_TABLE_MISMATCH)
+    });
+    assert!(caught, "table corruption went unnoticed: {state:?}");
+}
+
+#[test]
+fn pause_and_resume_many_times_under_load() {
+    let guest = TestGuest::Dirty {
+        start: None,
+        working_set: 8 * MIB,
+        pages_per_sec: None,
+        passes: 0,
+    };
+    let mut vm = Vm::create(
+        &VmConfig::new("load", 2, 32 * MIB),
+        &Boot::Guest(guest),
+        &[],
+    )
+    .unwrap();
+    vm.resume().unwrap();
+    let mut worst = Duration::ZERO;
+    let mut last_progress = 0;
+    for round in 0..200 {
+        std::thread::sleep(Duration::from_millis(2));
+        worst = worst.max(vm.pause().unwrap());
+        assert!(
+            vm.vcpu_states().iter().all(|s| *s == VcpuRunState::Parked),
+            "round {round}: {:?}",
+            vm.vcpu_states()
+        );
+        // Paused means paused: neither guest memory nor reported progress changes.
+        let before = vm.test_device().state().progress;
+        if round % 20 == 0 {
+            let hash = vm.ram().hash();
+            std::thread::sleep(Duration::from_millis(1));
+            assert_eq!(vm.ram().hash(), hash);
+        }
+        assert_eq!(vm.test_device().state().progress, before);
+        if round % 50 == 0 {
+            let state = vm.capture_state().unwrap();
+            assert_eq!(state.vcpus.len(), 2);
+        }
+        vm.resume().unwrap();
+        last_progress = before;
+    }
+    assert!(last_progress > 0, "guest never ran between pauses");
+    assert!(worst < Duration::from_secs(1), "a pause took {worst:?}");
+}
+
+fn exact_dirty_set(mode: DirtyLogMode) {
+    let working_set = 3 * MIB + 5 * PAGE_SIZE;
+    let start = DATA_START + 64 * PAGE_SIZE;
+    let guest = TestGuest::Dirty {
+        start: Some(start),
+        working_set,
+        pages_per_sec: None,
+        passes: 3,
+    };
+    let mut config = VmConfig::new("dirty-exact", 2, 32 * MIB);
+    config.dirty_log = mode;
+    let mut vm = Vm::create(&config, &Boot::Guest(guest), &[]).unwrap();
+    vm.start_dirty_log().unwrap();
+    // Nothing has run yet: the set is empty.
+    assert!(vm.fetch_dirty().unwrap().is_empty());
+    vm.resume().unwrap();
+    let (state, done) = vm
+        .test_device()
+        .wait_until(Duration::from_secs(20), |s| s.exits.len() == 2);
+    assert!(done, "{state:?}");
+    vm.pause().unwrap();
+    let dirty = vm.fetch_dirty().unwrap();
+    let mut expected = DirtySet::empty(&vm.ram().layout());
+    expected.insert_range(start, working_set);
+    let extra: Vec<u64> = dirty.pages().filter(|&p| !expected.contains(p)).collect();
+    let missing: Vec<u64> = expected.pages().filter(|&p| !dirty.contains(p)).collect();
+    assert!(
+        missing.is_empty(),
+        "{mode:?}: pages written but not reported: {missing:x?}"
+    );
+    assert!(
+        extra.is_empty(),
+        "{mode:?}: pages reported but never written: {extra:x?}"
+    );
+
+    // A second fetch is empty; a VMM write shows up exactly.
+    assert!(vm.fetch_dirty().unwrap().is_empty());
+    vm.ram()
+        .write(DATA_START + 3 * PAGE_SIZE + 100, b"vmm")
+        .unwrap();
+    let dirty = vm.fetch_dirty().unwrap();
+    assert_eq!(
+        dirty.pages().collect::<Vec<_>>(),
+        vec![DATA_START + 3 * PAGE_SIZE]
+    );
+    vm.stop_dirty_log().unwrap();
+}
+
+#[test]
+fn dirty_set_is_exactly_the_touched_pages_bitmap() {
+    exact_dirty_set(DirtyLogMode::Bitmap);
+}
+
+#[test]
+fn dirty_set_is_exactly_the_touched_pages_manual_protect() {
+    exact_dirty_set(DirtyLogMode::ManualProtect);
+}
+
+#[test]
+fn state_restores_into_a_fresh_vm_in_process() {
+    let mut vm = Vm::create(&VmConfig::new("move", 1, 16 * MIB), &counter(200), &[]).unwrap();
+    vm.resume().unwrap();
+    assert!(wait_for(Duration::from_secs(10), || ticks(
+        &vm.console().history()
+    )
+    .len()
+        >= 10));
+    vm.pause().unwrap();
+    let state = vm.capture_state().unwrap();
+    let vm_console = vm.console().history();
+    let before = ticks(&vm_console);
+    let hash = vm.ram().hash();
+
+    let mut copy = Vm::create_for_restore(&state, DirtyLogMode::Bitmap, None).unwrap();
+    let mut buf = vec![0u8; 16 * MIB as usize];
+    vm.ram().read(0, &mut buf).unwrap();
+    copy.ram().write(0, &buf).unwrap();
+    assert_eq!(copy.ram().hash(), hash);
+    copy.restore_state(&state).unwrap();
+    drop(vm);
+    copy.resume().unwrap();
+    assert!(wait_for(Duration::from_secs(10), || ticks(
+        &copy.console().history()
+    )
+    .len()
+        >= 5));
+    copy.pause().unwrap();
+    // The pause may have split a line: judge the two consoles as one stream.
+    let all = ticks(&[vm_console, copy.console().history()].concat());
+    assert!(all.len() >= before.len() + 4, "{all:?}");
+    assert_eq!(all[0], 1);
+    assert_consecutive(&all);
+    assert_eq!(copy.identity(), &state.identity);
+}
+
+#[test]
+fn restore_refuses_cpu_features_the_host_lacks_and_wrong_shapes() {
+    let vm = Vm::create(&VmConfig::new("cpu", 1, 16 * MIB), &counter(10), &[]).unwrap();
+    let mut state = vm.capture_state().unwrap();
+    // Claim a feature no host offers (an undefined bit of leaf 7 EDX).
+    for entry in &mut state.shape.cpuid {
+        if entry.function == 7 && entry.index == 0 {
+            entry.edx |= 1 << 1;
+        }
+    }
+    match Vm::create_for_restore(&state, DirtyLogMode::Bitmap, None) {
+        Err(VmError::IncompatibleCpu(e)) => assert!(e.to_string().contains("cpuid[0x7.0].edx[1]")),
+        other => panic!("expected IncompatibleCpu, got {other:?}"),
+    }
+    let state = vm.capture_state().unwrap();
+    let mut other = Vm::create(&VmConfig::new("other", 2, 16 * MIB), &counter(10), &[]).unwrap();
+    assert!(matches!(
+        other.restore_state(&state),
+        Err(VmError::ShapeMismatch { .. })
+    ));
+}
+
+fn ferry_vm(args: &[&str]) -> serde_json::Value {
+    let output = Command::new(env!("CARGO_BIN_EXE_ferry-vm"))
+        .args(args)
+        .output()
+        .expect("ferry-vm runs");
+    assert!(
+        output.status.success(),
+        "ferry-vm {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("ferry-vm prints a JSON report")
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn counter_saved_while_running_continues_in_a_new_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("counter.snap");
+    let before_log = dir.path().join("before.log");
+    let after_log = dir.path().join("after.log");
+    let saved = ferry_vm(&[
+        "run",
+        "--guest",
+        "counter",
+        "--ticks-per-sec",
+        "50",
+        "--memory",
+        "32M",
+        "--save",
+        path(&snap),
+        "--save-after",
+        "1",
+        "--console",
+        path(&before_log),
+        "--json",
+    ]);
+    let restored = ferry_vm(&[
+        "restore",
+        path(&snap),
+        "--run-for",
+        "1",
+        "--console",
+        path(&after_log),
+        "--json",
+    ]);
+    assert_eq!(
+        saved["save"]["memory_hash"],
+        restored["restore"]["memory_hash"]
+    );
+    assert_eq!(saved["result"]["uuid"], restored["result"]["uuid"]);
+    assert_eq!(saved["result"]["mac"], restored["result"]["mac"]);
+    let before = std::fs::read(&before_log).unwrap();
+    let after = std::fs::read(&after_log).unwrap();
+    assert!(ticks(&before).len() >= 10 && ticks(&after).len() >= 10);
+    // A save can split a line between the two logs; as one stream there is no gap or repeat.
+    let all = ticks(&[before, after].concat());
+    assert_eq!(all[0], 1);
+    assert_consecutive(&all);
+}
+
+#[test]
+fn verify_saved_while_running_reports_no_mismatch_after_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("verify.snap");
+    let saved = ferry_vm(&[
+        "run",
+        "--guest",
+        "verify",
+        "--memory",
+        "128M",
+        "--save",
+        path(&snap),
+        "--save-after",
+        "1.5",
+        "--console",
+        path(&dir.path().join("a.log")),
+        "--json",
+    ]);
+    let progress_at_save = saved["result"]["progress"].as_u64().unwrap();
+    assert!(progress_at_save >= 1, "{saved}");
+    assert!(
+        saved["save"]["rounds"].as_array().unwrap().len() >= 2,
+        "live pre-copy ran: {saved}"
+    );
+    let restored = ferry_vm(&[
+        "restore",
+        path(&snap),
+        "--run-for",
+        "2",
+        "--console",
+        path(&dir.path().join("b.log")),
+        "--json",
+    ]);
+    assert_eq!(
+        saved["save"]["memory_hash"],
+        restored["restore"]["memory_hash"]
+    );
+    assert_eq!(restored["result"]["failures"], 0, "{restored}");
+    let progress = restored["result"]["progress"].as_u64().unwrap();
+    assert!(
+        progress >= progress_at_save + 2,
+        "verify kept checking after restore: {restored}"
+    );
+}
+
+#[test]
+fn damaged_snapshots_are_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("s.snap");
+    ferry_vm(&[
+        "run",
+        "--guest",
+        "counter",
+        "--memory",
+        "16M",
+        "--save",
+        path(&snap),
+        "--save-after",
+        "0.2",
+        "--console",
+        path(&dir.path().join("c.log")),
+        "--json",
+    ]);
+    let mut bytes = std::fs::read(&snap).unwrap();
+    // Flip a byte inside the state blob (just after the header page).
+    bytes[4096 + 40] ^= 0xff;
+    let damaged = dir.path().join("damaged.snap");
+    std::fs::write(&damaged, &bytes).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_ferry-vm"))
+        .args(["restore", path(&damaged), "--run-for", "0.1"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("corrupted"), "{stderr}");
+    // Truncated file.
+    let truncated = dir.path().join("truncated.snap");
+    std::fs::write(&truncated, &bytes[..8192]).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_ferry-vm"))
+        .args(["restore", path(&truncated)])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("truncated"), "{stderr}");
+}
+
+#[test]
+fn multiboot_kernel_boots_and_sees_its_module() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("probe.elf");
+    std::fs::write(&kernel, elf_image::multiboot_probe().unwrap()).unwrap();
+    let module = dir.path().join("module.txt");
+    std::fs::write(&module, b"hello from the module\n").unwrap();
+    let boot = Boot::Kernel {
+        image: kernel,
+        cmdline: "probe console=ttyS0".into(),
+        modules: vec![ModuleFile {
+            path: module,
+            cmdline: "mod0".into(),
+        }],
+    };
+    let mut vm = Vm::create(&VmConfig::new("mb", 1, 16 * MIB), &boot, &[]).unwrap();
+    vm.resume().unwrap();
+    let (state, done) = vm
+        .test_device()
+        .wait_until(Duration::from_secs(20), |s| !s.exits.is_empty());
+    assert!(done, "multiboot probe did not finish: {state:?}");
+    assert_eq!(state.exits.get(&0), Some(&0), "probe exit status");
+    assert_eq!(state.progress, 1, "module count seen by the kernel");
+    vm.pause().unwrap();
+    let console = String::from_utf8_lossy(&vm.console().history()).to_string();
+    assert!(
+        console.contains("multiboot cmdline=probe console=ttyS0\n"),
+        "{console}"
+    );
+    assert!(console.contains("hello from the module\n"), "{console}");
+}
+
+#[test]
+fn elf64_kernel_boots_with_its_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("probe64.elf");
+    std::fs::write(&kernel, elf_image::elf64_probe().unwrap()).unwrap();
+    let boot = Boot::Kernel {
+        image: kernel,
+        cmdline: "sixty-four".into(),
+        modules: vec![],
+    };
+    let mut vm = Vm::create(&VmConfig::new("e64", 1, 16 * MIB), &boot, &[]).unwrap();
+    vm.resume().unwrap();
+    let (state, done) = vm
+        .test_device()
+        .wait_until(Duration::from_secs(20), |s| !s.exits.is_empty());
+    assert!(done, "{state:?}");
+    assert_eq!(state.exits.get(&0), Some(&0));
+    vm.pause().unwrap();
+    let console = String::from_utf8_lossy(&vm.console().history()).to_string();
+    assert!(console.contains("elf64 cmdline=sixty-four\n"), "{console}");
+}
+
+#[test]
+fn preload_places_a_file_in_guest_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("content.bin");
+    let content: Vec<u8> = (0..3 * MIB as usize).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&file, &content).unwrap();
+    let preload = Preload {
+        path: file,
+        gpa: 8 * MIB,
+    };
+    let vm = Vm::create(&VmConfig::new("pre", 1, 16 * MIB), &counter(1), &[preload]).unwrap();
+    let mut back = vec![0u8; content.len()];
+    vm.ram().read(8 * MIB, &mut back).unwrap();
+    assert_eq!(back, content);
+    let bad = Preload {
+        path: dir.path().join("content.bin"),
+        gpa: 15 * MIB,
+    };
+    assert!(matches!(
+        Vm::create(&VmConfig::new("pre2", 1, 16 * MIB), &counter(1), &[bad]),
+        Err(VmError::Memory(_))
+    ));
+}
