@@ -20,6 +20,7 @@
 //! ```
 
 pub mod boot;
+pub mod content;
 pub mod cpu;
 pub mod devices;
 pub mod dirty;

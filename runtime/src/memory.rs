@@ -17,6 +17,7 @@ use vm_memory::{
 };
 use xxhash_rust::xxh3::Xxh3;
 
+use crate::dirty::PageRange;
 use crate::layout::{self, MIN_MEMORY, PAGE_SIZE};
 
 /// Guest memory with VMM-write tracking.
@@ -206,7 +207,7 @@ impl GuestRam {
         while done < len {
             let want = buf.len().min((len - done) as usize);
             file.read_exact(&mut buf[..want]).map_err(load_err)?;
-            if buf[..want].iter().any(|&b| b != 0) {
+            if !is_zero(&buf[..want]) {
                 self.write(gpa + done, &buf[..want])?;
             } else {
                 self.mark_written(gpa + done, want as u64);
@@ -238,24 +239,85 @@ impl GuestRam {
             .collect()
     }
 
+    /// Guest-physical ranges whose backing pages exist. Everything outside them has never
+    /// been written and reads as zero, so copies can skip it without touching (and faulting
+    /// in) the memory — about 5 µs per page on this host.
+    pub fn populated_ranges(&self) -> Vec<PageRange> {
+        let mut ranges = Vec::new();
+        let mut file_offset = 0u64;
+        for (gpa, len) in self.layout() {
+            let end = file_offset + len;
+            let mut at = file_offset;
+            while at < end {
+                let Some(data) = seek(&self.memfd, at, libc::SEEK_DATA).filter(|&d| d < end) else {
+                    break;
+                };
+                let hole = seek(&self.memfd, data, libc::SEEK_HOLE)
+                    .unwrap_or(end)
+                    .min(end);
+                ranges.push(PageRange {
+                    gpa: gpa + (data - file_offset),
+                    pages: (hole - data).div_ceil(PAGE_SIZE),
+                });
+                at = hole;
+            }
+            file_offset = end;
+        }
+        ranges
+    }
+
     /// xxh3-128 of all RAM in address order. Read through bounded copies so it is well
     /// defined even if the guest runs meanwhile (the result is then meaningless, not unsafe).
+    /// Unpopulated ranges are hashed as the zeros they read as, without touching them.
     pub fn hash(&self) -> u128 {
         let mut hasher = Xxh3::new();
         let mut buf = vec![0u8; 1 << 20];
+        let zeros = vec![0u8; 1 << 20];
+        let populated = self.populated_ranges();
+        let mut next = populated.iter().peekable();
         for (gpa, len) in self.layout() {
-            let mut offset = 0;
-            while offset < len {
-                let chunk = buf.len().min((len - offset) as usize);
-                // The range is inside RAM by construction.
-                if self.read(gpa + offset, &mut buf[..chunk]).is_ok() {
-                    hasher.update(&buf[..chunk]);
+            let mut at = gpa;
+            let end = gpa + len;
+            while at < end {
+                // Skip finished populated ranges; find whether `at` is inside one.
+                while next.peek().is_some_and(|r| r.end() <= at) {
+                    next.next();
                 }
-                offset += chunk as u64;
+                let (chunk_end, populated) = match next.peek() {
+                    Some(r) if r.gpa <= at => (r.end().min(end), true),
+                    Some(r) => (r.gpa.min(end), false),
+                    None => (end, false),
+                };
+                let chunk = (chunk_end - at).min(buf.len() as u64) as usize;
+                if populated {
+                    // The range is inside RAM by construction.
+                    if self.read(at, &mut buf[..chunk]).is_ok() {
+                        hasher.update(&buf[..chunk]);
+                    }
+                } else {
+                    hasher.update(&zeros[..chunk]);
+                }
+                at += chunk as u64;
             }
         }
         hasher.digest128()
     }
+}
+
+fn seek(file: &File, offset: u64, whence: i32) -> Option<u64> {
+    // SAFETY: lseek on a valid fd with a valid whence only moves that fd's offset.
+    let ret = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
+    (ret >= 0).then_some(ret as u64)
+}
+
+/// Whether a buffer (typically one page) is all zero, a word at a time.
+pub fn is_zero(bytes: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets the aligned
+        // middle of the slice.
+        unsafe { bytes.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
 fn create_memfd(size: u64) -> std::io::Result<File> {
@@ -274,6 +336,17 @@ fn create_memfd(size: u64) -> std::io::Result<File> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_detection() {
+        let mut page = vec![0u8; 4096 + 3];
+        assert!(is_zero(&page[1..4097]));
+        page[4000] = 1;
+        assert!(!is_zero(&page[1..4097]));
+        page[4000] = 0;
+        page[4098] = 1;
+        assert!(is_zero(&page[..4096]) && !is_zero(&page));
+    }
 
     #[test]
     fn rejects_bad_sizes() {
@@ -298,6 +371,12 @@ mod tests {
         assert_eq!(writes[0][0], 1 << 5);
         assert!(writes[0][1..].iter().all(|&w| w == 0));
         assert_ne!(before, ram.hash());
+        // Only the written page is populated; the hash treats holes as zeros.
+        let populated = ram.populated_ranges();
+        assert_eq!(populated.len(), 1);
+        assert!(populated[0].gpa <= 0x5000 && populated[0].end() > 0x5000);
+        ram.write(0x5000 + 10, &[0; 5]).unwrap();
+        assert_eq!(ram.hash(), before, "zeroed page hashes like a hole");
         assert!(matches!(
             ram.write((8 << 20) - 2, b"xyz"),
             Err(MemoryError::OutOfRange { .. })

@@ -22,10 +22,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::dirty::{DirtySet, PageRange};
+use crate::dirty::PageRange;
 use crate::dirty_log::DirtyLogMode;
 use crate::layout::PAGE_SIZE;
-use crate::memory::GuestRam;
+use crate::memory::{GuestRam, is_zero};
 use crate::state::VmState;
 use crate::state::blob::{self, BlobError};
 use crate::vm::{RunState, Vm, VmError};
@@ -243,7 +243,7 @@ fn write_ranges(
             let mut page = 0;
             while page < len {
                 // Write maximal runs of pages, skipping zero pages when allowed.
-                let is_zero = |p: usize| buf[p..p + PAGE_SIZE as usize].iter().all(|&b| b == 0);
+                let is_zero = |p: usize| is_zero(&buf[p..p + PAGE_SIZE as usize]);
                 if skip_zero && is_zero(page) {
                     page += PAGE_SIZE as usize;
                     continue;
@@ -321,18 +321,36 @@ fn save_with_tracking(
 
     let mut rounds = Vec::new();
     let mut bytes_written = 0;
-    let everything = DirtySet::full(&vm.ram().layout());
-    let mut to_write = everything;
-    let mut first = true;
+    // Round one: every page ever written (the rest is zero, and the file is sparse), with
+    // zero pages skipped. Later rounds: exactly the pages dirtied meanwhile.
+    let round_start = Instant::now();
+    let populated = vm.ram().populated_ranges();
+    bytes_written += write_ranges(
+        vm.ram(),
+        file,
+        memory_offset,
+        populated.iter().copied(),
+        true,
+    )
+    .map_err(io_err("writing memory to"))?;
+    rounds.push(RoundReport {
+        pages: populated.iter().map(|r| r.pages).sum(),
+        millis: ms(round_start.elapsed()),
+    });
+    let mut to_write = vm.fetch_dirty()?;
     loop {
+        if to_write.count() <= options.final_round_pages
+            || rounds.len() as u32 >= options.max_rounds
+        {
+            break;
+        }
         let round_start = Instant::now();
-        bytes_written += write_ranges(vm.ram(), file, memory_offset, to_write.ranges(), first)
+        bytes_written += write_ranges(vm.ram(), file, memory_offset, to_write.ranges(), false)
             .map_err(io_err("writing memory to"))?;
         rounds.push(RoundReport {
             pages: to_write.count(),
             millis: ms(round_start.elapsed()),
         });
-        first = false;
         to_write = vm.fetch_dirty()?;
         if to_write.count() <= options.final_round_pages
             || rounds.len() as u32 >= options.max_rounds

@@ -22,6 +22,8 @@ use crate::devices::{Devices, PortEffect};
 /// How long `pause` waits before kicking a vCPU again (a kick can only be "lost" if the
 /// thread was between loop iterations, and then the retry catches it).
 const REKICK_INTERVAL: Duration = Duration::from_millis(10);
+/// Running time between two throttle interruptions of a vCPU.
+const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
 /// Give up on a vCPU that does not stop within this time (a KVM bug or a wedged host).
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -103,6 +105,12 @@ pub(crate) struct RunControl {
     changed: Condvar,
     /// Mirror of `state.want`, read by running vCPUs without taking the lock.
     want: AtomicU8,
+    /// Percentage of time vCPUs are kept out of the guest (0 = no throttling).
+    throttle: AtomicU8,
+    /// pthread IDs of the vCPU threads, for the throttle timer's kicks.
+    threads: Mutex<Vec<libc::pthread_t>>,
+    /// Whether a throttle timer thread is running.
+    throttler: Mutex<bool>,
 }
 
 impl RunControl {
@@ -114,6 +122,49 @@ impl RunControl {
             }),
             changed: Condvar::new(),
             want: AtomicU8::new(Want::Pause as u8),
+            throttle: AtomicU8::new(0),
+            threads: Mutex::new(Vec::new()),
+            throttler: Mutex::new(false),
+        }
+    }
+
+    pub(crate) fn throttle(&self) -> u8 {
+        self.throttle.load(Ordering::SeqCst)
+    }
+
+    fn kick_all_threads(&self) {
+        let threads = self
+            .threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for thread in threads {
+            // SAFETY: the IDs belong to vCPU threads that are joined only after Want::Exit,
+            // which also stops the throttle timer before the IDs can go stale.
+            unsafe { libc::pthread_kill(thread, kick_signal()) };
+        }
+    }
+
+    /// Keeps a running vCPU out of the guest for its share of a throttle period, waking early
+    /// if the VM is paused or stopped meanwhile.
+    fn throttle_sleep(&self) {
+        let percent = u32::from(self.throttle());
+        if percent == 0 {
+            return;
+        }
+        let sleep = THROTTLE_PERIOD * percent / (100 - percent);
+        let deadline = Instant::now() + sleep;
+        let mut state = self.lock();
+        while state.want == Want::Run {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
@@ -183,6 +234,38 @@ impl Vcpu {
     }
 }
 
+/// Sets the throttle percentage, starting the timer thread that interrupts vCPUs every
+/// THROTTLE_PERIOD while it is non-zero.
+pub(crate) fn set_throttle(control: &Arc<RunControl>, percent: u8) {
+    control.throttle.store(percent, Ordering::SeqCst);
+    let mut running = control.throttler.lock().unwrap_or_else(|e| e.into_inner());
+    if percent == 0 || *running {
+        return;
+    }
+    *running = true;
+    let control = Arc::clone(control);
+    let spawned = std::thread::Builder::new()
+        .name("vcpu-throttle".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(THROTTLE_PERIOD);
+                let stop = control.throttle() == 0
+                    || control.want.load(Ordering::SeqCst) == Want::Exit as u8;
+                if stop {
+                    *control.throttler.lock().unwrap_or_else(|e| e.into_inner()) = false;
+                    return;
+                }
+                if control.should_run() {
+                    control.kick_all_threads();
+                }
+            }
+        });
+    if spawned.is_err() {
+        tracing::warn!("could not start the throttle timer; the guest runs unthrottled");
+        *running = false;
+    }
+}
+
 /// Lets every vCPU that is not finished run.
 pub(crate) fn resume_all(control: &RunControl) {
     control.set_want(Want::Run);
@@ -246,6 +329,12 @@ enum RunOutcome {
 
 fn vcpu_thread(index: u32, fd: &Mutex<VcpuFd>, control: &RunControl, devices: &Devices) {
     let slot = index as usize;
+    control
+        .threads
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        // SAFETY: pthread_self has no preconditions.
+        .push(unsafe { libc::pthread_self() });
     {
         let mut guard = fd.lock().unwrap_or_else(|e| e.into_inner());
         let run: *mut kvm_run = guard.get_kvm_run();
@@ -325,6 +414,8 @@ fn run_until_kicked(
             Err(e) if e.errno() == libc::EINTR => {
                 fd.set_kvm_immediate_exit(0);
                 if control.should_run() {
+                    // A throttle kick (or a stale pause kick): sit out this vCPU's share.
+                    control.throttle_sleep();
                     continue;
                 }
                 return RunOutcome::Kicked;

@@ -26,7 +26,8 @@ use crate::state::{
     capture_vcpu, readable_msrs,
 };
 use crate::vcpu::{
-    RunControl, Vcpu, VcpuRunState, VcpuStop, exit_all, install_kick_handler, pause_all, resume_all,
+    RunControl, Vcpu, VcpuRunState, VcpuStop, exit_all, install_kick_handler, pause_all,
+    resume_all, set_throttle,
 };
 
 /// Address KVM needs for its real-mode TSS on Intel hosts (three pages below the BIOS area).
@@ -240,7 +241,7 @@ pub struct Vm {
     msr_indices: Vec<u32>,
     tsc_khz: u32,
     run_state: RunState,
-    ram: GuestRam,
+    ram: Arc<GuestRam>,
 }
 
 impl Vm {
@@ -263,14 +264,32 @@ impl Vm {
         dirty_log: DirtyLogMode,
         console_log: Option<PathBuf>,
     ) -> Result<Vm, VmError> {
+        Self::create_empty(
+            &state.identity,
+            &state.shape,
+            &state.boot,
+            dirty_log,
+            console_log,
+        )
+    }
+
+    /// Builds an empty, paused VM of a given identity and shape (what a migration
+    /// destination prepares before any memory arrives).
+    pub fn create_empty(
+        identity: &VmIdentity,
+        shape: &VmShape,
+        boot: &str,
+        dirty_log: DirtyLogMode,
+        console_log: Option<PathBuf>,
+    ) -> Result<Vm, VmError> {
         let config = VmConfig {
-            identity: state.identity.clone(),
-            vcpus: state.shape.vcpus,
-            memory: state.shape.memory,
+            identity: identity.clone(),
+            vcpus: shape.vcpus,
+            memory: shape.memory,
             dirty_log,
             console_log,
         };
-        let mut vm = Self::build(&config, Some(&state.shape.cpuid), state.boot.clone())?;
+        let mut vm = Self::build(&config, Some(&shape.cpuid), boot.to_string())?;
         vm.run_state = RunState::Paused;
         Ok(vm)
     }
@@ -289,7 +308,7 @@ impl Vm {
             operation: "installing the vCPU kick signal handler",
             source,
         })?;
-        let ram = GuestRam::new(config.memory)?;
+        let ram = Arc::new(GuestRam::new(config.memory)?);
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         let mut dirty_log = DirtyLog::new(&vm_fd, config.dirty_log)?;
@@ -483,6 +502,12 @@ impl Vm {
         &self.ram
     }
 
+    /// A shared handle to guest RAM, for copy workers that must keep the mapping alive for
+    /// as long as they use it, even if the VM goes away meanwhile.
+    pub fn ram_handle(&self) -> Arc<GuestRam> {
+        Arc::clone(&self.ram)
+    }
+
     /// Serial console output.
     pub fn console(&self) -> &Console {
         self.devices.console()
@@ -611,6 +636,18 @@ impl Vm {
         }
         self.run_state = RunState::Paused;
         Ok(())
+    }
+
+    /// Slows the guest down: each vCPU is kept out of the guest for `percent`% of the time
+    /// (0 turns throttling off, at most 99). Migration uses this to converge when the guest
+    /// dirties memory faster than the link can carry it.
+    pub fn set_throttle(&mut self, percent: u8) {
+        set_throttle(&self.control, percent.min(99));
+    }
+
+    /// The current throttle percentage.
+    pub fn throttle(&self) -> u8 {
+        self.control.throttle()
     }
 
     /// Starts dirty-page tracking.

@@ -189,6 +189,42 @@ fn pause_and_resume_many_times_under_load() {
     assert!(worst < Duration::from_secs(1), "a pause took {worst:?}");
 }
 
+#[test]
+fn throttling_slows_the_guest_and_pause_stays_fast() {
+    let guest = TestGuest::Dirty {
+        start: None,
+        working_set: MIB,
+        pages_per_sec: None,
+        passes: 0,
+    };
+    let mut vm = Vm::create(&VmConfig::new("throttle", 1, 16 * MIB), &Boot::Guest(guest), &[]).unwrap();
+    let passes_in = |vm: &mut Vm, window: Duration| {
+        vm.resume().unwrap();
+        let before = vm.test_device().state().progress_reports;
+        std::thread::sleep(window);
+        let after = vm.test_device().state().progress_reports;
+        vm.pause().unwrap();
+        after - before
+    };
+    let free = passes_in(&mut vm, Duration::from_millis(500));
+    vm.set_throttle(90);
+    let throttled = passes_in(&mut vm, Duration::from_millis(500));
+    assert!(free > 0);
+    assert!(
+        throttled * 3 < free,
+        "90% throttle should cut progress well below a third: free {free}, throttled {throttled}"
+    );
+    // Pausing a throttled VM does not wait out the throttle sleep.
+    vm.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let took = vm.pause().unwrap();
+    assert!(took < Duration::from_millis(50), "pause took {took:?}");
+    vm.set_throttle(0);
+    assert_eq!(vm.throttle(), 0);
+    let again = passes_in(&mut vm, Duration::from_millis(500));
+    assert!(again * 2 > free, "unthrottled again: {again} vs {free}");
+}
+
 fn exact_dirty_set(mode: DirtyLogMode) {
     let working_set = 3 * MIB + 5 * PAGE_SIZE;
     let start = DATA_START + 64 * PAGE_SIZE;

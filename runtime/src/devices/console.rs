@@ -93,6 +93,14 @@ impl Console {
         (history, rx)
     }
 
+    /// Replaces the retained history with `bytes` (output a migrated VM produced on its
+    /// previous host), so `history` and late followers see the whole story.
+    pub fn seed_history(&self, bytes: &[u8]) {
+        let mut inner = self.lock();
+        let keep = bytes.len().min(HISTORY_BYTES);
+        inner.history = bytes[bytes.len() - keep..].iter().copied().collect();
+    }
+
     /// The retained recent output.
     pub fn history(&self) -> Vec<u8> {
         self.lock().history.iter().copied().collect()
