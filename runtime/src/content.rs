@@ -99,7 +99,7 @@ fn text_page(page: &mut [u8], rng: &mut XorShift) {
         page[at..at + n].copy_from_slice(&word[..n]);
         at += n;
         if at < page.len() {
-            page[at] = if rng.next_u64() % 12 == 0 {
+            page[at] = if rng.next_u64().is_multiple_of(12) {
                 b'\n'
             } else {
                 b' '

@@ -241,6 +241,36 @@ impl CpuFeatures {
     }
 }
 
+/// Clears the named features in a CPUID table (a host baseline, like vSphere's EVC: VMs
+/// created with it can move to hosts that lack those features). Unknown names are an error.
+pub fn hide_features(entries: &mut [kvm_cpuid_entry2], names: &[String]) -> Result<(), String> {
+    for name in names {
+        let (word, bit, _) = NAMES
+            .iter()
+            .find(|(_, _, n)| n == name)
+            .ok_or_else(|| format!("unknown CPU feature '{name}'"))?;
+        let (leaf, subleaf, reg) = word.location();
+        for entry in entries
+            .iter_mut()
+            .filter(|e| e.function == leaf && e.index == subleaf)
+        {
+            let register = match reg {
+                0 => &mut entry.eax,
+                1 => &mut entry.ebx,
+                2 => &mut entry.ecx,
+                _ => &mut entry.edx,
+            };
+            *register &= !(1 << bit);
+        }
+    }
+    Ok(())
+}
+
+/// Whether `name` is a CPU feature name this module knows.
+pub fn is_known_feature(name: &str) -> bool {
+    NAMES.iter().any(|(_, _, n)| *n == name)
+}
+
 /// Why a VM cannot run on a host.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("the host lacks CPU features the VM was given: {}", .missing.iter().map(|f| f.to_string()).collect::<Vec<_>>().join(", "))]
@@ -296,6 +326,15 @@ mod tests {
         let b = CpuFeatures::from_cpuid(&[entry(7, 0, [0, 0, 0, 1 << 1])]);
         let missing = b.missing_on(&CpuFeatures::default());
         assert_eq!(missing[0].to_string(), "cpuid[0x7.0].edx[1]");
+    }
+
+    #[test]
+    fn hiding_features_clears_their_bits() {
+        let mut entries = vec![entry(1, 0, [0, 0, (1 << 28) | (1 << 26), 0])];
+        hide_features(&mut entries, &["avx".to_string()]).unwrap();
+        assert_eq!(entries[0].ecx, 1 << 26);
+        assert!(hide_features(&mut entries, &["bogus".to_string()]).is_err());
+        assert!(is_known_feature("avx2") && !is_known_feature("bogus"));
     }
 
     #[test]

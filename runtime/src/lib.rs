@@ -41,4 +41,6 @@ pub use guest::TestGuest;
 pub use memory::{GuestRam, RamRegion};
 pub use state::{VmIdentity, VmShape, VmState};
 pub use vcpu::{VcpuRunState, VcpuStop};
-pub use vm::{Boot, ModuleFile, Preload, RunState, Vm, VmConfig, VmError, host_cpu_features};
+pub use vm::{
+    Boot, GuestOptions, ModuleFile, Preload, RunState, Vm, VmConfig, VmError, host_cpu_features,
+};

@@ -78,6 +78,8 @@ pub struct RamRegion {
     pub len: u64,
     /// Host virtual address of the mapping.
     pub host_addr: u64,
+    /// Offset of the region in the memfd ([`GuestRam::memfd`]).
+    pub file_offset: u64,
 }
 
 /// The guest's RAM.
@@ -145,12 +147,18 @@ impl GuestRam {
 
     /// Where each RAM range is mapped in this process.
     pub fn regions(&self) -> Vec<RamRegion> {
+        let mut file_offset = 0;
         self.memory
             .iter()
-            .map(|region| RamRegion {
-                gpa: region.start_addr().0,
-                len: region.len(),
-                host_addr: region.as_ptr() as u64,
+            .map(|region| {
+                let info = RamRegion {
+                    gpa: region.start_addr().0,
+                    len: region.len(),
+                    host_addr: region.as_ptr() as u64,
+                    file_offset,
+                };
+                file_offset += region.len();
+                info
             })
             .collect()
     }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::boot::kernel::{BootError, BootModule, load_kernel};
 use crate::boot::tables::{EntryMode, entry_regs, entry_sregs, write_system_tables};
-use crate::cpu::{CpuFeatures, IncompatibleCpu, check_compatible};
+use crate::cpu::{CpuFeatures, IncompatibleCpu, check_compatible, hide_features};
 use crate::devices::{Console, Devices, SerialError, TestDevice};
 use crate::dirty::DirtySet;
 use crate::dirty_log::{DirtyLog, DirtyLogError, DirtyLogMode};
@@ -50,6 +50,9 @@ pub enum VmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// A configuration value is unusable.
+    #[error("invalid VM configuration: {0}")]
+    InvalidConfig(String),
     /// The vCPU count is out of range.
     #[error("{vcpus} vCPUs requested; a VM has 1..={MAX_VCPUS}")]
     InvalidVcpuCount {
@@ -179,6 +182,93 @@ impl Boot {
     }
 }
 
+impl ModuleFile {
+    /// Parses `PATH` or `PATH=CMDLINE` (the command line defaults to the path).
+    pub fn parse(spec: &str) -> ModuleFile {
+        let (path, cmdline) = spec.split_once('=').unwrap_or((spec, ""));
+        ModuleFile {
+            path: PathBuf::from(path),
+            cmdline: if cmdline.is_empty() {
+                path.to_string()
+            } else {
+                cmdline.to_string()
+            },
+        }
+    }
+}
+
+/// Workload parameters an operator may give for a built-in guest; unset ones keep the
+/// guest's defaults.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestOptions {
+    /// `counter`: ticks per second.
+    pub ticks_per_sec: Option<u32>,
+    /// `dirty`: working set, bytes.
+    pub working_set: Option<u64>,
+    /// `dirty`: first byte of the working set.
+    pub working_set_start: Option<u64>,
+    /// `dirty`: pages per second (None: unlimited).
+    pub rate: Option<u64>,
+    /// `dirty`: passes before exiting (0 or None: forever).
+    pub passes: Option<u64>,
+    /// `verify`: pattern seed.
+    pub seed: Option<u64>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Multiboot modules as `PATH` or `PATH=CMDLINE`.
+    pub modules: Vec<String>,
+}
+
+impl Boot {
+    /// What `--guest NAME` means: a built-in guest (`counter`, `dirty`, `verify`) with
+    /// `options` applied, or else the path of an ELF kernel.
+    pub fn from_guest(name: &str, memory: u64, options: &GuestOptions) -> Result<Boot, String> {
+        if let Some(mut guest) = TestGuest::with_defaults(name, memory) {
+            match &mut guest {
+                TestGuest::Counter { ticks_per_sec } => {
+                    if let Some(rate) = options.ticks_per_sec {
+                        *ticks_per_sec = rate;
+                    }
+                }
+                TestGuest::Dirty {
+                    start,
+                    working_set,
+                    pages_per_sec,
+                    passes,
+                } => {
+                    if let Some(size) = options.working_set {
+                        *working_set = size;
+                    }
+                    *start = options.working_set_start;
+                    *pages_per_sec = options.rate;
+                    *passes = options.passes.unwrap_or(0);
+                }
+                TestGuest::Verify { seed, .. } => {
+                    if let Some(value) = options.seed {
+                        *seed = value;
+                    }
+                }
+            }
+            return Ok(Boot::Guest(guest));
+        }
+        let image = PathBuf::from(name);
+        if !image.is_file() {
+            return Err(format!(
+                "guest '{name}' is neither a built-in guest (counter, dirty, verify) nor a kernel file"
+            ));
+        }
+        Ok(Boot::Kernel {
+            image,
+            cmdline: options.cmdline.clone(),
+            modules: options
+                .modules
+                .iter()
+                .map(|m| ModuleFile::parse(m))
+                .collect(),
+        })
+    }
+}
+
 /// A file copied into guest memory before boot, like an initrd.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Preload {
@@ -186,6 +276,23 @@ pub struct Preload {
     pub path: PathBuf,
     /// Guest-physical address.
     pub gpa: u64,
+}
+
+impl Preload {
+    /// Parses `FILE@ADDRESS` (address in hex `0x...`, decimal, or a size like `512M`).
+    pub fn parse(spec: &str) -> Result<Preload, String> {
+        let (path, addr) = spec
+            .rsplit_once('@')
+            .ok_or_else(|| format!("preload '{spec}' must be FILE@ADDRESS, e.g. data.bin@512M"))?;
+        let gpa = crate::units::parse_address(addr)?;
+        if path.is_empty() {
+            return Err(format!("preload '{spec}' names no file"));
+        }
+        Ok(Preload {
+            path: PathBuf::from(path),
+            gpa,
+        })
+    }
 }
 
 /// How to build a VM.
@@ -201,6 +308,9 @@ pub struct VmConfig {
     pub dirty_log: DirtyLogMode,
     /// File the console output is appended to.
     pub console_log: Option<PathBuf>,
+    /// CPU features to withhold from a new VM (the host's baseline); ignored on restore,
+    /// where the VM keeps the CPUID it was given.
+    pub hidden_cpu_features: Vec<String>,
 }
 
 impl VmConfig {
@@ -212,17 +322,20 @@ impl VmConfig {
             memory,
             dirty_log: DirtyLogMode::Bitmap,
             console_log: None,
+            hidden_cpu_features: Vec::new(),
         }
     }
 }
 
-/// The CPU features KVM on this host can give a VM.
-pub fn host_cpu_features() -> Result<CpuFeatures, VmError> {
+/// The CPU features KVM on this host can give a VM, less `hidden` ones.
+pub fn host_cpu_features(hidden: &[String]) -> Result<CpuFeatures, VmError> {
     let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-    Ok(CpuFeatures::from_cpuid(cpuid.as_slice()))
+    let mut entries = cpuid.as_slice().to_vec();
+    hide_features(&mut entries, hidden).map_err(VmError::InvalidConfig)?;
+    Ok(CpuFeatures::from_cpuid(&entries))
 }
 
 /// A running (or runnable) VM.
@@ -288,6 +401,7 @@ impl Vm {
             memory: shape.memory,
             dirty_log,
             console_log,
+            hidden_cpu_features: Vec::new(),
         };
         let mut vm = Self::build(&config, Some(&shape.cpuid), boot.to_string())?;
         vm.run_state = RunState::Paused;
@@ -349,7 +463,12 @@ impl Vm {
                 )?;
                 given.to_vec()
             }
-            None => host_cpuid.as_slice().to_vec(),
+            None => {
+                let mut entries = host_cpuid.as_slice().to_vec();
+                hide_features(&mut entries, &config.hidden_cpu_features)
+                    .map_err(VmError::InvalidConfig)?;
+                entries
+            }
         };
 
         let control = Arc::new(RunControl::new(config.vcpus as usize));

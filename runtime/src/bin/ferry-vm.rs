@@ -5,13 +5,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ferry_runtime::guest::elf_image;
 use ferry_runtime::snapshot::{self, SaveOptions};
-use ferry_runtime::units::{format_bytes, parse_address, parse_size};
+use ferry_runtime::units::{format_bytes, parse_size};
 use ferry_runtime::{
-    Boot, DirtyLogMode, ModuleFile, Preload, TestGuest, VcpuRunState, VcpuStop, Vm, VmConfig,
+    Boot, DirtyLogMode, GuestOptions, Preload, VcpuRunState, VcpuStop, Vm, VmConfig,
 };
 use serde_json::json;
 
@@ -174,67 +174,17 @@ fn main() {
 }
 
 fn boot_from_args(args: &RunArgs) -> Result<Boot> {
-    if let Some(mut guest) = TestGuest::with_defaults(&args.guest, args.memory) {
-        match &mut guest {
-            TestGuest::Counter { ticks_per_sec } => *ticks_per_sec = args.ticks_per_sec,
-            TestGuest::Dirty {
-                working_set,
-                pages_per_sec,
-                passes,
-                ..
-            } => {
-                if let Some(size) = args.working_set {
-                    *working_set = size;
-                }
-                *pages_per_sec = args.rate;
-                *passes = args.passes;
-            }
-            TestGuest::Verify { seed, .. } => {
-                if let Some(value) = args.seed {
-                    *seed = value;
-                }
-            }
-        }
-        return Ok(Boot::Guest(guest));
-    }
-    let image = PathBuf::from(&args.guest);
-    if !image.is_file() {
-        bail!(
-            "--guest '{}' is neither a built-in guest (counter, dirty, verify) nor a kernel file",
-            args.guest
-        );
-    }
-    let modules = args
-        .modules
-        .iter()
-        .map(|spec| {
-            let (path, cmdline) = spec.split_once('=').unwrap_or((spec, ""));
-            ModuleFile {
-                path: PathBuf::from(path),
-                cmdline: if cmdline.is_empty() {
-                    path.to_string()
-                } else {
-                    cmdline.to_string()
-                },
-            }
-        })
-        .collect();
-    Ok(Boot::Kernel {
-        image,
+    let options = GuestOptions {
+        ticks_per_sec: Some(args.ticks_per_sec),
+        working_set: args.working_set,
+        working_set_start: None,
+        rate: args.rate,
+        passes: Some(args.passes),
+        seed: args.seed,
         cmdline: args.cmdline.clone(),
-        modules,
-    })
-}
-
-fn parse_preload(spec: &str) -> Result<Preload> {
-    let (path, addr) = spec
-        .rsplit_once('@')
-        .with_context(|| format!("--preload '{spec}' must be FILE@ADDRESS, e.g. data.bin@512M"))?;
-    let gpa = parse_address(addr).map_err(anyhow::Error::msg)?;
-    Ok(Preload {
-        path: PathBuf::from(path),
-        gpa,
-    })
+        modules: args.modules.clone(),
+    };
+    Boot::from_guest(&args.guest, args.memory, &options).map_err(anyhow::Error::msg)
 }
 
 /// Streams console output to stdout until the returned guard is dropped.
@@ -294,7 +244,7 @@ fn run(args: RunArgs) -> Result<i32> {
     let preloads = args
         .preloads
         .iter()
-        .map(|s| parse_preload(s))
+        .map(|s| Preload::parse(s).map_err(anyhow::Error::msg))
         .collect::<Result<Vec<_>>>()?;
     let mut config = VmConfig::new(&args.name, args.vcpus, args.memory);
     config.dirty_log = args.dirty_log.into();

@@ -39,6 +39,24 @@ const TSS_LIMIT: u64 = 0x68 + TSS_IO_PORTS / 8;
 
 const _: () = assert!(layout::TSS + TSS_LIMIT < layout::IDT);
 
+/// CR0 in long mode as the VMM enters the built-in guests and 64-bit kernels. Kernels that
+/// switch to long mode themselves write it in two steps: without [`CR0_WRITE_PROTECT`]
+/// while they still patch read-only pages, then with it.
+pub const LONG_MODE_CR0: u64 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
+/// The write-protect bit of CR0: CPL-0 writes honour read-only page mappings.
+pub const CR0_WRITE_PROTECT: u64 = CR0_WP;
+/// CR4 in long mode: PAE paging, SSE enabled.
+pub const LONG_MODE_CR4: u64 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
+/// EFER.LME: what software sets to enter long mode (the CPU then sets LMA itself).
+pub const EFER_LONG_MODE_ENABLE: u64 = EFER_LME;
+/// RFLAGS of a built-in guest at entry: interrupts off, IOPL 3.
+pub const USER_RFLAGS: u64 = RFLAGS_RESERVED | RFLAGS_IOPL3;
+/// GDTR limit of the GDT [`system_table_images`] builds.
+pub const GDT_LIMIT: u16 = (GDT_ENTRIES * 8 - 1) as u16;
+/// IDTR limit of the IDT [`system_table_images`] builds (32 exception gates).
+pub const IDT_LIMIT: u16 = 32 * 16 - 1;
+const GDT_ENTRIES: usize = 9;
+
 /// How the first instruction runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EntryMode {
@@ -61,7 +79,7 @@ const fn descriptor(base: u32, limit: u32, access: u8, flags: u8) -> u64 {
 }
 
 /// The GDT, indexed by selector / 8.
-fn gdt() -> [u64; 9] {
+fn gdt() -> [u64; GDT_ENTRIES] {
     let tss_limit = TSS_LIMIT as u32;
     let tss_base = layout::TSS;
     let tss_low = descriptor(tss_base as u32, tss_limit, 0x89, 0);
@@ -91,8 +109,36 @@ pub fn write_system_tables(
     exception_stubs: &[u64; 32],
     protect_low: bool,
 ) -> Result<(), MemoryError> {
+    for piece in system_table_images(&ram.layout(), exception_stubs, protect_low) {
+        ram.write(piece.gpa, &piece.bytes)?;
+    }
+    Ok(())
+}
+
+/// Bytes destined for one guest-physical address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableImage {
+    /// Where the bytes go.
+    pub gpa: u64,
+    /// The bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// What [`write_system_tables`] writes for a VM whose RAM is `ram_ranges` (`(start, length)`
+/// pairs), as byte images in write order: a later image may overwrite part of an earlier
+/// one. A multiboot kernel carries these images and copies them into place itself, so a
+/// guest booted by any loader gets exactly the tables the VMM gives the built-in guests.
+pub fn system_table_images(
+    ram_ranges: &[(u64, u64)],
+    exception_stubs: &[u64; 32],
+    protect_low: bool,
+) -> Vec<TableImage> {
+    let mut images = Vec::new();
     let gdt_bytes: Vec<u8> = gdt().iter().flat_map(|d| d.to_le_bytes()).collect();
-    ram.write(layout::GDT, &gdt_bytes)?;
+    images.push(TableImage {
+        gpa: layout::GDT,
+        bytes: gdt_bytes,
+    });
 
     // 64-bit TSS: RSP0 at offset 4, then an I/O permission bitmap allowing every port up
     // to TSS_IO_PORTS (a clear bit allows the port at CPL 3).
@@ -100,7 +146,10 @@ pub fn write_system_tables(
     tss[4..12].copy_from_slice(&layout::EXCEPTION_STACK_TOP.to_le_bytes());
     tss[0x66..0x68].copy_from_slice(&0x68u16.to_le_bytes());
     *tss.last_mut().unwrap_or(&mut 0) = 0xff;
-    ram.write(layout::TSS, &tss)?;
+    images.push(TableImage {
+        gpa: layout::TSS,
+        bytes: tss,
+    });
 
     let mut idt = Vec::with_capacity(32 * 16);
     for &handler in exception_stubs {
@@ -111,17 +160,23 @@ pub fn write_system_tables(
         idt.extend_from_slice(&low.to_le_bytes());
         idt.extend_from_slice(&(handler >> 32).to_le_bytes());
     }
-    ram.write(layout::IDT, &idt)?;
+    images.push(TableImage {
+        gpa: layout::IDT,
+        bytes: idt,
+    });
 
-    write_identity_map(ram, protect_low)
+    identity_map_images(ram_ranges, protect_low, &mut images);
+    images
 }
 
 /// PML4 → one PDPT → 2 MiB pages, identity-mapping every GiB that holds RAM; with
 /// `protect_low`, the first 2 MiB use 4 KiB pages and the first MiB is read-only.
-fn write_identity_map(ram: &GuestRam, protect_low: bool) -> Result<(), MemoryError> {
-    ram.write(layout::PML4, &(layout::PDPT | TABLE_FLAGS).to_le_bytes())?;
-    let top = ram
-        .layout()
+fn identity_map_images(ram_ranges: &[(u64, u64)], protect_low: bool, out: &mut Vec<TableImage>) {
+    out.push(TableImage {
+        gpa: layout::PML4,
+        bytes: (layout::PDPT | TABLE_FLAGS).to_le_bytes().to_vec(),
+    });
+    let top = ram_ranges
         .iter()
         .map(|&(gpa, len)| gpa + len)
         .max()
@@ -134,9 +189,15 @@ fn write_identity_map(ram: &GuestRam, protect_low: bool) -> Result<(), MemoryErr
         let dir_bytes: Vec<u8> = (0..512u64)
             .flat_map(|i| (((gib << 30) + (i << 21)) | LEAF_FLAGS).to_le_bytes())
             .collect();
-        ram.write(dir, &dir_bytes)?;
+        out.push(TableImage {
+            gpa: dir,
+            bytes: dir_bytes,
+        });
     }
-    ram.write(layout::PDPT, &pdpt)?;
+    out.push(TableImage {
+        gpa: layout::PDPT,
+        bytes: pdpt,
+    });
     if protect_low {
         let table: Vec<u8> = (0..512u64)
             .flat_map(|i| {
@@ -149,13 +210,17 @@ fn write_identity_map(ram: &GuestRam, protect_low: bool) -> Result<(), MemoryErr
                 (addr | flags).to_le_bytes()
             })
             .collect();
-        ram.write(layout::PAGE_TABLE_LOW, &table)?;
-        ram.write(
-            layout::PAGE_DIRS,
-            &(layout::PAGE_TABLE_LOW | TABLE_FLAGS).to_le_bytes(),
-        )?;
+        out.push(TableImage {
+            gpa: layout::PAGE_TABLE_LOW,
+            bytes: table,
+        });
+        out.push(TableImage {
+            gpa: layout::PAGE_DIRS,
+            bytes: (layout::PAGE_TABLE_LOW | TABLE_FLAGS)
+                .to_le_bytes()
+                .to_vec(),
+        });
     }
-    Ok(())
 }
 
 fn segment(selector: u16, code: bool, long: bool, dpl: u8) -> kvm_segment {
@@ -213,14 +278,14 @@ pub fn entry_sregs(mut sregs: kvm_sregs, mode: EntryMode) -> kvm_sregs {
         ..Default::default()
     };
     sregs.gdt.base = layout::GDT;
-    sregs.gdt.limit = (gdt().len() * 8 - 1) as u16;
+    sregs.gdt.limit = GDT_LIMIT;
     sregs.idt.base = layout::IDT;
-    sregs.idt.limit = 32 * 16 - 1;
+    sregs.idt.limit = IDT_LIMIT;
     match mode {
         EntryMode::User64 | EntryMode::Kernel64 => {
-            sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
+            sregs.cr0 = LONG_MODE_CR0;
             sregs.cr3 = layout::PML4;
-            sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
+            sregs.cr4 = LONG_MODE_CR4;
             sregs.efer = EFER_LME | EFER_LMA;
         }
         EntryMode::Protected32 => {
@@ -245,7 +310,7 @@ pub fn entry_regs(mode: EntryMode, rip: u64, rsp: u64, arg0: u64, arg1: u64) -> 
     };
     match mode {
         EntryMode::User64 => {
-            regs.rflags |= RFLAGS_IOPL3;
+            regs.rflags = USER_RFLAGS;
             regs.rdi = arg0;
             regs.rsi = arg1;
         }

@@ -40,6 +40,12 @@ pub struct GuestCode {
     pub verify: u64,
     /// Idle loop for vCPUs a guest does not use.
     pub spin: u64,
+    /// Prints the NUL-terminated string at RCX on the serial port; clobbers RAX, RCX, RDX.
+    /// Works at any CPL (the multiboot workload kernel prints its banner with it at CPL 0).
+    pub print_str: u64,
+    /// Prints RAX in decimal on the serial port; clobbers RAX, RCX, RDX; needs 64 bytes of
+    /// stack.
+    pub print_dec: u64,
     /// CPL-0 exception stubs, one per vector 0..32.
     pub exception_stubs: [u64; 32],
 }
@@ -417,6 +423,8 @@ fn assemble() -> Result<GuestCode, IcedError> {
         dirty: address(&dirty)?,
         verify: address(&verify)?,
         spin: address(&spin)?,
+        print_str: address(&print_str)?,
+        print_dec: address(&print_dec)?,
         exception_stubs,
         bytes: result.inner.code_buffer,
     })
@@ -432,7 +440,14 @@ mod tests {
         assert!(!code.bytes.is_empty());
         assert!((code.bytes.len() as u64) < layout::CODE_END - layout::CODE);
         let end = layout::CODE + code.bytes.len() as u64;
-        for entry in [code.counter, code.dirty, code.verify, code.spin] {
+        for entry in [
+            code.counter,
+            code.dirty,
+            code.verify,
+            code.spin,
+            code.print_str,
+            code.print_dec,
+        ] {
             assert!((layout::CODE..end).contains(&entry));
         }
         let mut distinct = code.exception_stubs.to_vec();

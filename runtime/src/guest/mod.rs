@@ -15,6 +15,7 @@
 
 mod code;
 pub mod elf_image;
+pub mod multiboot_workload;
 mod params;
 
 use serde::{Deserialize, Serialize};

@@ -1,0 +1,91 @@
+//! The migration control listener: every connection from another host starts with either a
+//! `Hello` (a VM arriving: a destination migration actor takes over the channel) or a `Query`
+//! (a source asking how a switch-over ended).
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+use ferry_transport::control::{ControlChannel, ControlConfig};
+use tokio::net::TcpListener;
+
+use crate::host_actor::{HostActor, QueryOutcome};
+use crate::migration::destination::DestinationMigration;
+use crate::migration::protocol::{ToDestination, ToSource};
+use crate::settings::HostSettings;
+
+/// Control channel settings for this host.
+pub fn control_config(settings: &HostSettings) -> ControlConfig {
+    let limits = &settings.migration;
+    ControlConfig {
+        handshake_timeout: limits.connect_timeout,
+        idle_timeout: limits.io_timeout,
+        send_timeout: limits.io_timeout,
+        keepalive_interval: (limits.io_timeout / 5).max(std::time::Duration::from_millis(100)),
+        ..ControlConfig::default()
+    }
+}
+
+/// Accepts control connections until the listener fails.
+pub async fn serve(listener: TcpListener, host: Addr<HostActor>, settings: Arc<HostSettings>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::error!(%error, "control listener failed");
+                return;
+            }
+        };
+        let host = host.clone();
+        let settings = Arc::clone(&settings);
+        actix_rt::spawn(async move {
+            if let Err(error) = handle(stream, host, settings).await {
+                tracing::warn!(%peer, %error, "control connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn handle(
+    stream: tokio::net::TcpStream,
+    host: Addr<HostActor>,
+    settings: Arc<HostSettings>,
+) -> Result<(), String> {
+    let config = control_config(&settings);
+    let mut channel = ControlChannel::server(stream, config)
+        .await
+        .map_err(|e| ferry_transport::report(&e))?;
+    let first: ToDestination = channel
+        .recv()
+        .await
+        .map_err(|e| ferry_transport::report(&e))?;
+    match first {
+        ToDestination::Hello(hello) => {
+            let (sender, receiver, keepalive) = channel.into_split();
+            DestinationMigration::new(hello, settings, host, sender, receiver, keepalive).start();
+            Ok(())
+        }
+        ToDestination::Query { id } => {
+            let outcome = host
+                .send(QueryOutcome(id))
+                .await
+                .map_err(|e| e.to_string())?;
+            tracing::info!(migration = %id, ?outcome, "answered an in-doubt query");
+            channel
+                .send(&ToSource::Outcome { outcome })
+                .await
+                .map_err(|e| ferry_transport::report(&e))?;
+            let _ = channel.close().await;
+            Ok(())
+        }
+        other => {
+            let reason =
+                format!("a control connection must start with Hello or Query, not {other:?}");
+            let _ = channel
+                .send(&ToSource::Failed {
+                    reason: reason.clone(),
+                })
+                .await;
+            Err(reason)
+        }
+    }
+}

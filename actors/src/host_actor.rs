@@ -1,0 +1,982 @@
+//! HostActor: one per hostd. The inventory of VMs, the resources they use, admission control
+//! for new VMs and for migrations in and out, the cluster's other hosts, and the record of
+//! migrations (including, on the destination side, how each ended — the answer a source needs
+//! after losing the connection during switch-over).
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::sync::mpsc::Receiver;
+
+use actix::prelude::*;
+use ferry_runtime::cpu::{CpuFeatures, check_compatible};
+use ferry_runtime::{Boot, DirtyLogMode, Preload, Vm, VmConfig, VmIdentity};
+use futures_util::future::join_all;
+use serde::{Deserialize, Serialize};
+
+use crate::lifecycle::{Event, Lifecycle};
+use crate::migration::protocol::Hello;
+use crate::migration::source::SourceMigration;
+use crate::migration::{DestinationOutcome, MigrationId, MigrationOptions, MigrationReport, Stage};
+use crate::settings::HostSettings;
+use crate::vm_actor::{
+    BeginMigrateOut, FollowConsole, GetInfo, Operate, VmActor, VmActorError, VmAttachments, VmInfo,
+};
+
+/// Outcomes remembered for in-doubt queries.
+const OUTCOMES_KEPT: usize = 1024;
+/// Finished migrations kept for `GET /migrations`.
+const REPORTS_KEPT: usize = 256;
+
+/// What kind of failure, for the API's status codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// Malformed or invalid request.
+    BadRequest,
+    /// No such VM, host or migration.
+    NotFound,
+    /// Not possible in the current state (or name taken, or no resources).
+    Conflict,
+    /// Something failed while doing it.
+    Internal,
+}
+
+/// An error with the kind the API maps to a status code.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq, Serialize, Deserialize)]
+#[error("{message}")]
+pub struct HostError {
+    /// Kind.
+    pub kind: ErrorKind,
+    /// For the operator.
+    pub message: String,
+}
+
+impl HostError {
+    fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        HostError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    fn not_found_vm(host: &str, name: &str) -> Self {
+        Self::new(
+            ErrorKind::NotFound,
+            format!("no VM named '{name}' on host '{host}'"),
+        )
+    }
+}
+
+impl From<VmActorError> for HostError {
+    fn from(e: VmActorError) -> Self {
+        let kind = match e {
+            VmActorError::InvalidTransition(_) | VmActorError::Gone(_) => ErrorKind::Conflict,
+            _ => ErrorKind::Internal,
+        };
+        HostError::new(kind, e.to_string())
+    }
+}
+
+impl From<MailboxError> for HostError {
+    fn from(e: MailboxError) -> Self {
+        HostError::new(ErrorKind::Internal, format!("internal actor error: {e}"))
+    }
+}
+
+/// A request to create a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    /// Name (letters, digits, `-`, `_`, `.`; at most 64).
+    pub name: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory, bytes.
+    pub memory: u64,
+    /// What to boot.
+    pub boot: Boot,
+    /// Files to copy into memory first.
+    pub preloads: Vec<Preload>,
+    /// Network to attach to (default: the host's first network, if any).
+    pub network: Option<String>,
+    /// The VM's IPv4 address, if known (used for gratuitous ARP after migration).
+    pub ip: Option<Ipv4Addr>,
+    /// Start it at once (default) or leave it created.
+    pub start: bool,
+}
+
+/// What the API shows about a host.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HostInfo {
+    /// Name.
+    pub name: String,
+    /// Datacenter.
+    pub datacenter: Option<String>,
+    /// Memory for VMs, bytes.
+    pub memory_total: u64,
+    /// Memory used by VMs (including arriving ones), bytes.
+    pub memory_used: u64,
+    /// CPU features offered to VMs (names of the known ones).
+    pub cpu_features: Vec<String>,
+    /// Features withheld by configuration.
+    pub hidden_cpu_features: Vec<String>,
+    /// Networks.
+    pub networks: Vec<String>,
+    /// Datastores.
+    pub datastores: Vec<String>,
+    /// Copy-worker CPUs.
+    pub copy_cpus: Vec<usize>,
+    /// Other hosts.
+    pub peers: Vec<String>,
+    /// VMs here.
+    pub vms: Vec<VmInfo>,
+    /// Migrations in flight (in or out).
+    pub migrations: Vec<MigrationReport>,
+}
+
+#[derive(Debug)]
+struct VmEntry {
+    /// `None` while the VM is being built.
+    addr: Option<Addr<VmActor>>,
+    memory: u64,
+    state: Lifecycle,
+    migration: Option<MigrationId>,
+}
+
+#[derive(Debug)]
+struct MigrationEntry {
+    report: MigrationReport,
+    cancel: Option<Recipient<CancelRequest>>,
+}
+
+/// The host.
+#[derive(Debug)]
+pub struct HostActor {
+    settings: Arc<HostSettings>,
+    features: CpuFeatures,
+    vms: BTreeMap<String, VmEntry>,
+    migrations: BTreeMap<MigrationId, MigrationEntry>,
+    outcomes: BTreeMap<MigrationId, DestinationOutcome>,
+}
+
+impl HostActor {
+    /// A host with these settings and CPU features (the host's, less hidden ones).
+    pub fn new(settings: HostSettings, features: CpuFeatures) -> Self {
+        HostActor {
+            settings: Arc::new(settings),
+            features,
+            vms: BTreeMap::new(),
+            migrations: BTreeMap::new(),
+            outcomes: BTreeMap::new(),
+        }
+    }
+
+    fn memory_used(&self) -> u64 {
+        self.vms
+            .values()
+            .filter(|e| e.state != Lifecycle::Stopped)
+            .map(|e| e.memory)
+            .sum()
+    }
+
+    fn active_migrations(&self) -> usize {
+        self.migrations
+            .values()
+            .filter(|m| !m.report.is_final())
+            .count()
+    }
+
+    fn vm_addr(&self, name: &str) -> Result<Addr<VmActor>, HostError> {
+        match self.vms.get(name) {
+            Some(VmEntry {
+                addr: Some(addr), ..
+            }) => Ok(addr.clone()),
+            Some(_) => Err(HostError::new(
+                ErrorKind::Conflict,
+                format!("VM '{name}' is still being created"),
+            )),
+            None => Err(HostError::not_found_vm(&self.settings.name, name)),
+        }
+    }
+
+    fn check_name(&self, name: &str) -> Result<(), HostError> {
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !valid {
+            return Err(HostError::new(
+                ErrorKind::BadRequest,
+                format!("invalid VM name '{name}': use 1-64 letters, digits, '-', '_' or '.'"),
+            ));
+        }
+        if let Some(entry) = self.vms.get(name)
+            && entry.state != Lifecycle::Stopped
+        {
+            return Err(HostError::new(
+                ErrorKind::Conflict,
+                format!(
+                    "a VM named '{name}' already exists on host '{}'",
+                    self.settings.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_memory(&self, wanted: u64) -> Result<(), String> {
+        let free = self.settings.memory.saturating_sub(self.memory_used());
+        if wanted > free {
+            return Err(format!(
+                "host '{}' has {} MiB of VM memory free, the VM needs {} MiB",
+                self.settings.name,
+                free >> 20,
+                wanted >> 20
+            ));
+        }
+        Ok(())
+    }
+
+    fn remember_outcome(&mut self, id: MigrationId, outcome: DestinationOutcome) {
+        self.outcomes.insert(id, outcome);
+        while self.outcomes.len() > OUTCOMES_KEPT {
+            self.outcomes.pop_first();
+        }
+    }
+
+    fn prune_reports(&mut self) {
+        let finished: Vec<MigrationId> = self
+            .migrations
+            .iter()
+            .filter(|(_, m)| m.report.is_final())
+            .map(|(id, _)| *id)
+            .collect();
+        let excess = finished.len().saturating_sub(REPORTS_KEPT);
+        for id in finished.into_iter().take(excess) {
+            self.migrations.remove(&id);
+        }
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &HostSettings {
+        &self.settings
+    }
+}
+
+impl Actor for HostActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, _: &mut Self::Context) {
+        tracing::info!(host = %self.settings.name, "host actor started");
+    }
+}
+
+/// Creates a VM.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<VmInfo, HostError>")]
+pub struct CreateVm(pub VmSpec);
+
+impl Handler<CreateVm> for HostActor {
+    type Result = ResponseActFuture<Self, Result<VmInfo, HostError>>;
+
+    fn handle(&mut self, CreateVm(spec): CreateVm, _: &mut Self::Context) -> Self::Result {
+        let checked = (|| {
+            self.check_name(&spec.name)?;
+            if spec.vcpus == 0 {
+                return Err(HostError::new(
+                    ErrorKind::BadRequest,
+                    "a VM needs at least one vCPU",
+                ));
+            }
+            self.check_memory(spec.memory)
+                .map_err(|m| HostError::new(ErrorKind::Conflict, m))?;
+            let network = match &spec.network {
+                Some(net) if !self.settings.networks.contains_key(net) => {
+                    return Err(HostError::new(
+                        ErrorKind::BadRequest,
+                        format!(
+                            "network '{net}' is not present on host '{}' (it has: {})",
+                            self.settings.name,
+                            self.settings
+                                .networks
+                                .keys()
+                                .cloned()
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ));
+                }
+                Some(net) => Some(net.clone()),
+                None => self.settings.networks.keys().next().cloned(),
+            };
+            Ok(network)
+        })();
+        let network = match checked {
+            Ok(network) => network,
+            Err(e) => return Box::pin(fut::ready(Err(e))),
+        };
+        self.vms.insert(
+            spec.name.clone(),
+            VmEntry {
+                addr: None,
+                memory: spec.memory,
+                state: Lifecycle::Created,
+                migration: None,
+            },
+        );
+        let mut config = VmConfig::new(&spec.name, spec.vcpus, spec.memory);
+        config.identity = VmIdentity::new(&spec.name);
+        config.console_log = Some(
+            self.settings
+                .state_dir
+                .join(format!("{}.console.log", spec.name)),
+        );
+        config.dirty_log = DirtyLogMode::Bitmap;
+        config.hidden_cpu_features = self.settings.hidden_cpu_features.clone();
+        let host = self.settings.name.clone();
+        let attachments = VmAttachments {
+            network,
+            ip: spec.ip,
+        };
+        let name = spec.name.clone();
+        let build = async move {
+            // Building loads preloads and boots: blocking work, off the actor's thread.
+            let built = actix_rt::task::spawn_blocking(move || {
+                let mut vm = Vm::create(&config, &spec.boot, &spec.preloads)?;
+                if spec.start {
+                    vm.resume()?;
+                }
+                Ok::<_, ferry_runtime::VmError>((vm, spec.start))
+            })
+            .await;
+            match built {
+                Ok(Ok((vm, started))) => {
+                    let mut actor = VmActor::new(vm, &host, attachments);
+                    if started {
+                        // Already resumed above; record it.
+                        actor.mark_started();
+                    }
+                    Ok(actor.spawn())
+                }
+                Ok(Err(e)) => Err(HostError::new(
+                    ErrorKind::BadRequest,
+                    format!("cannot create VM: {e}"),
+                )),
+                Err(e) => Err(HostError::new(
+                    ErrorKind::Internal,
+                    format!("VM creation task failed: {e}"),
+                )),
+            }
+        };
+        let started = spec.start;
+        Box::pin(build.into_actor(self).then(move |result, act, _| {
+            let addr = match result {
+                Ok(addr) => {
+                    if let Some(entry) = act.vms.get_mut(&name) {
+                        entry.addr = Some(addr.clone());
+                        entry.state = if started {
+                            Lifecycle::Running
+                        } else {
+                            Lifecycle::Created
+                        };
+                    }
+                    Ok(addr)
+                }
+                Err(e) => {
+                    act.vms.remove(&name);
+                    Err(e)
+                }
+            };
+            async move { Ok(addr?.send(GetInfo).await?) }.into_actor(act)
+        }))
+    }
+}
+
+/// All VMs.
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<VmInfo>")]
+pub struct ListVms;
+
+impl Handler<ListVms> for HostActor {
+    type Result = ResponseFuture<Vec<VmInfo>>;
+
+    fn handle(&mut self, _: ListVms, _: &mut Self::Context) -> Self::Result {
+        let addrs: Vec<Addr<VmActor>> = self.vms.values().filter_map(|e| e.addr.clone()).collect();
+        Box::pin(async move {
+            join_all(addrs.iter().map(|a| a.send(GetInfo)))
+                .await
+                .into_iter()
+                .filter_map(Result::ok)
+                .collect()
+        })
+    }
+}
+
+/// One VM.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<VmInfo, HostError>")]
+pub struct GetVm(pub String);
+
+impl Handler<GetVm> for HostActor {
+    type Result = ResponseFuture<Result<VmInfo, HostError>>;
+
+    fn handle(&mut self, GetVm(name): GetVm, _: &mut Self::Context) -> Self::Result {
+        let addr = self.vm_addr(&name);
+        Box::pin(async move { Ok(addr?.send(GetInfo).await?) })
+    }
+}
+
+/// Pause, resume or stop a VM.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<VmInfo, HostError>")]
+pub struct OperateVm {
+    /// VM name.
+    pub name: String,
+    /// `Resume`, `Pause` or `Stop`.
+    pub event: Event,
+}
+
+impl Handler<OperateVm> for HostActor {
+    type Result = ResponseActFuture<Self, Result<VmInfo, HostError>>;
+
+    fn handle(&mut self, msg: OperateVm, _: &mut Self::Context) -> Self::Result {
+        let addr = self.vm_addr(&msg.name);
+        let name = msg.name.clone();
+        Box::pin(
+            async move { Ok(addr?.send(Operate(msg.event)).await??) }
+                .into_actor(self)
+                .map(move |result: Result<VmInfo, HostError>, act, _| {
+                    if let (Ok(info), Some(entry)) = (&result, act.vms.get_mut(&name)) {
+                        entry.state = info.state;
+                    }
+                    result
+                }),
+        )
+    }
+}
+
+/// Console history and live feed of a VM.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(Vec<u8>, Receiver<Vec<u8>>), HostError>")]
+pub struct ConsoleOf(pub String);
+
+impl Handler<ConsoleOf> for HostActor {
+    type Result = ResponseFuture<Result<(Vec<u8>, Receiver<Vec<u8>>), HostError>>;
+
+    fn handle(&mut self, ConsoleOf(name): ConsoleOf, _: &mut Self::Context) -> Self::Result {
+        let addr = self.vm_addr(&name);
+        Box::pin(async move { Ok(addr?.send(FollowConsole).await??) })
+    }
+}
+
+/// Host summary.
+#[derive(Debug, Message)]
+#[rtype(result = "HostInfo")]
+pub struct GetHostInfo;
+
+impl Handler<GetHostInfo> for HostActor {
+    type Result = ResponseFuture<HostInfo>;
+
+    fn handle(&mut self, _: GetHostInfo, _: &mut Self::Context) -> Self::Result {
+        let s = &self.settings;
+        let mut info = HostInfo {
+            name: s.name.clone(),
+            datacenter: s.datacenter.clone(),
+            memory_total: s.memory,
+            memory_used: self.memory_used(),
+            cpu_features: self
+                .features
+                .names()
+                .iter()
+                .map(|n| n.to_string())
+                .collect(),
+            hidden_cpu_features: s.hidden_cpu_features.clone(),
+            networks: s.networks.keys().cloned().collect(),
+            datastores: s.datastores.clone(),
+            copy_cpus: s.copy_cpus.clone(),
+            peers: s.peers.keys().cloned().collect(),
+            vms: Vec::new(),
+            migrations: self
+                .migrations
+                .values()
+                .filter(|m| !m.report.is_final())
+                .map(|m| m.report.clone())
+                .collect(),
+        };
+        let addrs: Vec<Addr<VmActor>> = self.vms.values().filter_map(|e| e.addr.clone()).collect();
+        Box::pin(async move {
+            info.vms = join_all(addrs.iter().map(|a| a.send(GetInfo)))
+                .await
+                .into_iter()
+                .filter_map(Result::ok)
+                .collect();
+            info
+        })
+    }
+}
+
+/// Starts migrating a VM of this host to another host.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<MigrationReport, HostError>")]
+pub struct StartMigration {
+    /// VM name.
+    pub vm: String,
+    /// Destination host.
+    pub to: String,
+    /// Options (unset fields take the host's defaults).
+    pub options: MigrationOptions,
+}
+
+impl Handler<StartMigration> for HostActor {
+    type Result = ResponseActFuture<Self, Result<MigrationReport, HostError>>;
+
+    fn handle(&mut self, msg: StartMigration, _: &mut Self::Context) -> Self::Result {
+        let checked = (|| {
+            let addr = self.vm_addr(&msg.vm)?;
+            if msg.to == self.settings.name {
+                return Err(HostError::new(
+                    ErrorKind::BadRequest,
+                    format!("VM '{}' is already on host '{}'", msg.vm, msg.to),
+                ));
+            }
+            let peer = self.settings.peers.get(&msg.to).cloned().ok_or_else(|| {
+                HostError::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "no host named '{}' in the cluster (hosts: {})",
+                        msg.to,
+                        std::iter::once(self.settings.name.clone())
+                            .chain(self.settings.peers.keys().cloned())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+            })?;
+            if let Some(id) = self.vms.get(&msg.vm).and_then(|e| e.migration) {
+                return Err(HostError::new(
+                    ErrorKind::Conflict,
+                    format!("VM '{}' is already migrating (migration {id})", msg.vm),
+                ));
+            }
+            if self.active_migrations() >= self.settings.migration.max_concurrent {
+                return Err(HostError::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "host '{}' already runs {} migrations, its limit",
+                        self.settings.name, self.settings.migration.max_concurrent
+                    ),
+                ));
+            }
+            if msg.options.streams == 0 || msg.options.downtime_ms == 0 {
+                return Err(HostError::new(
+                    ErrorKind::BadRequest,
+                    "streams and downtime must be at least 1",
+                ));
+            }
+            Ok((addr, peer))
+        })();
+        let (vm_addr, peer) = match checked {
+            Ok(v) => v,
+            Err(e) => return Box::pin(fut::ready(Err(e))),
+        };
+        let id = MigrationId::new_v4();
+        // Reserve the VM for this migration before anything asynchronous happens.
+        if let Some(entry) = self.vms.get_mut(&msg.vm) {
+            entry.migration = Some(id);
+        }
+        let settings = Arc::clone(&self.settings);
+        let vm_name = msg.vm.clone();
+        Box::pin(
+            async move { vm_addr.send(BeginMigrateOut).await.map(|r| (r, vm_addr)) }
+                .into_actor(self)
+                .map(move |result, act, ctx| {
+                    let failed = |act: &mut Self, error: HostError| {
+                        if let Some(entry) = act.vms.get_mut(&vm_name) {
+                            entry.migration = None;
+                        }
+                        Err(error)
+                    };
+                    let (outgoing, vm_addr) = match result {
+                        Ok((Ok(outgoing), addr)) => (outgoing, addr),
+                        Ok((Err(e), _)) => return failed(act, e.into()),
+                        Err(e) => return failed(act, e.into()),
+                    };
+                    if let Some(entry) = act.vms.get_mut(&vm_name) {
+                        entry.state = Lifecycle::MigratingOut;
+                    }
+                    let report = MigrationReport {
+                        id: id.to_string(),
+                        vm: vm_name.clone(),
+                        status: "running".into(),
+                        stage: Some(Stage::Verify),
+                        source: settings.name.clone(),
+                        destination: peer.name.clone(),
+                        streams: msg.options.streams,
+                        ..Default::default()
+                    };
+                    let migration = SourceMigration::new(
+                        id,
+                        settings,
+                        peer,
+                        msg.options,
+                        vm_addr,
+                        outgoing,
+                        ctx.address(),
+                    );
+                    let addr = migration.start();
+                    act.migrations.insert(
+                        id,
+                        MigrationEntry {
+                            report: report.clone(),
+                            cancel: Some(addr.recipient()),
+                        },
+                    );
+                    Ok(report)
+                }),
+        )
+    }
+}
+
+/// A migration actor's latest report.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct MigrationUpdate(pub MigrationReport);
+
+impl Handler<MigrationUpdate> for HostActor {
+    type Result = ();
+
+    fn handle(&mut self, MigrationUpdate(report): MigrationUpdate, _: &mut Self::Context) {
+        let Ok(id) = report.id.parse::<MigrationId>() else {
+            return;
+        };
+        let is_source = report.source == self.settings.name;
+        if report.is_final() && is_source {
+            if let Some(entry) = self.vms.get_mut(&report.vm) {
+                entry.migration = None;
+            }
+            if report.stage == Some(Stage::Completed) {
+                // The VM lives on the destination now.
+                self.vms.remove(&report.vm);
+            }
+        }
+        let entry = self.migrations.entry(id).or_insert(MigrationEntry {
+            report: report.clone(),
+            cancel: None,
+        });
+        entry.report = report;
+        if entry.report.is_final() {
+            entry.cancel = None;
+        }
+        self.prune_reports();
+    }
+}
+
+/// A source VM's lifecycle after a rollback (cached for admission).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct VmStateChanged {
+    /// VM name.
+    pub vm: String,
+    /// New state.
+    pub state: Lifecycle,
+}
+
+impl Handler<VmStateChanged> for HostActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: VmStateChanged, _: &mut Self::Context) {
+        if let Some(entry) = self.vms.get_mut(&msg.vm) {
+            entry.state = msg.state;
+        }
+    }
+}
+
+/// One migration's report.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<MigrationReport, HostError>")]
+pub struct GetMigration(pub String);
+
+impl Handler<GetMigration> for HostActor {
+    type Result = Result<MigrationReport, HostError>;
+
+    fn handle(&mut self, GetMigration(id): GetMigration, _: &mut Self::Context) -> Self::Result {
+        let parsed = id.parse::<MigrationId>().map_err(|_| {
+            HostError::new(
+                ErrorKind::BadRequest,
+                format!("'{id}' is not a migration ID"),
+            )
+        })?;
+        self.migrations
+            .get(&parsed)
+            .map(|m| m.report.clone())
+            .ok_or_else(|| {
+                HostError::new(
+                    ErrorKind::NotFound,
+                    format!("no migration {id} on host '{}'", self.settings.name),
+                )
+            })
+    }
+}
+
+/// All migrations this host knows of (recent finished ones too).
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<MigrationReport>")]
+pub struct ListMigrations;
+
+impl Handler<ListMigrations> for HostActor {
+    type Result = MessageResult<ListMigrations>;
+
+    fn handle(&mut self, _: ListMigrations, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.migrations.values().map(|m| m.report.clone()).collect())
+    }
+}
+
+/// Asks a migration actor to cancel.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), String>")]
+pub struct CancelRequest;
+
+/// Cancels the migration of a VM (only before switch-over).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<MigrationReport, HostError>")]
+pub struct CancelMigration(pub String);
+
+impl Handler<CancelMigration> for HostActor {
+    type Result = ResponseFuture<Result<MigrationReport, HostError>>;
+
+    fn handle(
+        &mut self,
+        CancelMigration(vm): CancelMigration,
+        _: &mut Self::Context,
+    ) -> Self::Result {
+        let found = self
+            .migrations
+            .values()
+            .find(|m| m.report.vm == vm && !m.report.is_final() && m.cancel.is_some())
+            .map(|m| (m.report.clone(), m.cancel.clone()));
+        let host = self.settings.name.clone();
+        Box::pin(async move {
+            let Some((report, Some(cancel))) = found else {
+                return Err(HostError::new(
+                    ErrorKind::NotFound,
+                    format!("no migration of VM '{vm}' is in progress from host '{host}'"),
+                ));
+            };
+            cancel
+                .send(CancelRequest)
+                .await?
+                .map_err(|m| HostError::new(ErrorKind::Conflict, m))?;
+            Ok(report)
+        })
+    }
+}
+
+/// Destination, stage verify: can this host take the VM?
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), String>")]
+pub struct AdmitIncoming(pub Box<Hello>);
+
+impl Handler<AdmitIncoming> for HostActor {
+    type Result = Result<(), String>;
+
+    fn handle(
+        &mut self,
+        AdmitIncoming(hello): AdmitIncoming,
+        _: &mut Self::Context,
+    ) -> Self::Result {
+        self.admit(&hello)
+    }
+}
+
+/// Destination, stage prepare: build the empty VM and reserve its resources.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Addr<VmActor>, String>")]
+pub struct PrepareIncoming {
+    /// The source's description.
+    pub hello: Box<Hello>,
+    /// Initial report for the destination's record.
+    pub report: MigrationReport,
+}
+
+impl Handler<PrepareIncoming> for HostActor {
+    type Result = ResponseActFuture<Self, Result<Addr<VmActor>, String>>;
+
+    fn handle(&mut self, msg: PrepareIncoming, _: &mut Self::Context) -> Self::Result {
+        let hello = msg.hello;
+        if let Err(reason) = self.admit(&hello) {
+            return Box::pin(fut::ready(Err(reason)));
+        }
+        let id = hello.id;
+        let name = hello.identity.name.clone();
+        self.vms.insert(
+            name.clone(),
+            VmEntry {
+                addr: None,
+                memory: hello.shape.memory,
+                state: Lifecycle::MigratingIn,
+                migration: Some(id),
+            },
+        );
+        self.outcomes.insert(id, DestinationOutcome::InProgress);
+        self.migrations.insert(
+            id,
+            MigrationEntry {
+                report: msg.report,
+                cancel: None,
+            },
+        );
+        let host = self.settings.name.clone();
+        let console = Some(self.settings.state_dir.join(format!("{name}.console.log")));
+        let attachments = VmAttachments {
+            network: hello.networks.first().cloned(),
+            ip: hello.ip,
+        };
+        let build = async move {
+            let built = actix_rt::task::spawn_blocking(move || {
+                Vm::create_empty(
+                    &hello.identity,
+                    &hello.shape,
+                    &hello.boot,
+                    DirtyLogMode::Bitmap,
+                    console,
+                )
+            })
+            .await;
+            match built {
+                Ok(Ok(vm)) => Ok(VmActor::incoming(vm, &host, attachments).spawn()),
+                Ok(Err(e)) => Err(format!("cannot build the VM: {e}")),
+                Err(e) => Err(format!("VM build task failed: {e}")),
+            }
+        };
+        Box::pin(build.into_actor(self).map(move |result, act, _| {
+            match &result {
+                Ok(addr) => {
+                    if let Some(entry) = act.vms.get_mut(&name) {
+                        entry.addr = Some(addr.clone());
+                    }
+                }
+                Err(_) => {
+                    act.vms.remove(&name);
+                    act.remember_outcome(id, DestinationOutcome::Discarded);
+                }
+            }
+            result
+        }))
+    }
+}
+
+impl HostActor {
+    /// Stage verify on the destination: name free, memory, CPU features, networks, limits.
+    fn admit(&self, hello: &Hello) -> Result<(), String> {
+        let name = &hello.identity.name;
+        if self
+            .vms
+            .get(name)
+            .is_some_and(|e| e.state != Lifecycle::Stopped)
+        {
+            return Err(format!(
+                "host '{}' already has a VM named '{name}'",
+                self.settings.name
+            ));
+        }
+        self.check_memory(hello.shape.memory)?;
+        check_compatible(&hello.cpu_features, &self.features)
+            .map_err(|e| format!("host '{}': {e}", self.settings.name))?;
+        for network in &hello.networks {
+            if !self.settings.networks.contains_key(network) {
+                return Err(format!(
+                    "network '{network}' is not present on host '{}'",
+                    self.settings.name
+                ));
+            }
+        }
+        if self.active_migrations() >= self.settings.migration.max_concurrent {
+            return Err(format!(
+                "host '{}' already runs {} migrations, its limit",
+                self.settings.name, self.settings.migration.max_concurrent
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Destination: how an arriving VM ended up.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct IncomingFinished {
+    /// Migration.
+    pub id: MigrationId,
+    /// VM name.
+    pub vm: String,
+    /// Owned (running or paused here) or discarded.
+    pub outcome: DestinationOutcome,
+    /// Lifecycle after it.
+    pub state: Lifecycle,
+}
+
+impl Handler<IncomingFinished> for HostActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: IncomingFinished, _: &mut Self::Context) {
+        self.remember_outcome(msg.id, msg.outcome);
+        match msg.outcome {
+            DestinationOutcome::Owned => {
+                if let Some(entry) = self.vms.get_mut(&msg.vm) {
+                    entry.state = msg.state;
+                    entry.migration = None;
+                }
+            }
+            _ => {
+                if self
+                    .vms
+                    .get(&msg.vm)
+                    .is_some_and(|e| e.migration == Some(msg.id))
+                {
+                    self.vms.remove(&msg.vm);
+                }
+            }
+        }
+    }
+}
+
+/// Destination: what do we know about migration `id`?
+#[derive(Debug, Message)]
+#[rtype(result = "DestinationOutcome")]
+pub struct QueryOutcome(pub MigrationId);
+
+impl Handler<QueryOutcome> for HostActor {
+    type Result = MessageResult<QueryOutcome>;
+
+    fn handle(&mut self, QueryOutcome(id): QueryOutcome, _: &mut Self::Context) -> Self::Result {
+        MessageResult(
+            self.outcomes
+                .get(&id)
+                .copied()
+                .unwrap_or(DestinationOutcome::Unknown),
+        )
+    }
+}
+
+/// The host's settings (for the control server and the API).
+#[derive(Debug, Message)]
+#[rtype(result = "Arc<HostSettings>")]
+pub struct GetSettings;
+
+impl Handler<GetSettings> for HostActor {
+    type Result = MessageResult<GetSettings>;
+
+    fn handle(&mut self, _: GetSettings, _: &mut Self::Context) -> Self::Result {
+        MessageResult(Arc::clone(&self.settings))
+    }
+}
+
+/// Resolves to an event name for lifecycle operations from the API.
+pub fn parse_operation(op: &str) -> Option<Event> {
+    match op {
+        "pause" => Some(Event::Pause),
+        "resume" | "start" => Some(Event::Resume),
+        "stop" => Some(Event::Stop),
+        _ => None,
+    }
+}

@@ -1,0 +1,176 @@
+//! When to stop pre-copy, and how hard to throttle a guest that dirties memory faster than
+//! the link carries it (QEMU's auto-converge, vMotion's stun-during-page-send).
+//!
+//! After each round the source knows how many pages are dirty and the rate the last round
+//! achieved. If sending the dirty pages would take no longer than the downtime target, it
+//! stops the guest and sends them. If the guest dirtied more than half of what the round
+//! moved, pre-copy is not gaining: the throttle starts at 20% and rises 10 points per such
+//! round up to 99%. After the round limit it stops the guest regardless, and the report
+//! shows the downtime that cost.
+
+/// First throttle step.
+pub const THROTTLE_INITIAL: u8 = 20;
+/// Increase per non-converging round.
+pub const THROTTLE_INCREMENT: u8 = 10;
+/// Highest throttle.
+pub const THROTTLE_MAX: u8 = 99;
+/// Time the switch-over itself costs besides sending pages (state, handshake), assumed when
+/// estimating downtime.
+pub const SWITCH_OVER_OVERHEAD_MS: f64 = 15.0;
+
+/// What to do after a round.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Decision {
+    /// Run another pre-copy round, with this throttle.
+    Continue {
+        /// Throttle for the next round, percent.
+        throttle: u8,
+    },
+    /// Pause the guest and copy the rest.
+    StopAndCopy {
+        /// Expected downtime at the measured rate.
+        expected_downtime_ms: f64,
+        /// Whether the round limit forced it (downtime may exceed the target).
+        forced: bool,
+    },
+}
+
+/// Inputs of a decision.
+#[derive(Clone, Copy, Debug)]
+pub struct RoundOutcome {
+    /// Rounds done so far (1 after the first).
+    pub rounds_done: u32,
+    /// Bytes the last round sent.
+    pub sent_bytes: u64,
+    /// How long it took, seconds.
+    pub seconds: f64,
+    /// Bytes dirtied meanwhile (to be sent next).
+    pub dirty_bytes: u64,
+    /// Throttle during the last round.
+    pub throttle: u8,
+}
+
+/// Decides what follows a round.
+pub fn decide(
+    outcome: RoundOutcome,
+    downtime_target_ms: u64,
+    max_rounds: u32,
+    auto_converge: bool,
+) -> Decision {
+    let rate = if outcome.seconds > 0.0 {
+        outcome.sent_bytes as f64 / outcome.seconds
+    } else {
+        f64::INFINITY
+    };
+    let expected_downtime_ms =
+        outcome.dirty_bytes as f64 / rate.max(1.0) * 1000.0 + SWITCH_OVER_OVERHEAD_MS;
+    if expected_downtime_ms <= downtime_target_ms as f64 {
+        return Decision::StopAndCopy {
+            expected_downtime_ms,
+            forced: false,
+        };
+    }
+    if outcome.rounds_done >= max_rounds {
+        return Decision::StopAndCopy {
+            expected_downtime_ms,
+            forced: true,
+        };
+    }
+    // Not gaining: the guest re-dirtied more than half of what the round moved.
+    let stalling = outcome.rounds_done >= 2 && outcome.dirty_bytes * 2 > outcome.sent_bytes;
+    let throttle = if auto_converge && stalling {
+        if outcome.throttle == 0 {
+            THROTTLE_INITIAL
+        } else {
+            outcome
+                .throttle
+                .saturating_add(THROTTLE_INCREMENT)
+                .min(THROTTLE_MAX)
+        }
+    } else {
+        outcome.throttle
+    };
+    Decision::Continue { throttle }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn round(rounds_done: u32, sent: u64, seconds: f64, dirty: u64, throttle: u8) -> RoundOutcome {
+        RoundOutcome {
+            rounds_done,
+            sent_bytes: sent,
+            seconds,
+            dirty_bytes: dirty,
+            throttle,
+        }
+    }
+
+    #[test]
+    fn stops_when_the_rest_fits_the_downtime_target() {
+        // 1 GB/s; 100 MiB dirty = ~105 ms + overhead < 300 ms.
+        match decide(round(1, 1 << 30, 1.07, 100 * MIB, 0), 300, 30, true) {
+            Decision::StopAndCopy {
+                expected_downtime_ms,
+                forced,
+            } => {
+                assert!(!forced);
+                assert!(
+                    (100.0..150.0).contains(&expected_downtime_ms),
+                    "{expected_downtime_ms}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn keeps_copying_while_it_gains_without_throttling() {
+        // 1 GiB sent, 400 MiB dirtied: gaining, but 400 MiB needs ~400 ms.
+        assert_eq!(
+            decide(round(2, 1 << 30, 1.0, 400 * MIB, 0), 300, 30, true),
+            Decision::Continue { throttle: 0 }
+        );
+    }
+
+    #[test]
+    fn throttles_progressively_when_the_guest_outruns_the_link() {
+        let mut throttle = 0;
+        let mut seen = Vec::new();
+        for rounds_done in 2..14 {
+            match decide(
+                round(rounds_done, 100 * MIB, 0.1, 90 * MIB, throttle),
+                50,
+                30,
+                true,
+            ) {
+                Decision::Continue { throttle: t } => throttle = t,
+                other => panic!("{other:?}"),
+            }
+            seen.push(throttle);
+        }
+        assert_eq!(&seen[..4], &[20, 30, 40, 50]);
+        assert_eq!(*seen.last().unwrap(), THROTTLE_MAX);
+        // Without auto-converge the throttle never moves.
+        assert_eq!(
+            decide(round(5, 100 * MIB, 0.1, 90 * MIB, 0), 50, 30, false),
+            Decision::Continue { throttle: 0 }
+        );
+        // The first round is never judged: it copies all memory, not dirty pages.
+        assert_eq!(
+            decide(round(1, 100 * MIB, 0.1, 90 * MIB, 0), 50, 30, true),
+            Decision::Continue { throttle: 0 }
+        );
+    }
+
+    #[test]
+    fn round_limit_forces_the_stop() {
+        match decide(round(30, 100 * MIB, 0.1, 90 * MIB, 99), 50, 30, true) {
+            Decision::StopAndCopy { forced, .. } => assert!(forced),
+            other => panic!("{other:?}"),
+        }
+    }
+}

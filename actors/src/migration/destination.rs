@@ -1,0 +1,497 @@
+//! The destination side of a migration: one actor per arriving VM, a state machine advanced
+//! one step per message from the source. Until `Commit` arrives, any failure or a lost
+//! connection discards the copy; after it, the VM is ours and runs here.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::prelude::*;
+use ferry_transport::control::{ControlError, ControlReceiver, ControlSender, KeepaliveTask};
+use ferry_transport::data::{DataListener, DataReceiver, ReceiverConfig, SessionId};
+use ferry_transport::negotiate::{Capabilities, Plan};
+use ferry_transport::workers::WorkerPlacement;
+
+use super::memory::GuestMemory;
+use super::protocol::{Hello, ToDestination, ToSource};
+use super::{DestinationOutcome, MigrationId, MigrationReport, Stage};
+use crate::announce;
+use crate::host_actor::{
+    AdmitIncoming, HostActor, IncomingFinished, MigrationUpdate, PrepareIncoming,
+};
+use crate::lifecycle::Lifecycle;
+use crate::settings::{Fault, HostSettings};
+use crate::vm_actor::{EndMigrateIn, IncomingRam, LoadIncomingState, VmActor};
+
+/// The destination migration actor.
+pub struct DestinationMigration {
+    id: MigrationId,
+    hello: Box<Hello>,
+    settings: Arc<HostSettings>,
+    host: Addr<HostActor>,
+    control: Option<ControlSender>,
+    receiver_half: Option<ControlReceiver>,
+    _keepalive: KeepaliveTask,
+    report: MigrationReport,
+    started: Instant,
+    vm: Option<Addr<VmActor>>,
+    data: Option<DataReceiver>,
+    /// Resume at commit (the VM was running on the source) or keep it paused.
+    run_after_commit: bool,
+    owned: bool,
+    done: bool,
+}
+
+impl std::fmt::Debug for DestinationMigration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DestinationMigration")
+            .field("id", &self.id)
+            .field("stage", &self.report.stage)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DestinationMigration {
+    /// A migration that arrived with `hello` on a control channel split into its halves.
+    pub fn new(
+        hello: Box<Hello>,
+        settings: Arc<HostSettings>,
+        host: Addr<HostActor>,
+        control: ControlSender,
+        receiver: ControlReceiver,
+        keepalive: KeepaliveTask,
+    ) -> Self {
+        let report = MigrationReport {
+            id: hello.id.to_string(),
+            vm: hello.identity.name.clone(),
+            status: "running".into(),
+            stage: Some(Stage::Verify),
+            source: hello.source_host.clone(),
+            destination: settings.name.clone(),
+            ..Default::default()
+        };
+        DestinationMigration {
+            id: hello.id,
+            hello,
+            settings,
+            host,
+            control: Some(control),
+            receiver_half: Some(receiver),
+            _keepalive: keepalive,
+            report,
+            started: Instant::now(),
+            vm: None,
+            data: None,
+            run_after_commit: true,
+            owned: false,
+            done: false,
+        }
+    }
+
+    fn stage(&mut self, stage: Stage) {
+        if self.report.stage != Some(stage) {
+            tracing::info!(migration = %self.id, vm = %self.report.vm, ?stage, "incoming migration stage");
+        }
+        self.report.stage = Some(stage);
+        self.publish();
+    }
+
+    fn publish(&mut self) {
+        if let Some(data) = &self.data {
+            let total = data.stats().total;
+            self.report.guest_bytes = total.guest_bytes;
+            self.report.wire_bytes = total.wire_bytes;
+            self.report.zero_pages = total.pages_zero;
+        }
+        self.report.total_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        self.host.do_send(MigrationUpdate(self.report.clone()));
+    }
+
+    fn reply(&mut self, ctx: &mut Context<Self>, message: ToSource) {
+        let Some(control) = self.control.clone() else {
+            return;
+        };
+        ctx.wait(
+            async move { control.send(&message).await }
+                .into_actor(self)
+                .map(|result, act, ctx| {
+                    if let Err(e) = result {
+                        act.discard(
+                            ctx,
+                            format!("control channel: {}", ferry_transport::report(&e)),
+                        );
+                    }
+                }),
+        );
+    }
+
+    /// Drops the arriving copy (before commit) and ends the actor.
+    fn discard(&mut self, ctx: &mut Context<Self>, reason: String) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        if self.owned {
+            // After commit the VM is ours whatever happens to the connection.
+            tracing::warn!(migration = %self.id, %reason, "control channel lost after switch-over; the VM keeps running here");
+            ctx.stop();
+            return;
+        }
+        tracing::warn!(migration = %self.id, vm = %self.report.vm, %reason, "discarding the incoming VM");
+        self.report.error = Some(reason);
+        self.report.stage = Some(Stage::RolledBack);
+        self.report.status = "rolled_back".into();
+        if let Some(data) = self.data.take() {
+            data.abort("migration abandoned");
+            actix_rt::task::spawn_blocking(move || drop(data.wait()));
+        }
+        self.control = None;
+        let vm = self.vm.take();
+        let host = self.host.clone();
+        let id = self.id;
+        let name = self.report.vm.clone();
+        ctx.wait(
+            async move {
+                if let Some(vm) = vm {
+                    let _ = vm.send(EndMigrateIn::Discard).await;
+                }
+                host.do_send(IncomingFinished {
+                    id,
+                    vm: name,
+                    outcome: DestinationOutcome::Discarded,
+                    state: Lifecycle::Stopped,
+                });
+            }
+            .into_actor(self)
+            .map(|(), act, ctx| {
+                act.publish();
+                ctx.stop();
+            }),
+        );
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let addrs = self.settings.data_addrs.clone();
+        let streams = self.hello.capabilities.max_streams.max(1);
+        Capabilities::local(addrs.clone(), streams)
+            .unwrap_or_else(|_| Capabilities::without_rdma(addrs, streams))
+    }
+
+    fn prepare(&mut self, ctx: &mut Context<Self>, plan: Plan) {
+        self.stage(Stage::Prepare);
+        self.report.streams = plan.streams;
+        self.report.transport_reason = Some(plan.reason.clone());
+        let host = self.host.clone();
+        let hello = self.hello.clone();
+        let report = self.report.clone();
+        let settings = Arc::clone(&self.settings);
+        let session = SessionId(self.id.as_u64_pair().0);
+        let streams = usize::from(plan.streams);
+        let work = async move {
+            let vm = host
+                .send(PrepareIncoming { hello, report })
+                .await
+                .map_err(|e| e.to_string())??;
+            let ram = vm
+                .send(IncomingRam)
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            let sink =
+                GuestMemory::fresh_destination(ram).map_err(|e| ferry_transport::report(&e))?;
+            let bind: SocketAddr = settings
+                .data_addrs
+                .first()
+                .copied()
+                .unwrap_or_else(|| SocketAddr::new(settings.control_addr.ip(), 0));
+            let listener = DataListener::bind(bind).map_err(|e| ferry_transport::report(&e))?;
+            let addr = listener.local_addr();
+            let placement = if settings.copy_cpus.is_empty() {
+                WorkerPlacement::unpinned(streams)
+            } else {
+                WorkerPlacement::pinned(streams, settings.copy_cpus.clone())
+            };
+            let receiver =
+                DataReceiver::start(listener, sink, ReceiverConfig::new(session, placement))
+                    .map_err(|e| ferry_transport::report(&e))?;
+            Ok::<_, String>((vm, receiver, addr))
+        };
+        ctx.wait(work.into_actor(self).map(|result, act, ctx| match result {
+            Ok((vm, receiver, addr)) => {
+                act.vm = Some(vm);
+                act.data = Some(receiver);
+                act.stage(Stage::PreCopy);
+                act.reply(
+                    ctx,
+                    ToSource::Prepared {
+                        data_addrs: vec![addr],
+                    },
+                );
+            }
+            Err(reason) => {
+                act.reply(
+                    ctx,
+                    ToSource::Failed {
+                        reason: reason.clone(),
+                    },
+                );
+                act.discard(ctx, reason);
+            }
+        }));
+    }
+
+    fn load_state(
+        &mut self,
+        ctx: &mut Context<Self>,
+        blob: Vec<u8>,
+        console: Vec<u8>,
+        memory_hash: Option<[u8; 16]>,
+    ) {
+        self.stage(Stage::SwitchOver);
+        let Some(data) = self.data.take() else {
+            return self.discard(ctx, "state arrived before the data streams".into());
+        };
+        let Some(vm) = self.vm.clone() else {
+            return self.discard(ctx, "state arrived before the VM was prepared".into());
+        };
+        let work = async move {
+            // The source closed its streams after the last acknowledged page: all memory is
+            // here once every receiver ends cleanly.
+            let stats = actix_rt::task::spawn_blocking(move || data.wait())
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("receiving memory: {}", ferry_transport::report(&e)))?;
+            let verified = vm
+                .send(LoadIncomingState {
+                    blob,
+                    console,
+                    memory_hash: memory_hash.map(u128::from_le_bytes),
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((stats, verified))
+        };
+        ctx.wait(work.into_actor(self).map(|result, act, ctx| match result {
+            Ok((stats, verified)) => {
+                act.report.guest_bytes = stats.total.guest_bytes;
+                act.report.wire_bytes = stats.total.wire_bytes;
+                act.report.zero_pages = stats.total.pages_zero;
+                act.report.memory_verified = verified;
+                act.reply(
+                    ctx,
+                    ToSource::Ready {
+                        memory_verified: verified,
+                    },
+                );
+            }
+            Err(reason) => {
+                act.reply(
+                    ctx,
+                    ToSource::Failed {
+                        reason: reason.clone(),
+                    },
+                );
+                act.discard(ctx, reason);
+            }
+        }));
+    }
+
+    fn commit(&mut self, ctx: &mut Context<Self>, run: bool) {
+        let Some(vm) = self.vm.clone() else {
+            return self.discard(ctx, "commit without a VM".into());
+        };
+        // From here the VM is ours: never discard it again, whatever the connection does.
+        self.owned = true;
+        let host = self.host.clone();
+        let id = self.id;
+        let name = self.report.vm.clone();
+        let mac = self.hello.identity.mac;
+        let ip = self.hello.ip;
+        let interface = self
+            .hello
+            .networks
+            .first()
+            .and_then(|net| self.settings.networks.get(net).cloned().flatten());
+        let work = async move {
+            let info = vm
+                .send(EndMigrateIn::Own { run })
+                .await
+                .map_err(|e| e.to_string())?;
+            let state = match info {
+                Ok(info) => info.state,
+                Err(e) => return Err(format!("resuming the VM: {e}")),
+            };
+            host.do_send(IncomingFinished {
+                id,
+                vm: name,
+                outcome: DestinationOutcome::Owned,
+                state,
+            });
+            if let Some(interface) = interface {
+                let frames = announce::frames(mac, ip);
+                if let Err(e) = announce::send(&interface, &frames) {
+                    tracing::warn!(error = %e, "announcing the VM's MAC address failed");
+                }
+            }
+            Ok(())
+        };
+        ctx.wait(work.into_actor(self).map(|result, act, ctx| {
+            match result {
+                Ok(()) => {
+                    act.report.stage = Some(Stage::Completed);
+                    act.report.status = "completed".into();
+                    act.publish();
+                    if act.settings.fault == Some(Fault::DropControlOnCommit) {
+                        tracing::warn!(migration = %act.id, "fault injection: dropping the control channel after commit");
+                        act.control = None;
+                        act.done = true;
+                        ctx.stop();
+                        return;
+                    }
+                    act.reply(ctx, ToSource::Resumed);
+                }
+                Err(reason) => {
+                    tracing::error!(migration = %act.id, %reason, "switch-over failed after commit");
+                    act.report.error = Some(reason);
+                    act.publish();
+                }
+            }
+            act.done = true;
+            if let Some(control) = act.control.take() {
+                actix_rt::spawn(async move {
+                    let _ = control.close().await;
+                });
+            }
+            ctx.stop();
+        }));
+    }
+}
+
+impl Actor for DestinationMigration {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        tracing::info!(migration = %self.id, vm = %self.report.vm, from = %self.report.source, "incoming migration");
+        self.publish();
+        if let Some(receiver) = self.receiver_half.take() {
+            ctx.add_stream(futures_util::stream::unfold(
+                Some(receiver),
+                |receiver| async move {
+                    let mut receiver = receiver?;
+                    let message = receiver.recv::<ToDestination>().await;
+                    let keep = message.is_ok().then_some(receiver);
+                    Some((message, keep))
+                },
+            ));
+        }
+        let host = self.host.clone();
+        let hello = self.hello.clone();
+        ctx.wait(
+            async move { host.send(AdmitIncoming(hello)).await }
+                .into_actor(self)
+                .map(|result, act, ctx| {
+                    let verdict = result.map_err(|e| e.to_string()).and_then(|r| r);
+                    match verdict {
+                        Ok(()) => {
+                            let capabilities = act.capabilities();
+                            act.reply(ctx, ToSource::Accepted { capabilities });
+                        }
+                        Err(reason) => {
+                            tracing::info!(migration = %act.id, %reason, "refusing incoming VM");
+                            act.reply(
+                                ctx,
+                                ToSource::Refused {
+                                    reason: reason.clone(),
+                                },
+                            );
+                            act.report.stage = Some(Stage::Refused);
+                            act.report.status = "refused".into();
+                            act.report.error = Some(reason);
+                            act.done = true;
+                            act.host.do_send(IncomingFinished {
+                                id: act.id,
+                                vm: act.report.vm.clone(),
+                                outcome: DestinationOutcome::Discarded,
+                                state: Lifecycle::Stopped,
+                            });
+                            act.publish();
+                            ctx.stop();
+                        }
+                    }
+                }),
+        );
+    }
+}
+
+impl StreamHandler<Result<ToDestination, ControlError>> for DestinationMigration {
+    fn handle(&mut self, message: Result<ToDestination, ControlError>, ctx: &mut Self::Context) {
+        if self.done {
+            return;
+        }
+        let message = match message {
+            Ok(message) => message,
+            Err(e) => {
+                let reason = format!(
+                    "control channel from '{}': {}",
+                    self.report.source,
+                    ferry_transport::report(&e)
+                );
+                return self.discard(ctx, reason);
+            }
+        };
+        match message {
+            ToDestination::Prepare { plan } => self.prepare(ctx, plan),
+            ToDestination::RoundDone { round, pages } => {
+                self.report.round = round;
+                self.report.rounds.push(super::RoundReport {
+                    pages,
+                    ..Default::default()
+                });
+                self.publish();
+            }
+            ToDestination::State {
+                blob,
+                console,
+                memory_hash,
+                was_running,
+            } => {
+                if self.settings.fault == Some(Fault::DropControlOnState) {
+                    tracing::warn!(migration = %self.id, "fault injection: dropping the control channel in stop-and-copy");
+                    self.control = None;
+                    return self.discard(ctx, "fault injection: control channel dropped".into());
+                }
+                self.report.state_bytes = blob.len() as u64;
+                self.hello.verify = memory_hash.is_some();
+                self.run_after_commit = was_running;
+                self.load_state(ctx, blob, console, memory_hash);
+            }
+            ToDestination::Commit => {
+                let run = self.run_after_commit;
+                self.commit(ctx, run);
+            }
+            ToDestination::Abort { reason } => {
+                self.discard(ctx, format!("source aborted: {reason}"))
+            }
+            other => {
+                let reason = format!("protocol error: unexpected {other:?}");
+                self.reply(
+                    ctx,
+                    ToSource::Failed {
+                        reason: reason.clone(),
+                    },
+                );
+                self.discard(ctx, reason);
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        if !self.done {
+            self.discard(
+                ctx,
+                format!("host '{}' closed the control channel", self.report.source),
+            );
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! Live migration: the two migration actors (source and destination roles), the messages
+//! they exchange, and the decisions they make.
+//!
+//! Stages, each a message between the two hosts and a log line on both:
+//! verify → prepare → pre-copy rounds → stop-and-copy → ready → commit → resumed, or at any
+//! point before commit: abort → rollback. See `docs/design.md` for why the switch-over is safe.
+
+pub mod convergence;
+pub mod destination;
+pub mod memory;
+pub mod protocol;
+pub mod source;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Identifies one migration on both hosts.
+pub type MigrationId = Uuid;
+
+/// What the operator asked for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationOptions {
+    /// Largest acceptable pause of the guest.
+    pub downtime_ms: u64,
+    /// Data streams (copy workers) to offer.
+    pub streams: u16,
+    /// Compare a hash of guest memory on both sides before switching over.
+    pub verify: bool,
+    /// Pre-copy rounds after which the guest is stopped regardless.
+    pub max_rounds: u32,
+    /// Allow throttling the guest so the migration converges.
+    pub auto_converge: bool,
+}
+
+impl Default for MigrationOptions {
+    fn default() -> Self {
+        MigrationOptions {
+            downtime_ms: 300,
+            streams: 2,
+            verify: false,
+            max_rounds: 30,
+            auto_converge: true,
+        }
+    }
+}
+
+/// Where a migration is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// Connecting to the destination and checking it can take the VM.
+    Verify,
+    /// The destination builds an empty VM of the same shape.
+    Prepare,
+    /// Copying memory while the guest runs.
+    PreCopy,
+    /// Guest paused; last pages and device state.
+    StopAndCopy,
+    /// Waiting for the destination to load the state.
+    SwitchOver,
+    /// Done: the VM runs on the destination.
+    Completed,
+    /// Failed before the switch; the VM runs on the source as before.
+    RolledBack,
+    /// Cancelled by the operator; the VM runs on the source as before.
+    Cancelled,
+    /// The destination refused the VM; nothing moved.
+    Refused,
+    /// The switch-over was sent but its outcome could not be confirmed; the VM stays paused
+    /// on the source until the destination answers (it never runs on both).
+    InDoubt,
+}
+
+impl Stage {
+    /// Whether the migration is over.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            Stage::Completed | Stage::RolledBack | Stage::Cancelled | Stage::Refused
+        )
+    }
+}
+
+/// One pre-copy round. The copy made with the guest paused is reported separately
+/// (`final_pages`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RoundReport {
+    /// Pages sent.
+    pub pages: u64,
+    /// Guest bytes sent.
+    pub bytes: u64,
+    /// Duration in milliseconds.
+    pub duration_ms: f64,
+}
+
+/// Live progress and, once final, the report of a migration.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrationReport {
+    /// Migration ID.
+    pub id: String,
+    /// VM name.
+    pub vm: String,
+    /// `running`, `completed`, `rolled_back`, `cancelled`, `refused` or `in_doubt`.
+    pub status: String,
+    /// Current stage.
+    pub stage: Option<Stage>,
+    /// What went wrong, if anything.
+    pub error: Option<String>,
+    /// Source host.
+    pub source: String,
+    /// Destination host.
+    pub destination: String,
+    /// `tcp+lz4`, `tcp` or `rdma`, once negotiated.
+    pub transport: Option<String>,
+    /// Why that transport.
+    pub transport_reason: Option<String>,
+    /// Data streams in use.
+    pub streams: u16,
+    /// Pre-copy round in progress or last done (1-based; 0 before the first).
+    pub round: u32,
+    /// Dirty data left to send, as of the last dirty-log fetch.
+    pub remaining_bytes: u64,
+    /// Guest bytes per second over the last round.
+    pub rate_bytes_per_s: f64,
+    /// Estimated time to finish at the current rate.
+    pub eta_ms: Option<f64>,
+    /// Time since the migration started (total when final).
+    pub total_ms: f64,
+    /// Guest pause on the source until it ran on the destination.
+    pub downtime_ms: Option<f64>,
+    /// Pre-copy rounds.
+    pub rounds: Vec<RoundReport>,
+    /// Pages sent during stop-and-copy.
+    pub final_pages: u64,
+    /// Guest memory bytes moved.
+    pub guest_bytes: u64,
+    /// Bytes on the wire for memory.
+    pub wire_bytes: u64,
+    /// Pages sent as zero markers.
+    pub zero_pages: u64,
+    /// Highest throttle applied to the guest, in percent.
+    pub throttle_pct: u8,
+    /// With `--verify`: whether both sides' memory hashes matched.
+    pub memory_verified: Option<bool>,
+    /// Bytes of VM state (registers, devices) sent at switch-over.
+    pub state_bytes: u64,
+}
+
+impl MigrationReport {
+    /// Whether the report is final.
+    pub fn is_final(&self) -> bool {
+        self.stage.is_some_and(Stage::is_final)
+    }
+}
+
+/// Outcome of a migration as the destination remembers it (answers in-doubt queries).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DestinationOutcome {
+    /// The VM was resumed (or kept paused) here: the destination owns it.
+    Owned,
+    /// The incoming copy was discarded: the source owns the VM.
+    Discarded,
+    /// Still in progress.
+    InProgress,
+    /// This host knows nothing of that migration (e.g. it restarted): it does not run the VM.
+    Unknown,
+}

@@ -1,0 +1,170 @@
+//! Messages between the source and destination migration actors over the control channel.
+//!
+//! The source speaks [`ToDestination`], the destination answers with [`ToSource`]. A new
+//! control connection starts with either `Hello` (a migration) or `Query` (the source asking
+//! how an earlier migration ended, after losing the connection during switch-over).
+
+use std::net::SocketAddr;
+
+use ferry_runtime::cpu::CpuFeatures;
+use ferry_runtime::{VmIdentity, VmShape};
+use ferry_transport::negotiate::{Capabilities, Plan};
+use serde::{Deserialize, Serialize};
+
+use super::{DestinationOutcome, MigrationId};
+
+/// Version of this message set.
+pub const MIGRATION_PROTOCOL_VERSION: u32 = 1;
+
+/// What the destination must know to decide whether it can take the VM.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Hello {
+    /// Message-set version the source speaks.
+    pub protocol: u32,
+    /// Migration ID.
+    pub id: MigrationId,
+    /// Source host name.
+    pub source_host: String,
+    /// The VM's identity (kept unchanged on the destination).
+    pub identity: VmIdentity,
+    /// vCPUs, memory and the CPUID the VM was given.
+    pub shape: VmShape,
+    /// Feature flags of that CPUID, for the compatibility check and its message.
+    pub cpu_features: CpuFeatures,
+    /// Networks the VM is attached to.
+    pub networks: Vec<String>,
+    /// What the VM booted (for display).
+    pub boot: String,
+    /// IPv4 address the VM uses, if known (for the gratuitous ARP after switch-over).
+    pub ip: Option<std::net::Ipv4Addr>,
+    /// Source transport capabilities.
+    pub capabilities: Capabilities,
+    /// Whether the source will send a memory hash to compare.
+    pub verify: bool,
+}
+
+/// Source → destination.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ToDestination {
+    /// Stage verify: here is the VM, can you take it?
+    Hello(Box<Hello>),
+    /// Stage prepare: build the empty VM and listen for data with this plan.
+    Prepare {
+        /// The negotiated plan (both sides compute it; the source's copy is authoritative).
+        plan: Plan,
+    },
+    /// A pre-copy round finished (informational; the data itself is on the data streams).
+    RoundDone {
+        /// Round number, 1-based.
+        round: u32,
+        /// Pages in the round.
+        pages: u64,
+    },
+    /// Stage stop-and-copy is complete: all memory has been sent and acknowledged; this is
+    /// the rest of the VM.
+    State {
+        /// `ferry_runtime::state::blob` of the `VmState`.
+        blob: Vec<u8>,
+        /// Recent console output, so the destination's console shows the whole story.
+        console: Vec<u8>,
+        /// xxh3-128 of guest memory at the pause, with `--verify`.
+        memory_hash: Option<[u8; 16]>,
+        /// Whether the VM was running (resume it) or paused (keep it paused).
+        was_running: bool,
+    },
+    /// Switch-over: the source has given up the VM; run it.
+    Commit,
+    /// The migration is abandoned; discard the copy.
+    Abort {
+        /// Why.
+        reason: String,
+    },
+    /// How did migration `id` end? (after a lost connection during switch-over)
+    Query {
+        /// The migration.
+        id: MigrationId,
+    },
+}
+
+/// Destination → source.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ToSource {
+    /// Verify passed; these are the destination's transport capabilities.
+    Accepted {
+        /// Destination capabilities.
+        capabilities: Capabilities,
+    },
+    /// Verify failed; nothing was built.
+    Refused {
+        /// Why, in words for the operator.
+        reason: String,
+    },
+    /// The empty VM exists and data receivers listen here.
+    Prepared {
+        /// Data addresses to connect the streams to.
+        data_addrs: Vec<SocketAddr>,
+    },
+    /// State loaded (and memory verified, if asked); ready to run on commit.
+    Ready {
+        /// With verify: whether the hashes matched (a mismatch is sent as `Failed`).
+        memory_verified: Option<bool>,
+    },
+    /// Something failed on the destination; the copy is discarded.
+    Failed {
+        /// What.
+        reason: String,
+    },
+    /// After commit: the VM runs (or is kept paused) here.
+    Resumed,
+    /// Answer to `Query`.
+    Outcome {
+        /// What the destination knows.
+        outcome: DestinationOutcome,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_through_postcard() {
+        let caps = Capabilities::without_rdma(vec!["127.0.0.1:1".parse().unwrap()], 2);
+        let hello = ToDestination::Hello(Box::new(Hello {
+            protocol: MIGRATION_PROTOCOL_VERSION,
+            id: MigrationId::new_v4(),
+            source_host: "a".into(),
+            identity: VmIdentity::new("vm"),
+            shape: VmShape {
+                vcpus: 2,
+                memory: 1 << 30,
+                cpuid: vec![],
+            },
+            cpu_features: CpuFeatures::default(),
+            networks: vec!["net".into()],
+            boot: "counter".into(),
+            ip: None,
+            capabilities: caps.clone(),
+            verify: true,
+        }));
+        let bytes = postcard::to_stdvec(&hello).unwrap();
+        let back: ToDestination = postcard::from_bytes(&bytes).unwrap();
+        match back {
+            ToDestination::Hello(h) => {
+                assert_eq!(h.shape.memory, 1 << 30);
+                assert!(h.verify);
+            }
+            other => panic!("{other:?}"),
+        }
+        let answer = ToSource::Outcome {
+            outcome: DestinationOutcome::Discarded,
+        };
+        let bytes = postcard::to_stdvec(&answer).unwrap();
+        assert!(matches!(
+            postcard::from_bytes::<ToSource>(&bytes).unwrap(),
+            ToSource::Outcome {
+                outcome: DestinationOutcome::Discarded
+            }
+        ));
+    }
+}

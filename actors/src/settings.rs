@@ -1,0 +1,106 @@
+//! What a host is and knows, as the actors need it (hostd builds this from the TOML cluster
+//! configuration).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::migration::MigrationOptions;
+
+/// Another host of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    /// Host name.
+    pub name: String,
+    /// Where its migration control channel listens.
+    pub control_addr: SocketAddr,
+    /// Its HTTP API.
+    pub api_addr: SocketAddr,
+    /// Its datacenter.
+    pub datacenter: Option<String>,
+}
+
+/// Deliberate failures for tests of the rollback paths. Set only through the
+/// `FERRY_FAULT` environment variable of a test's hostd; never in configuration files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Destination: drop the control connection when the VM state arrives (the source is
+    /// paused in stop-and-copy).
+    DropControlOnState,
+    /// Destination: run the VM on commit but drop the connection instead of confirming (the
+    /// source must find out by asking, and must not resume meanwhile).
+    DropControlOnCommit,
+}
+
+impl Fault {
+    /// Parses a `FERRY_FAULT` value.
+    pub fn parse(text: &str) -> Result<Fault, String> {
+        match text {
+            "drop-control-on-state" => Ok(Fault::DropControlOnState),
+            "drop-control-on-commit" => Ok(Fault::DropControlOnCommit),
+            other => Err(format!(
+                "unknown FERRY_FAULT '{other}' (known: drop-control-on-state, drop-control-on-commit)"
+            )),
+        }
+    }
+}
+
+/// Timeouts and limits of migrations on this host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MigrationLimits {
+    /// Defaults for options the operator does not give.
+    pub defaults: MigrationOptions,
+    /// Migrations (in or out) at once; more are refused.
+    pub max_concurrent: usize,
+    /// Connecting to a peer.
+    pub connect_timeout: Duration,
+    /// A control channel silent for this long is dead.
+    pub io_timeout: Duration,
+    /// After a lost switch-over confirmation, how long the source keeps asking the
+    /// destination before reporting the migration in doubt.
+    pub in_doubt_timeout: Duration,
+}
+
+impl Default for MigrationLimits {
+    fn default() -> Self {
+        MigrationLimits {
+            defaults: MigrationOptions::default(),
+            max_concurrent: 2,
+            connect_timeout: Duration::from_secs(5),
+            io_timeout: Duration::from_secs(15),
+            in_doubt_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One host.
+#[derive(Clone, Debug)]
+pub struct HostSettings {
+    /// Host name.
+    pub name: String,
+    /// Datacenter.
+    pub datacenter: Option<String>,
+    /// Where the migration control channel listens.
+    pub control_addr: SocketAddr,
+    /// Where data receivers bind (port 0: any free port).
+    pub data_addrs: Vec<SocketAddr>,
+    /// CPUs the copy workers are pinned to (empty: not pinned).
+    pub copy_cpus: Vec<usize>,
+    /// Memory available to VMs, bytes.
+    pub memory: u64,
+    /// Networks present here, with the interface announcements go out on.
+    pub networks: BTreeMap<String, Option<String>>,
+    /// Datastores reachable from here.
+    pub datastores: Vec<String>,
+    /// CPU features withheld from VMs created here and not offered to arriving VMs.
+    pub hidden_cpu_features: Vec<String>,
+    /// Where console logs go.
+    pub state_dir: PathBuf,
+    /// Migration limits and defaults.
+    pub migration: MigrationLimits,
+    /// The other hosts.
+    pub peers: BTreeMap<String, Peer>,
+    /// Test-only fault injection.
+    pub fault: Option<Fault>,
+}

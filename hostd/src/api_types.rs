@@ -1,0 +1,127 @@
+//! Request and response bodies of hostd's HTTP API, shared by the server and `ferryctl`.
+
+use std::net::Ipv4Addr;
+
+use ferry_actors::host_actor::{ErrorKind, VmSpec};
+use ferry_actors::migration::MigrationOptions;
+use ferry_runtime::units::parse_size;
+use ferry_runtime::{Boot, GuestOptions, Preload};
+use serde::{Deserialize, Serialize};
+
+/// Default guest memory when a request names none.
+pub const DEFAULT_MEMORY: &str = "256M";
+
+fn one() -> u32 {
+    1
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `POST /v1/vms`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVmRequest {
+    /// VM name.
+    pub name: String,
+    /// `counter`, `dirty`, `verify`, or the path (on the host) of an ELF kernel.
+    pub guest: String,
+    /// vCPUs.
+    #[serde(default = "one")]
+    pub vcpus: u32,
+    /// Memory, e.g. `256M`.
+    #[serde(default)]
+    pub memory: Option<String>,
+    /// Built-in guest and kernel options.
+    #[serde(default)]
+    pub options: GuestOptions,
+    /// `dirty` working set as a size, e.g. `64M` (convenience over `options.working_set`).
+    #[serde(default)]
+    pub working_set: Option<String>,
+    /// Files to preload, `FILE@ADDRESS` (paths on the host).
+    #[serde(default)]
+    pub preloads: Vec<String>,
+    /// Network (default: the host's first).
+    #[serde(default)]
+    pub network: Option<String>,
+    /// IPv4 address of the VM.
+    #[serde(default)]
+    pub ip: Option<Ipv4Addr>,
+    /// Start at once.
+    #[serde(default = "yes")]
+    pub start: bool,
+}
+
+impl CreateVmRequest {
+    /// The VM spec, or what is wrong with the request.
+    pub fn to_spec(&self) -> Result<VmSpec, String> {
+        let memory_text = self.memory.as_deref().unwrap_or(DEFAULT_MEMORY);
+        let memory = parse_size(memory_text).map_err(|e| format!("memory: {e}"))?;
+        let mut options = self.options.clone();
+        if let Some(size) = &self.working_set {
+            options.working_set = Some(parse_size(size).map_err(|e| format!("working set: {e}"))?);
+        }
+        let boot = Boot::from_guest(&self.guest, memory, &options)?;
+        let preloads = self
+            .preloads
+            .iter()
+            .map(|p| Preload::parse(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(VmSpec {
+            name: self.name.clone(),
+            vcpus: self.vcpus,
+            memory,
+            boot,
+            preloads,
+            network: self.network.clone(),
+            ip: self.ip,
+            start: self.start,
+        })
+    }
+}
+
+/// `POST /v1/vms/{name}/migrate`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// Destination host.
+    pub to: String,
+    /// Downtime target, ms.
+    #[serde(default)]
+    pub downtime_ms: Option<u64>,
+    /// Data streams.
+    #[serde(default)]
+    pub streams: Option<u16>,
+    /// Compare memory hashes before switching over.
+    #[serde(default)]
+    pub verify: bool,
+    /// Round limit.
+    #[serde(default)]
+    pub max_rounds: Option<u32>,
+    /// Throttle the guest to converge.
+    #[serde(default)]
+    pub auto_converge: Option<bool>,
+}
+
+impl MigrateRequest {
+    /// Options with the host's defaults filled in.
+    pub fn options(&self, defaults: &MigrationOptions) -> MigrationOptions {
+        MigrationOptions {
+            downtime_ms: self.downtime_ms.unwrap_or(defaults.downtime_ms),
+            streams: self.streams.unwrap_or(defaults.streams),
+            verify: self.verify,
+            max_rounds: self.max_rounds.unwrap_or(defaults.max_rounds),
+            auto_converge: self.auto_converge.unwrap_or(defaults.auto_converge),
+        }
+    }
+}
+
+/// Every error response.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong, for the operator.
+    pub error: String,
+    /// Category.
+    pub kind: ErrorKind,
+}

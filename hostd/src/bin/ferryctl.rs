@@ -1,0 +1,353 @@
+//! `ferryctl`: drive a Ferry cluster through the hostd APIs named in its configuration.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use clap::{Args, Parser, Subcommand};
+use ferry_actors::vm_actor::VmInfo;
+use ferry_runtime::GuestOptions;
+use ferry_runtime::units::format_bytes;
+use hostd::api_types::{CreateVmRequest, MigrateRequest};
+use hostd::client::Client;
+use hostd::config::Cluster;
+use hostd::progress::{ProgressView, describe, report_json};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ferryctl",
+    version,
+    about = "Drive a Ferry cluster: VMs and live migrations"
+)]
+struct Cli {
+    /// Cluster configuration file (TOML); also read from FERRY_CONFIG.
+    #[arg(long, env = "FERRY_CONFIG")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Virtual machines.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Live-migrate a VM to another host.
+    Migrate(MigrateArgs),
+    /// Cancel a VM's migration (possible until switch-over).
+    MigrateCancel {
+        /// VM name.
+        name: String,
+    },
+    /// Hosts.
+    #[command(subcommand)]
+    Host(HostCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum VmCommand {
+    /// Create (and start) a VM on a host.
+    Create(Box<CreateArgs>),
+    /// List the VMs of every host.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one VM (JSON).
+    Show {
+        /// VM name.
+        name: String,
+    },
+    /// Pause a VM.
+    Pause {
+        /// VM name.
+        name: String,
+    },
+    /// Resume a VM.
+    Resume {
+        /// VM name.
+        name: String,
+    },
+    /// Stop a VM for good.
+    Stop {
+        /// VM name.
+        name: String,
+    },
+    /// Show the VM's serial console, following new output.
+    Console {
+        /// VM name.
+        name: String,
+        /// Print what there is and exit.
+        #[arg(long)]
+        no_follow: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+struct CreateArgs {
+    /// VM name.
+    name: String,
+    /// Host to create it on.
+    #[arg(long)]
+    host: String,
+    /// counter, dirty, verify, or the path (on the host) of an ELF kernel.
+    #[arg(long)]
+    guest: String,
+    /// Memory, e.g. 256M or 1G.
+    #[arg(long)]
+    memory: Option<String>,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Preload FILE (path on the host) at ADDRESS, as FILE@ADDRESS; repeatable.
+    #[arg(long = "preload")]
+    preloads: Vec<String>,
+    /// Kernel command line.
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Multiboot module PATH or PATH=CMDLINE; repeatable.
+    #[arg(long = "module")]
+    modules: Vec<String>,
+    /// Network to attach to.
+    #[arg(long)]
+    network: Option<String>,
+    /// The VM's IPv4 address (announced by gratuitous ARP after migration).
+    #[arg(long)]
+    ip: Option<Ipv4Addr>,
+    /// counter: ticks per second.
+    #[arg(long)]
+    ticks_per_sec: Option<u32>,
+    /// dirty: working set, e.g. 64M.
+    #[arg(long)]
+    working_set: Option<String>,
+    /// dirty: pages per second (default unlimited).
+    #[arg(long)]
+    rate: Option<u64>,
+    /// dirty: passes before the guest exits (default forever).
+    #[arg(long)]
+    passes: Option<u64>,
+    /// verify: pattern seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Create without starting.
+    #[arg(long)]
+    no_start: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct MigrateArgs {
+    /// VM name.
+    name: String,
+    /// Destination host.
+    #[arg(long)]
+    to: String,
+    /// Downtime target in milliseconds (default from the configuration, 300).
+    #[arg(long)]
+    downtime_ms: Option<u64>,
+    /// Data streams.
+    #[arg(long)]
+    streams: Option<u16>,
+    /// Compare a hash of guest memory on both sides before switching over.
+    #[arg(long)]
+    verify: bool,
+    /// Pre-copy round limit.
+    #[arg(long)]
+    max_rounds: Option<u32>,
+    /// Never throttle the guest.
+    #[arg(long)]
+    no_auto_converge: bool,
+    /// Print one JSON object when done instead of progress and a report.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum HostCommand {
+    /// Resources, VMs and migrations of a host (JSON).
+    Show {
+        /// Host name.
+        name: String,
+    },
+    /// The hosts of the cluster and whether they answer.
+    List,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = Cluster::load(&cli.config)
+        .map_err(anyhow::Error::from)
+        .and_then(|cluster| run(Client::new(cluster), cli.command));
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(error) => {
+            eprintln!("ferryctl: error: {error:#}");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn print_vms(vms: &[VmInfo]) {
+    println!(
+        "{:<20} {:<10} {:<14} {:>5} {:>10} {:<10} {:<17}",
+        "NAME", "HOST", "STATE", "VCPUS", "MEMORY", "GUEST", "MAC"
+    );
+    for vm in vms {
+        println!(
+            "{:<20} {:<10} {:<14} {:>5} {:>10} {:<10} {:<17}",
+            vm.name,
+            vm.host,
+            vm.state.to_string(),
+            vm.vcpus,
+            format_bytes(vm.memory),
+            vm.guest,
+            vm.mac
+        );
+    }
+}
+
+fn run(client: Client, command: Command) -> Result<i32> {
+    match command {
+        Command::Vm(VmCommand::Create(args)) => {
+            let request = CreateVmRequest {
+                name: args.name.clone(),
+                guest: args.guest.clone(),
+                vcpus: args.vcpus,
+                memory: args.memory.clone(),
+                options: GuestOptions {
+                    ticks_per_sec: args.ticks_per_sec,
+                    working_set: None,
+                    working_set_start: None,
+                    rate: args.rate,
+                    passes: args.passes,
+                    seed: args.seed,
+                    cmdline: args.cmdline.clone(),
+                    modules: args.modules.clone(),
+                },
+                working_set: args.working_set.clone(),
+                preloads: args.preloads.clone(),
+                network: args.network.clone(),
+                ip: args.ip,
+                start: !args.no_start,
+            };
+            let info = client.create_vm(&args.host, &request)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                println!(
+                    "created VM {} on {} ({}, {} vCPU, {}, MAC {})",
+                    info.name,
+                    info.host,
+                    info.state,
+                    info.vcpus,
+                    format_bytes(info.memory),
+                    info.mac
+                );
+            }
+            Ok(0)
+        }
+        Command::Vm(VmCommand::List { json }) => {
+            let (vms, errors) = client.list_vms();
+            for error in &errors {
+                eprintln!("ferryctl: warning: {error}");
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&vms)?);
+            } else {
+                print_vms(&vms);
+            }
+            Ok(0)
+        }
+        Command::Vm(VmCommand::Show { name }) => {
+            let (_, info) = client.find_vm(&name)?;
+            println!("{}", serde_json::to_string_pretty(&info)?);
+            Ok(0)
+        }
+        Command::Vm(VmCommand::Pause { name }) => operate(&client, &name, "pause"),
+        Command::Vm(VmCommand::Resume { name }) => operate(&client, &name, "resume"),
+        Command::Vm(VmCommand::Stop { name }) => operate(&client, &name, "stop"),
+        Command::Vm(VmCommand::Console { name, no_follow }) => {
+            if no_follow {
+                let history = client.console_history(&name)?;
+                std::io::Write::write_all(&mut std::io::stdout(), &history)?;
+            } else {
+                client.follow_console(&name, &mut std::io::stdout())?;
+                eprintln!(
+                    "ferryctl: console of {name} ended (VM stopped or migrated; run again to follow it)"
+                );
+            }
+            Ok(0)
+        }
+        Command::Migrate(args) => migrate(&client, &args),
+        Command::MigrateCancel { name } => {
+            let report = client.cancel(&name)?;
+            println!(
+                "cancelling migration {} of {} to {}",
+                report.id, report.vm, report.destination
+            );
+            Ok(0)
+        }
+        Command::Host(HostCommand::Show { name }) => {
+            let info = client.host_info(&name)?;
+            println!("{}", serde_json::to_string_pretty(&info)?);
+            Ok(0)
+        }
+        Command::Host(HostCommand::List) => {
+            for host in &client.cluster().hosts {
+                let status = match client.host_info(&host.name) {
+                    Ok(info) => format!(
+                        "up, {} VMs, {} of {} memory used",
+                        info.vms.len(),
+                        format_bytes(info.memory_used),
+                        format_bytes(info.memory_total)
+                    ),
+                    Err(e) => format!("down ({e})"),
+                };
+                println!("{:<12} {:<22} {status}", host.name, host.api);
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn operate(client: &Client, name: &str, op: &str) -> Result<i32> {
+    let info = client.operate(name, op)?;
+    println!("{} on {}: {}", info.name, info.host, info.state);
+    Ok(0)
+}
+
+fn migrate(client: &Client, args: &MigrateArgs) -> Result<i32> {
+    if args.streams == Some(0) {
+        bail!("--streams must be at least 1");
+    }
+    if args.downtime_ms == Some(0) {
+        bail!("--downtime-ms must be at least 1");
+    }
+    let request = MigrateRequest {
+        to: args.to.clone(),
+        downtime_ms: args.downtime_ms,
+        streams: args.streams,
+        verify: args.verify,
+        max_rounds: args.max_rounds,
+        auto_converge: args.no_auto_converge.then_some(false),
+    };
+    let (source, started) = client.migrate(&args.name, &request)?;
+    let view = (!args.json).then(|| ProgressView::new(&args.name, &source.name, &args.to));
+    let report = client.wait_migration(&source, &started.id, |report| {
+        if let Some(view) = &view {
+            view.update(report);
+        }
+    })?;
+    if let Some(view) = &view {
+        view.finish();
+    }
+    if args.json {
+        println!("{}", report_json(&report));
+    } else {
+        print!("{}", describe(&report));
+    }
+    Ok(if report.status == "completed" { 0 } else { 1 })
+}

@@ -1,0 +1,312 @@
+//! A blocking client of the hostd API over a whole cluster (used by `ferryctl` and the demo):
+//! it knows every host from the configuration and finds VMs wherever they are.
+
+use std::io::Write;
+use std::time::Duration;
+
+use ferry_actors::host_actor::HostInfo;
+use ferry_actors::migration::MigrationReport;
+use ferry_actors::vm_actor::VmInfo;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::api_types::{CreateVmRequest, ErrorBody, MigrateRequest};
+use crate::config::{Cluster, HostConfig};
+
+/// How often migration progress is polled.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A client-side failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The host could not be reached.
+    #[error("host '{host}' is not reachable at {addr} (is its hostd running?)")]
+    Unreachable {
+        /// Host.
+        host: String,
+        /// API address.
+        addr: String,
+        /// Cause.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The API answered with an error.
+    #[error("{host}: {message}")]
+    Api {
+        /// Host.
+        host: String,
+        /// HTTP status.
+        status: u16,
+        /// The API's message.
+        message: String,
+    },
+    /// The answer did not parse.
+    #[error("host '{host}' sent an unreadable answer: {message}")]
+    Decode {
+        /// Host.
+        host: String,
+        /// Details.
+        message: String,
+    },
+    /// Something not found anywhere in the cluster.
+    #[error("{0}")]
+    NotFound(String),
+}
+
+impl ClientError {
+    /// Whether the error is a 404 or a not-found search.
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Api { status: 404, .. } | ClientError::NotFound(_)
+        )
+    }
+}
+
+/// Client of every host of a cluster.
+#[derive(Debug, Clone)]
+pub struct Client {
+    cluster: Cluster,
+    http: reqwest::blocking::Client,
+    streaming: reqwest::blocking::Client,
+}
+
+impl Client {
+    /// A client for `cluster`.
+    pub fn new(cluster: Cluster) -> Self {
+        let http = reqwest::blocking::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(120))
+            .build()
+            .unwrap_or_else(|_| reqwest::blocking::Client::new());
+        let streaming = reqwest::blocking::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(None)
+            .build()
+            .unwrap_or_else(|_| reqwest::blocking::Client::new());
+        Client {
+            cluster,
+            http,
+            streaming,
+        }
+    }
+
+    /// The cluster.
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// A host by name, as a client error.
+    pub fn host(&self, name: &str) -> Result<&HostConfig, ClientError> {
+        self.cluster
+            .host(name)
+            .map_err(|e| ClientError::NotFound(e.to_string()))
+    }
+
+    fn url(host: &HostConfig, path: &str) -> String {
+        format!("http://{}{path}", host.api)
+    }
+
+    fn answer<T: DeserializeOwned>(
+        host: &HostConfig,
+        response: reqwest::Result<reqwest::blocking::Response>,
+    ) -> Result<T, ClientError> {
+        let response = response.map_err(|source| ClientError::Unreachable {
+            host: host.name.clone(),
+            addr: host.api.to_string(),
+            source,
+        })?;
+        let status = response.status();
+        let body = response.bytes().map_err(|e| ClientError::Decode {
+            host: host.name.clone(),
+            message: e.to_string(),
+        })?;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ErrorBody>(&body)
+                .map(|b| b.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+            return Err(ClientError::Api {
+                host: host.name.clone(),
+                status: status.as_u16(),
+                message,
+            });
+        }
+        serde_json::from_slice(&body).map_err(|e| ClientError::Decode {
+            host: host.name.clone(),
+            message: e.to_string(),
+        })
+    }
+
+    /// `GET` on a host.
+    pub fn get<T: DeserializeOwned>(
+        &self,
+        host: &HostConfig,
+        path: &str,
+    ) -> Result<T, ClientError> {
+        Self::answer(host, self.http.get(Self::url(host, path)).send())
+    }
+
+    /// `POST` with a JSON body on a host.
+    pub fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        host: &HostConfig,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        Self::answer(
+            host,
+            self.http.post(Self::url(host, path)).json(body).send(),
+        )
+    }
+
+    /// Host summary.
+    pub fn host_info(&self, host: &str) -> Result<HostInfo, ClientError> {
+        self.get(self.host(host)?, "/v1/host")
+    }
+
+    /// Creates a VM on `host`.
+    pub fn create_vm(&self, host: &str, request: &CreateVmRequest) -> Result<VmInfo, ClientError> {
+        self.post(self.host(host)?, "/v1/vms", request)
+    }
+
+    /// VMs on every reachable host, and the errors of unreachable ones.
+    pub fn list_vms(&self) -> (Vec<VmInfo>, Vec<ClientError>) {
+        let mut vms = Vec::new();
+        let mut errors = Vec::new();
+        for host in &self.cluster.hosts {
+            match self.get::<Vec<VmInfo>>(host, "/v1/vms") {
+                Ok(found) => vms.extend(found),
+                Err(e) => errors.push(e),
+            }
+        }
+        (vms, errors)
+    }
+
+    /// Finds the host that has VM `name` (skipping hosts that don't answer).
+    pub fn find_vm(&self, name: &str) -> Result<(HostConfig, VmInfo), ClientError> {
+        let mut unreachable = Vec::new();
+        let mut found: Option<(HostConfig, VmInfo)> = None;
+        for host in &self.cluster.hosts {
+            match self.get::<VmInfo>(host, &format!("/v1/vms/{name}")) {
+                Ok(info) => {
+                    // Prefer a live copy over a stopped record left on a former host.
+                    let live = info.state != ferry_actors::lifecycle::Lifecycle::Stopped;
+                    if found.is_none() || live {
+                        found = Some((host.clone(), info));
+                    }
+                }
+                Err(e) if e.is_not_found() => {}
+                Err(e) => unreachable.push(e.to_string()),
+            }
+        }
+        found.ok_or_else(|| {
+            let mut message = format!("no VM named '{name}' in cluster '{}'", self.cluster.name);
+            if !unreachable.is_empty() {
+                message.push_str(&format!(" (not asked: {})", unreachable.join("; ")));
+            }
+            ClientError::NotFound(message)
+        })
+    }
+
+    /// `pause`, `resume` or `stop`.
+    pub fn operate(&self, name: &str, op: &str) -> Result<VmInfo, ClientError> {
+        let (host, _) = self.find_vm(name)?;
+        self.post(
+            &host,
+            &format!("/v1/vms/{name}/{op}"),
+            &serde_json::json!({}),
+        )
+    }
+
+    /// Starts a migration; returns the source host and the initial report.
+    pub fn migrate(
+        &self,
+        name: &str,
+        request: &MigrateRequest,
+    ) -> Result<(HostConfig, MigrationReport), ClientError> {
+        self.host(&request.to)?;
+        let (host, _) = self.find_vm(name)?;
+        let report = self.post(&host, &format!("/v1/vms/{name}/migrate"), request)?;
+        Ok((host, report))
+    }
+
+    /// Polls a migration until it is final, calling `progress` with every report.
+    pub fn wait_migration(
+        &self,
+        host: &HostConfig,
+        id: &str,
+        mut progress: impl FnMut(&MigrationReport),
+    ) -> Result<MigrationReport, ClientError> {
+        loop {
+            let report: MigrationReport = self.get(host, &format!("/v1/migrations/{id}"))?;
+            progress(&report);
+            if report.is_final() {
+                return Ok(report);
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Cancels the migration of `name`, wherever it runs from.
+    pub fn cancel(&self, name: &str) -> Result<MigrationReport, ClientError> {
+        let (host, _) = self.find_vm(name)?;
+        self.post(
+            &host,
+            &format!("/v1/vms/{name}/migrate/cancel"),
+            &serde_json::json!({}),
+        )
+    }
+
+    /// The console history of `name`.
+    pub fn console_history(&self, name: &str) -> Result<Vec<u8>, ClientError> {
+        let (host, _) = self.find_vm(name)?;
+        let url = Self::url(&host, &format!("/v1/vms/{name}/console"));
+        let response = self
+            .http
+            .get(url)
+            .send()
+            .map_err(|source| ClientError::Unreachable {
+                host: host.name.clone(),
+                addr: host.api.to_string(),
+                source,
+            })?;
+        if !response.status().is_success() {
+            return Self::answer(&host, Ok(response));
+        }
+        response
+            .bytes()
+            .map(|b| b.to_vec())
+            .map_err(|e| ClientError::Decode {
+                host: host.name.clone(),
+                message: e.to_string(),
+            })
+    }
+
+    /// Copies the console of `name` to `out` as it is written, until the VM stops or moves.
+    pub fn follow_console(&self, name: &str, out: &mut dyn Write) -> Result<(), ClientError> {
+        let (host, _) = self.find_vm(name)?;
+        let url = Self::url(&host, &format!("/v1/vms/{name}/console?follow=true"));
+        let mut response =
+            self.streaming
+                .get(url)
+                .send()
+                .map_err(|source| ClientError::Unreachable {
+                    host: host.name.clone(),
+                    addr: host.api.to_string(),
+                    source,
+                })?;
+        if !response.status().is_success() {
+            return Self::answer(&host, Ok(response));
+        }
+        let mut buf = [0u8; 4096];
+        loop {
+            match std::io::Read::read(&mut response, &mut buf) {
+                Ok(0) | Err(_) => return Ok(()),
+                Ok(n) => {
+                    let _ = out.write_all(&buf[..n]);
+                    let _ = out.flush();
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,72 @@
+//! Running `hostd` for one host of the cluster: the host actor, the migration control
+//! listener and the HTTP API, until SIGINT or SIGTERM.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use actix::Actor;
+use actix_web::web::Data;
+use actix_web::{App, HttpServer};
+use anyhow::{Context, Result};
+use ferry_actors::control_server;
+use ferry_actors::host_actor::HostActor;
+use ferry_actors::settings::Fault;
+
+use crate::api;
+use crate::config::Cluster;
+
+/// Test-only fault injection variable (see `ferry_actors::settings::Fault`).
+pub const FAULT_ENV: &str = "FERRY_FAULT";
+
+/// Runs host `name` of the cluster in `config` until a shutdown signal.
+pub fn run(config: &Path, name: &str) -> Result<()> {
+    let cluster = Cluster::load(config)?;
+    let fault = match std::env::var(FAULT_ENV) {
+        Ok(value) => Some(Fault::parse(&value).map_err(anyhow::Error::msg)?),
+        Err(_) => None,
+    };
+    let settings = cluster.host_settings(name, fault)?;
+    let api_addr = cluster.host(name)?.api;
+    std::fs::create_dir_all(&settings.state_dir)
+        .with_context(|| format!("creating state directory {}", settings.state_dir.display()))?;
+    let features = ferry_runtime::host_cpu_features(&settings.hidden_cpu_features)
+        .context("reading this host's CPU features from KVM")?;
+    let settings = Arc::new(settings);
+    actix::System::new().block_on(async move {
+        let host = HostActor::new((*settings).clone(), features).start();
+        let listener = tokio::net::TcpListener::bind(settings.control_addr)
+            .await
+            .with_context(|| {
+                format!(
+                    "binding the migration control address {}",
+                    settings.control_addr
+                )
+            })?;
+        actix_rt::spawn(control_server::serve(
+            listener,
+            host.clone(),
+            Arc::clone(&settings),
+        ));
+        let api_settings = Arc::clone(&settings);
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(Data::new(host.clone()))
+                .app_data(Data::new(Arc::clone(&api_settings)))
+                .configure(api::configure)
+        })
+        .workers(2)
+        .shutdown_timeout(2)
+        .bind(api_addr)
+        .with_context(|| format!("binding the API address {api_addr}"))?
+        .run();
+        tracing::info!(
+            host = %settings.name,
+            api = %api_addr,
+            control = %settings.control_addr,
+            "hostd ready"
+        );
+        server.await.context("API server")?;
+        tracing::info!(host = %settings.name, "hostd stopped");
+        Ok(())
+    })
+}

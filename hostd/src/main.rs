@@ -1,0 +1,66 @@
+//! `hostd`: the Ferry host daemon. `hostd --config FILE --host NAME` runs one host of a
+//! cluster; `hostd demo` runs the live demo on an embedded two-host configuration.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "hostd",
+    version,
+    about = "Ferry host daemon: runs VMs and migrates them between hosts"
+)]
+struct Cli {
+    /// Cluster configuration file (TOML).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Which host of the cluster this daemon is.
+    #[arg(long)]
+    host: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Live demo: two hostd on loopback, a VM migrated there and back while it runs.
+    Demo {
+        /// Memory of the demo VM.
+        #[arg(long, default_value = "1G")]
+        memory: String,
+        /// Realistic content preloaded into the VM.
+        #[arg(long, default_value = "384M")]
+        content: String,
+        /// Keep the demo's temporary directory (configuration, logs).
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Demo {
+            memory,
+            content,
+            keep,
+        }) => {
+            hostd::init_logging("warn");
+            hostd::demo::run(&memory, &content, keep)
+        }
+        None => {
+            hostd::init_logging("info");
+            match (cli.config, cli.host) {
+                (Some(config), Some(host)) => hostd::daemon::run(&config, &host),
+                _ => Err(anyhow::anyhow!(
+                    "give --config FILE --host NAME to run a host, or `hostd demo` for the demo"
+                )),
+            }
+        }
+    };
+    if let Err(error) = result {
+        eprintln!("hostd: error: {error:#}");
+        std::process::exit(2);
+    }
+}

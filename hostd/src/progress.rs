@@ -1,0 +1,163 @@
+//! Live migration progress on a terminal, and the final report in words.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use ferry_actors::migration::{MigrationReport, Stage};
+use ferry_runtime::units::format_bytes;
+use indicatif::{ProgressBar, ProgressStyle};
+
+fn stage_name(stage: Option<Stage>) -> &'static str {
+    match stage {
+        Some(Stage::Verify) => "verify",
+        Some(Stage::Prepare) => "prepare",
+        Some(Stage::PreCopy) => "pre-copy",
+        Some(Stage::StopAndCopy) => "stop-and-copy",
+        Some(Stage::SwitchOver) => "switch-over",
+        Some(Stage::Completed) => "completed",
+        Some(Stage::RolledBack) => "rolled back",
+        Some(Stage::Cancelled) => "cancelled",
+        Some(Stage::Refused) => "refused",
+        Some(Stage::InDoubt) => "in doubt",
+        None => "starting",
+    }
+}
+
+/// One line describing where a migration is.
+pub fn progress_line(report: &MigrationReport) -> String {
+    let mut line = format!("{:<13}", stage_name(report.stage));
+    if report.round > 0 {
+        line.push_str(&format!(" round {:>2}", report.round));
+    }
+    line.push_str(&format!(
+        " | sent {:>10} | remaining {:>10} | {:>9}/s",
+        format_bytes(report.guest_bytes),
+        format_bytes(report.remaining_bytes),
+        format_bytes(report.rate_bytes_per_s as u64)
+    ));
+    if let Some(eta) = report
+        .eta_ms
+        .filter(|_| report.stage == Some(Stage::PreCopy))
+    {
+        line.push_str(&format!(" | ETA {eta:>6.0} ms"));
+    }
+    if report.throttle_pct > 0 {
+        line.push_str(&format!(" | throttle {}%", report.throttle_pct));
+    }
+    line
+}
+
+/// Shows progress while a migration runs (a spinner line on a terminal, nothing otherwise).
+#[derive(Debug)]
+pub struct ProgressView {
+    bar: Option<ProgressBar>,
+}
+
+impl ProgressView {
+    /// A view for the migration of `vm` to `to`.
+    pub fn new(vm: &str, from: &str, to: &str) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new_spinner();
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} {prefix} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
+            bar.set_prefix(format!("{vm} {from} → {to}:"));
+            bar.enable_steady_tick(Duration::from_millis(100));
+            bar
+        });
+        ProgressView { bar }
+    }
+
+    /// Shows `report`.
+    pub fn update(&self, report: &MigrationReport) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(progress_line(report));
+        }
+    }
+
+    /// Removes the line.
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// The final report in words.
+pub fn describe(report: &MigrationReport) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "migration of {} from {} to {}: {}\n",
+        report.vm, report.source, report.destination, report.status
+    ));
+    if let Some(error) = &report.error {
+        out.push_str(&format!("  error:       {error}\n"));
+    }
+    if let Some(transport) = &report.transport {
+        out.push_str(&format!(
+            "  transport:   {transport} ({})\n",
+            report.transport_reason.as_deref().unwrap_or("")
+        ));
+    }
+    out.push_str(&format!("  total:       {:.0} ms\n", report.total_ms));
+    if let Some(downtime) = report.downtime_ms {
+        out.push_str(&format!("  downtime:    {downtime:.1} ms\n"));
+    }
+    for (i, round) in report.rounds.iter().enumerate() {
+        out.push_str(&format!(
+            "  round {:>2}:    {:>8} pages  {:>10}  {:>8.1} ms\n",
+            i + 1,
+            round.pages,
+            format_bytes(round.bytes),
+            round.duration_ms
+        ));
+    }
+    if report.final_pages > 0 || report.downtime_ms.is_some() {
+        out.push_str(&format!(
+            "  final copy:  {:>8} pages (guest paused)\n",
+            report.final_pages
+        ));
+    }
+    out.push_str(&format!(
+        "  moved:       {} of guest memory as {} on the wire ({} zero pages as markers)\n",
+        format_bytes(report.guest_bytes),
+        format_bytes(report.wire_bytes),
+        report.zero_pages
+    ));
+    if report.throttle_pct > 0 {
+        out.push_str(&format!("  throttle:    up to {}%\n", report.throttle_pct));
+    }
+    if let Some(verified) = report.memory_verified {
+        out.push_str(&format!(
+            "  verify:      memory hashes {}\n",
+            if verified { "match" } else { "differ" }
+        ));
+    }
+    out
+}
+
+/// The JSON object `ferryctl migrate --json` prints.
+pub fn report_json(report: &MigrationReport) -> serde_json::Value {
+    serde_json::json!({
+        "id": report.id,
+        "vm": report.vm,
+        "status": report.status,
+        "error": report.error,
+        "source": report.source,
+        "destination": report.destination,
+        "transport": report.transport,
+        "transport_reason": report.transport_reason,
+        "streams": report.streams,
+        "total_ms": report.total_ms,
+        "downtime_ms": report.downtime_ms,
+        "rounds": report.rounds,
+        "final_pages": report.final_pages,
+        "guest_bytes": report.guest_bytes,
+        "wire_bytes": report.wire_bytes,
+        "zero_pages": report.zero_pages,
+        "throttle_pct": report.throttle_pct,
+        "memory_verified": report.memory_verified,
+        "state_bytes": report.state_bytes,
+    })
+}

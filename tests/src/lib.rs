@@ -1,0 +1,1 @@
+//! Test harness for clusters of hostd processes.
