@@ -5,6 +5,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use ferry_actors::host_actor::HostInfo;
+use ferry_actors::lifecycle::Lifecycle;
 use ferry_actors::migration::MigrationReport;
 use ferry_actors::vm_actor::VmInfo;
 use serde::Serialize;
@@ -60,6 +61,15 @@ impl ClientError {
             self,
             ClientError::Api { status: 404, .. } | ClientError::NotFound(_)
         )
+    }
+}
+
+/// How authoritative a copy of a VM in this state is.
+fn rank(state: Lifecycle) -> u8 {
+    match state {
+        Lifecycle::Running | Lifecycle::Paused | Lifecycle::MigratingOut | Lifecycle::Created => 2,
+        Lifecycle::MigratingIn => 1,
+        Lifecycle::Stopped => 0,
     }
 }
 
@@ -189,9 +199,12 @@ impl Client {
         for host in &self.cluster.hosts {
             match self.get::<VmInfo>(host, &format!("/v1/vms/{name}")) {
                 Ok(info) => {
-                    // Prefer a live copy over a stopped record left on a former host.
-                    let live = info.state != ferry_actors::lifecycle::Lifecycle::Stopped;
-                    if found.is_none() || live {
+                    // While a VM migrates, the destination holds an arriving copy; the VM is
+                    // where it runs (or last ran), so rank copies by state.
+                    if found
+                        .as_ref()
+                        .is_none_or(|(_, best)| rank(info.state) > rank(best.state))
+                    {
                         found = Some((host.clone(), info));
                     }
                 }

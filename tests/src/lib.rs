@@ -1,1 +1,643 @@
-//! Test harness for clusters of hostd processes.
+//! Harness for Ferry's multi-process tests: a cluster of real `hostd` processes, on loopback
+//! or each in its own network namespace joined by a veth pair, driven through the real
+//! `ferryctl`.
+//!
+//! The tests themselves live in `hostd/tests/`: Cargo only guarantees a package's binaries
+//! (`hostd`, `ferryctl`) to that package's own integration tests, so that is where a test
+//! can find them; everything the tests share is here.
+//!
+//! These tests need /dev/kvm and root (namespaces, raw sockets), as CI has.
+
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// One host to start.
+#[derive(Clone, Debug)]
+pub struct HostSpec {
+    /// Host name.
+    pub name: String,
+    /// VM memory of the host.
+    pub memory: String,
+    /// CPU features to hide.
+    pub hide_cpu_features: Vec<String>,
+    /// `FERRY_FAULT` for this hostd.
+    pub fault: Option<String>,
+}
+
+impl HostSpec {
+    /// A host with 4 GiB for VMs and nothing special.
+    pub fn new(name: &str) -> Self {
+        HostSpec {
+            name: name.into(),
+            memory: "4G".into(),
+            hide_cpu_features: Vec::new(),
+            fault: None,
+        }
+    }
+
+    /// With this much VM memory.
+    pub fn memory(mut self, memory: &str) -> Self {
+        self.memory = memory.into();
+        self
+    }
+
+    /// Hiding these CPU features.
+    pub fn hide(mut self, features: &[&str]) -> Self {
+        self.hide_cpu_features = features.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    /// With fault injection.
+    pub fn fault(mut self, fault: &str) -> Self {
+        self.fault = Some(fault.into());
+        self
+    }
+}
+
+/// Two network namespaces joined by a veth pair, removed on drop.
+#[derive(Debug)]
+pub struct NetnsPair {
+    /// Namespace names.
+    pub names: [String; 2],
+    /// Interface in each namespace.
+    pub interfaces: [String; 2],
+    /// Address of each side.
+    pub addrs: [Ipv4Addr; 2],
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+fn ip(args: &[&str]) {
+    run(Command::new("ip").args(args));
+}
+
+static UNIQUE: AtomicU32 = AtomicU32::new(0);
+
+fn unique() -> u32 {
+    std::process::id() % 10_000 * 100 + UNIQUE.fetch_add(1, Ordering::SeqCst)
+}
+
+impl NetnsPair {
+    /// Creates `ferryN-a`/`ferryN-b` with 10.77.X.1/.2 on a veth pair.
+    pub fn create() -> NetnsPair {
+        let id = unique();
+        let names = [format!("ferry{id}a"), format!("ferry{id}b")];
+        let interfaces = [format!("fv{id}a"), format!("fv{id}b")];
+        let subnet = (id % 250) as u8;
+        let addrs = [
+            Ipv4Addr::new(10, 77, subnet, 1),
+            Ipv4Addr::new(10, 77, subnet, 2),
+        ];
+        for ns in &names {
+            ip(&["netns", "add", ns]);
+        }
+        ip(&[
+            "link",
+            "add",
+            &interfaces[0],
+            "netns",
+            &names[0],
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &interfaces[1],
+            "netns",
+            &names[1],
+        ]);
+        for i in 0..2 {
+            let exec = |args: &[&str]| {
+                let mut full = vec!["netns", "exec", names[i].as_str(), "ip"];
+                full.extend_from_slice(args);
+                ip(&full);
+            };
+            exec(&[
+                "addr",
+                "add",
+                &format!("{}/24", addrs[i]),
+                "dev",
+                &interfaces[i],
+            ]);
+            exec(&["link", "set", &interfaces[i], "up"]);
+            exec(&["link", "set", "lo", "up"]);
+        }
+        NetnsPair {
+            names,
+            interfaces,
+            addrs,
+        }
+    }
+
+    /// Cuts (or restores) the link.
+    pub fn set_link(&self, up: bool) {
+        ip(&[
+            "netns",
+            "exec",
+            &self.names[0],
+            "ip",
+            "link",
+            "set",
+            &self.interfaces[0],
+            if up { "up" } else { "down" },
+        ]);
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        for ns in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+/// Frames seen on an interface inside a namespace, captured by a thread that joined it.
+#[derive(Debug)]
+pub struct Capture {
+    handle: std::thread::JoinHandle<Vec<Vec<u8>>>,
+}
+
+impl Capture {
+    /// Starts capturing every frame on `interface` in namespace `ns` for `duration`.
+    pub fn start(ns: &str, interface: &str, duration: Duration) -> Capture {
+        let ns_path = PathBuf::from("/var/run/netns").join(ns);
+        let interface = interface.to_string();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let handle = std::thread::spawn(move || {
+            let ns_file = File::open(&ns_path).expect("namespace file");
+            // SAFETY: setns on this thread only, with a valid namespace fd.
+            let joined = unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(joined, 0, "setns: {}", std::io::Error::last_os_error());
+            let name = std::ffi::CString::new(interface).expect("interface name");
+            // SAFETY: valid NUL-terminated name.
+            let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            assert_ne!(index, 0, "interface not found in namespace");
+            let all = (libc::ETH_P_ALL as u16).to_be();
+            // SAFETY: plain socket(2) call, checked below.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(all)) };
+            assert!(
+                fd >= 0,
+                "packet socket: {}",
+                std::io::Error::last_os_error()
+            );
+            // SAFETY: fd is ours.
+            let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: zeroed sockaddr_ll is valid; fields set below.
+            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_protocol = all;
+            addr.sll_ifindex = index as i32;
+            // SAFETY: addr is a valid sockaddr_ll of the given size.
+            let bound = unsafe {
+                libc::bind(
+                    socket.as_raw_fd(),
+                    (&raw const addr).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            assert_eq!(bound, 0, "bind: {}", std::io::Error::last_os_error());
+            let timeout = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 100_000,
+            };
+            // SAFETY: valid option value and size.
+            unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&raw const timeout).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                )
+            };
+            let _ = ready_tx.send(());
+            let deadline = Instant::now() + duration;
+            let mut frames = Vec::new();
+            let mut buf = [0u8; 2048];
+            while Instant::now() < deadline {
+                // SAFETY: buf is valid for its length.
+                let n = unsafe {
+                    libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
+                };
+                if n > 0 {
+                    frames.push(buf[..n as usize].to_vec());
+                }
+            }
+            frames
+        });
+        let _ = ready_rx.recv_timeout(Duration::from_secs(5));
+        Capture { handle }
+    }
+
+    /// The frames captured.
+    pub fn frames(self) -> Vec<Vec<u8>> {
+        self.handle.join().unwrap_or_default()
+    }
+}
+
+struct HostProcess {
+    spec: HostSpec,
+    api: SocketAddr,
+    netns: Option<String>,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+/// A running cluster of hostd processes; stopped (and their logs printed on failure) on drop.
+pub struct TestCluster {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    hostd: PathBuf,
+    ferryctl: PathBuf,
+    hosts: Vec<HostProcess>,
+    netns: Option<NetnsPair>,
+    http: reqwest::blocking::Client,
+}
+
+impl std::fmt::Debug for TestCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestCluster")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Result of a CLI run.
+#[derive(Debug)]
+pub struct CliResult {
+    /// Exit code.
+    pub code: Option<i32>,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl CliResult {
+    /// Standard output as JSON (panics with the whole output if it is not).
+    pub fn json(&self) -> Value {
+        serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| {
+            panic!(
+                "not JSON ({e}): stdout={} stderr={}",
+                self.stdout, self.stderr
+            )
+        })
+    }
+}
+
+impl TestCluster {
+    /// Starts `hosts` on loopback.
+    pub fn loopback(hostd: &Path, ferryctl: &Path, hosts: Vec<HostSpec>) -> TestCluster {
+        Self::start(hostd, ferryctl, hosts, None)
+    }
+
+    /// Starts two hosts, each in its own network namespace, joined by a veth pair.
+    pub fn in_namespaces(hostd: &Path, ferryctl: &Path, hosts: [HostSpec; 2]) -> TestCluster {
+        let pair = NetnsPair::create();
+        Self::start(hostd, ferryctl, hosts.to_vec(), Some(pair))
+    }
+
+    fn start(
+        hostd: &Path,
+        ferryctl: &Path,
+        specs: Vec<HostSpec>,
+        netns: Option<NetnsPair>,
+    ) -> TestCluster {
+        let dir = tempfile::Builder::new()
+            .prefix("ferry-test-")
+            .tempdir()
+            .expect("temp dir");
+        let mut toml = String::from(
+            "[cluster]\nname = \"test\"\n\n[migration]\nio_timeout_ms = 5000\nconnect_timeout_ms = 3000\nin_doubt_timeout_ms = 10000\n\n[[datacenters]]\nname = \"dc1\"\n\n[[datacenters]]\nname = \"dc2\"\n\n[[networks]]\nname = \"vmnet\"\n",
+        );
+        let mut hosts = Vec::new();
+        for (i, spec) in specs.into_iter().enumerate() {
+            let (addr, api_port, control_port, interface, ns) = match &netns {
+                Some(pair) => (
+                    IpAddr::V4(pair.addrs[i]),
+                    7701,
+                    7711,
+                    pair.interfaces[i].clone(),
+                    Some(pair.names[i].clone()),
+                ),
+                None => (
+                    IpAddr::V4(Ipv4Addr::LOCALHOST),
+                    free_port(),
+                    free_port(),
+                    "lo".to_string(),
+                    None,
+                ),
+            };
+            let hide = spec
+                .hide_cpu_features
+                .iter()
+                .map(|f| format!("\"{f}\""))
+                .collect::<Vec<_>>()
+                .join(", ");
+            toml.push_str(&format!(
+                "\n[[hosts]]\nname = \"{name}\"\ndatacenter = \"dc{dc}\"\napi = \"{addr}:{api_port}\"\ncontrol = \"{addr}:{control_port}\"\ndata = [\"{addr}:0\"]\nmemory = \"{memory}\"\nnetworks = [{{ name = \"vmnet\", interface = \"{interface}\" }}]\nhide_cpu_features = [{hide}]\nstate_dir = \"{dir}/{name}\"\n",
+                name = spec.name,
+                dc = if netns.is_some() { i + 1 } else { 1 },
+                memory = spec.memory,
+                dir = dir.path().display(),
+            ));
+            hosts.push(HostProcess {
+                api: SocketAddr::new(addr, api_port),
+                log: dir.path().join(format!("{}.log", spec.name)),
+                spec,
+                netns: ns,
+                child: None,
+            });
+        }
+        let config = dir.path().join("cluster.toml");
+        std::fs::write(&config, &toml).expect("write config");
+        let mut cluster = TestCluster {
+            dir,
+            config,
+            hostd: hostd.to_path_buf(),
+            ferryctl: ferryctl.to_path_buf(),
+            hosts,
+            netns,
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("http client"),
+        };
+        for i in 0..cluster.hosts.len() {
+            cluster.spawn(i);
+        }
+        for i in 0..cluster.hosts.len() {
+            cluster.wait_up(i);
+        }
+        cluster
+    }
+
+    fn command_in(&self, netns: Option<&str>, program: &Path) -> Command {
+        match netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns]).arg(program);
+                cmd
+            }
+            None => Command::new(program),
+        }
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let host = &self.hosts[i];
+        let log = File::create(&host.log).expect("log file");
+        let mut cmd = self.command_in(host.netns.as_deref(), &self.hostd);
+        cmd.arg("--config")
+            .arg(&self.config)
+            .arg("--host")
+            .arg(&host.spec.name)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        if let Some(fault) = &host.spec.fault {
+            cmd.env("FERRY_FAULT", fault);
+        }
+        let child = cmd.spawn().expect("spawn hostd");
+        self.hosts[i].child = Some(child);
+    }
+
+    fn wait_up(&mut self, i: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self
+                .ferryctl(&["host", "show", &self.hosts[i].spec.name])
+                .code
+                == Some(0)
+            {
+                return;
+            }
+            if let Some(child) = self.hosts[i].child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!(
+                    "hostd {} exited ({status}):\n{}",
+                    self.hosts[i].spec.name,
+                    self.log(&self.hosts[i].spec.name.clone())
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "hostd {} did not come up",
+                self.hosts[i].spec.name
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The configuration file.
+    pub fn config(&self) -> &Path {
+        &self.config
+    }
+
+    /// The temporary directory of the cluster (for content files).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The namespaces, if any.
+    pub fn netns(&self) -> Option<&NetnsPair> {
+        self.netns.as_ref()
+    }
+
+    /// Runs `ferryctl --config CONFIG ARGS` (inside the first host's namespace, if any).
+    pub fn ferryctl(&self, args: &[&str]) -> CliResult {
+        let ns = self.hosts.first().and_then(|h| h.netns.clone());
+        let output = self
+            .command_in(ns.as_deref(), &self.ferryctl)
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ferryctl");
+        CliResult {
+            code: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// Runs ferryctl and requires success.
+    pub fn ferryctl_ok(&self, args: &[&str]) -> CliResult {
+        let result = self.ferryctl(args);
+        assert_eq!(result.code, Some(0), "ferryctl {args:?} failed: {result:?}");
+        result
+    }
+
+    /// `GET` on a host's API (loopback clusters only): status and JSON body.
+    pub fn api_get(&self, host: &str, path: &str) -> (u16, Value) {
+        let host = self.host(host);
+        let response = self
+            .http
+            .get(format!("http://{}{path}", host.api))
+            .send()
+            .expect("API request");
+        let status = response.status().as_u16();
+        (status, response.json().unwrap_or(Value::Null))
+    }
+
+    /// `POST` with a raw body on a host's API: status and JSON body.
+    pub fn api_post(&self, host: &str, path: &str, body: &str) -> (u16, Value) {
+        let host = self.host(host);
+        let response = self
+            .http
+            .post(format!("http://{}{path}", host.api))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .expect("API request");
+        let status = response.status().as_u16();
+        (status, response.json().unwrap_or(Value::Null))
+    }
+
+    fn host(&self, name: &str) -> &HostProcess {
+        self.hosts
+            .iter()
+            .find(|h| h.spec.name == name)
+            .unwrap_or_else(|| panic!("no host {name}"))
+    }
+
+    /// SIGKILLs a host's hostd.
+    pub fn kill(&mut self, name: &str) {
+        let host = self
+            .hosts
+            .iter_mut()
+            .find(|h| h.spec.name == name)
+            .expect("host");
+        if let Some(mut child) = host.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Whether a host's hostd process is alive.
+    pub fn is_running(&mut self, name: &str) -> bool {
+        let host = self
+            .hosts
+            .iter_mut()
+            .find(|h| h.spec.name == name)
+            .expect("host");
+        host.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// A host's log so far.
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(&self.host(name).log).unwrap_or_default()
+    }
+
+    /// `vm show NAME` as JSON, or None if no host has it.
+    pub fn vm(&self, name: &str) -> Option<Value> {
+        let result = self.ferryctl(&["vm", "show", name]);
+        (result.code == Some(0)).then(|| result.json())
+    }
+
+    /// The VM names on a host.
+    pub fn vms_on(&self, host: &str) -> Vec<String> {
+        let info = self.ferryctl_ok(&["host", "show", host]).json();
+        info["vms"]
+            .as_array()
+            .map(|vms| {
+                vms.iter()
+                    .filter_map(|v| v["name"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Memory used by VMs on a host.
+    pub fn memory_used(&self, host: &str) -> u64 {
+        self.ferryctl_ok(&["host", "show", host]).json()["memory_used"]
+            .as_u64()
+            .unwrap_or(u64::MAX)
+    }
+
+    /// The `tick N` numbers in a VM's console (its whole history follows it across hosts).
+    pub fn ticks(&self, vm: &str) -> Vec<u64> {
+        let console = self
+            .ferryctl_ok(&["vm", "console", vm, "--no-follow"])
+            .stdout;
+        console
+            .lines()
+            .filter_map(|l| l.strip_prefix("tick ")?.trim().parse().ok())
+            .collect()
+    }
+
+    /// Waits until `done` holds (polling), or panics with `what`.
+    pub fn wait_for(&self, what: &str, timeout: Duration, mut done: impl FnMut(&Self) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !done(self) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Asserts `ticks` are 1, 2, 3, ... with no gap or repeat.
+pub fn assert_consecutive_from_one(ticks: &[u64]) {
+    assert_eq!(ticks.first(), Some(&1), "ticks start at 1: {ticks:?}");
+    for pair in ticks.windows(2) {
+        assert_eq!(pair[1], pair[0] + 1, "gap or repeat in ticks: {ticks:?}");
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for host in &mut self.hosts {
+            if let Some(child) = host.child.as_ref() {
+                // SAFETY: kill(2) on our own child.
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            }
+        }
+        for host in &mut self.hosts {
+            if let Some(mut child) = host.child.take() {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if std::thread::panicking() {
+            for host in &self.hosts {
+                eprintln!(
+                    "===== hostd {} log =====\n{}",
+                    host.spec.name,
+                    std::fs::read_to_string(&host.log).unwrap_or_default()
+                );
+            }
+        }
+    }
+}

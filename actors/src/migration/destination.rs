@@ -125,6 +125,22 @@ impl DestinationMigration {
         );
     }
 
+    /// Sends a final message, closes the channel, then stops the actor, in that order (the
+    /// source must see the message before the close).
+    fn send_last(&mut self, ctx: &mut Context<Self>, message: ToSource) {
+        let control = self.control.take();
+        ctx.wait(
+            async move {
+                if let Some(control) = control {
+                    let _ = control.send(&message).await;
+                    let _ = control.close().await;
+                }
+            }
+            .into_actor(self)
+            .map(|(), _, ctx| ctx.stop()),
+        );
+    }
+
     /// Drops the arriving copy (before commit) and ends the actor.
     fn discard(&mut self, ctx: &mut Context<Self>, reason: String) {
         if self.done {
@@ -257,10 +273,13 @@ impl DestinationMigration {
         let work = async move {
             // The source closed its streams after the last acknowledged page: all memory is
             // here once every receiver ends cleanly.
+            let waiting = Instant::now();
             let stats = actix_rt::task::spawn_blocking(move || data.wait())
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| format!("receiving memory: {}", ferry_transport::report(&e)))?;
+            let received_ms = waiting.elapsed().as_secs_f64() * 1e3;
+            let loading = Instant::now();
             let verified = vm
                 .send(LoadIncomingState {
                     blob,
@@ -270,6 +289,11 @@ impl DestinationMigration {
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
+            tracing::info!(
+                received_ms,
+                load_ms = loading.elapsed().as_secs_f64() * 1e3,
+                "incoming state loaded"
+            );
             Ok::<_, String>((stats, verified))
         };
         ctx.wait(work.into_actor(self).map(|result, act, ctx| match result {
@@ -349,20 +373,26 @@ impl DestinationMigration {
                         ctx.stop();
                         return;
                     }
-                    act.reply(ctx, ToSource::Resumed);
+                    // Confirm, then close: in this order, so the source never sees the close
+                    // first and has to ask how the switch-over ended.
+                    if let Some(control) = act.control.take() {
+                        let id = act.id;
+                        actix_rt::spawn(async move {
+                            if let Err(e) = control.send(&ToSource::Resumed).await {
+                                tracing::warn!(migration = %id, error = %ferry_transport::report(&e), "confirming the switch-over failed; the source will ask");
+                            }
+                            let _ = control.close().await;
+                        });
+                    }
                 }
                 Err(reason) => {
                     tracing::error!(migration = %act.id, %reason, "switch-over failed after commit");
                     act.report.error = Some(reason);
                     act.publish();
+                    act.control = None;
                 }
             }
             act.done = true;
-            if let Some(control) = act.control.take() {
-                actix_rt::spawn(async move {
-                    let _ = control.close().await;
-                });
-            }
             ctx.stop();
         }));
     }
@@ -399,15 +429,9 @@ impl Actor for DestinationMigration {
                         }
                         Err(reason) => {
                             tracing::info!(migration = %act.id, %reason, "refusing incoming VM");
-                            act.reply(
-                                ctx,
-                                ToSource::Refused {
-                                    reason: reason.clone(),
-                                },
-                            );
                             act.report.stage = Some(Stage::Refused);
                             act.report.status = "refused".into();
-                            act.report.error = Some(reason);
+                            act.report.error = Some(reason.clone());
                             act.done = true;
                             act.host.do_send(IncomingFinished {
                                 id: act.id,
@@ -416,7 +440,7 @@ impl Actor for DestinationMigration {
                                 state: Lifecycle::Stopped,
                             });
                             act.publish();
-                            ctx.stop();
+                            act.send_last(ctx, ToSource::Refused { reason });
                         }
                     }
                 }),

@@ -433,6 +433,7 @@ impl SourceMigration {
         };
         let verify = self.options.verify;
         let work = async move {
+            let step = Instant::now();
             let paused_at = vm
                 .send(PauseForSwitchOver)
                 .await
@@ -444,6 +445,7 @@ impl SourceMigration {
                 .map_err(|e| e.to_string())?
                 .map_err(|e| format!("fetching dirty pages: {e}"))?
                 .unwrap_or_else(|| ferry_runtime::DirtySet::empty(&[]));
+            let paused_ms = step.elapsed().as_secs_f64() * 1e3;
             let mut ranges = pending;
             ranges.extend(to_transport_ranges(last.ranges()));
             let pages: u64 = ranges.iter().map(|r| r.count).sum();
@@ -458,6 +460,7 @@ impl SourceMigration {
                 .await
                 .map_err(|e| format!("copy task failed: {e}"))?
                 .map_err(|e: SendError| format!("closing the data streams: {}", error_chain(&e)))?;
+            let copied_ms = step.elapsed().as_secs_f64() * 1e3;
             let captured = vm
                 .send(CaptureState {
                     hash_memory: verify,
@@ -465,6 +468,13 @@ impl SourceMigration {
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| format!("capturing VM state: {e}"))?;
+            tracing::info!(
+                pages,
+                paused_ms,
+                copied_ms,
+                captured_ms = step.elapsed().as_secs_f64() * 1e3,
+                "stop-and-copy done"
+            );
             Ok::<_, String>((paused_at, pages, totals, captured))
         };
         ctx.wait(work.into_actor(self).map(|result, act, ctx| match result {
