@@ -12,7 +12,7 @@ use ferry_transport::data::{DataListener, DataReceiver, ReceiverConfig, SessionI
 use ferry_transport::negotiate::{Capabilities, Plan};
 use ferry_transport::workers::WorkerPlacement;
 
-use super::memory::GuestMemory;
+use super::memory;
 use super::protocol::{Hello, ToDestination, ToSource};
 use super::{DestinationOutcome, MigrationId, MigrationReport, Stage};
 use crate::announce;
@@ -214,7 +214,7 @@ impl DestinationMigration {
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
             let sink =
-                GuestMemory::fresh_destination(ram).map_err(|e| ferry_transport::report(&e))?;
+                memory::fresh_destination(ram).map_err(|e| ferry_transport::report(&e))?;
             let bind: SocketAddr = settings
                 .data_addrs
                 .first()

@@ -14,12 +14,14 @@ use ferry_transport::control::{
     ControlChannel, ControlConfig, ControlError, ControlSender, KeepaliveTask,
 };
 use ferry_transport::data::{DataSender, SendError, SenderConfig, SessionId};
+use ferry_transport::memory::GuestRegions;
 use ferry_transport::negotiate::{Capabilities, Plan, Transport, choose};
+use ferry_runtime::DirtySet;
 use ferry_transport::stats::{StatsHandle, TransferStats};
 use ferry_transport::workers::WorkerPlacement;
 
 use super::convergence::{Decision, RoundOutcome, decide};
-use super::memory::{GuestMemory, to_transport_ranges};
+use super::memory::{self, to_transport_ranges};
 use super::protocol::{Hello, MIGRATION_PROTOCOL_VERSION, ToDestination, ToSource};
 use super::{
     DestinationOutcome, MigrationId, MigrationOptions, MigrationReport, RoundReport, Stage,
@@ -30,7 +32,7 @@ use crate::vm_actor::{
     CaptureState, DirtyLog, EndMigrateOut, OutgoingVm, PauseForSwitchOver, SetThrottle, VmActor,
 };
 
-type Sender = DataSender<GuestMemory>;
+type Sender = DataSender<GuestRegions>;
 
 /// How often progress is published while copying.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
@@ -266,7 +268,7 @@ impl SourceMigration {
         let Some(plan) = self.plan.clone() else {
             return self.fail(ctx, Stage::Prepare, "no transport plan".into());
         };
-        let source = match GuestMemory::source(Arc::clone(&self.outgoing.ram)) {
+        let source = match memory::source(Arc::clone(&self.outgoing.ram)) {
             Ok(source) => source,
             Err(e) => return self.fail(ctx, Stage::Prepare, error_chain(&e)),
         };
@@ -395,7 +397,6 @@ impl SourceMigration {
                     );
                     let rate = act.report.rate_bytes_per_s.max(1.0);
                     act.report.eta_ms = Some(dirty.bytes() as f64 / rate * 1000.0);
-                    let ranges = to_transport_ranges(dirty.ranges());
                     match decision {
                         Decision::Continue { throttle } => {
                             if throttle != act.throttle {
@@ -404,7 +405,7 @@ impl SourceMigration {
                                 act.report.throttle_pct = act.report.throttle_pct.max(throttle);
                                 act.vm.do_send(SetThrottle(throttle));
                             }
-                            act.run_round(ctx, ranges);
+                            act.run_round(ctx, to_transport_ranges(dirty.ranges()));
                         }
                         Decision::StopAndCopy {
                             expected_downtime_ms,
@@ -413,7 +414,7 @@ impl SourceMigration {
                             if forced {
                                 tracing::warn!(migration = %act.id, expected_downtime_ms, "round limit reached; stopping the guest above the downtime target");
                             }
-                            act.stop_and_copy(ctx, ranges);
+                            act.stop_and_copy(ctx, dirty);
                         }
                     }
                 }),
@@ -421,11 +422,7 @@ impl SourceMigration {
     }
 
     /// Pauses the guest, sends the last dirty pages and the state.
-    fn stop_and_copy(
-        &mut self,
-        ctx: &mut Context<Self>,
-        pending: Vec<ferry_transport::memory::PageRange>,
-    ) {
+    fn stop_and_copy(&mut self, ctx: &mut Context<Self>, pending: DirtySet) {
         self.stage(Stage::StopAndCopy);
         let vm = self.vm.clone();
         let Some(mut sender) = self.data.take() else {
@@ -444,10 +441,12 @@ impl SourceMigration {
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| format!("fetching dirty pages: {e}"))?
-                .unwrap_or_else(|| ferry_runtime::DirtySet::empty(&[]));
+                .unwrap_or_else(|| DirtySet::empty(&[]));
             let paused_ms = step.elapsed().as_secs_f64() * 1e3;
-            let mut ranges = pending;
-            ranges.extend(to_transport_ranges(last.ranges()));
+            // What the last round left plus what changed since: each page once.
+            let mut all = pending;
+            all.union_with(&last).map_err(|e| e.to_string())?;
+            let ranges = to_transport_ranges(all.ranges());
             let pages: u64 = ranges.iter().map(|r| r.count).sum();
             let (sender, sent) = actix_rt::task::spawn_blocking(move || {
                 let result = sender.send(&ranges).and_then(|()| sender.flush());

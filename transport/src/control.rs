@@ -1,0 +1,709 @@
+//! The control channel between the two hosts of a migration: serde-encoded messages in the
+//! same frames as the data streams, on its own TCP connection, as async tokio code for the
+//! actor layer.
+//!
+//! An idle channel sends keepalive frames, and a receive that hears nothing — not even a
+//! keepalive — within the idle timeout fails, so a dead peer surfaces as an error rather
+//! than a migration that waits forever.
+//!
+//! ```
+//! # use ferry_transport::control::{ControlChannel, ControlConfig};
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let addr = listener.local_addr()?;
+//! let server = tokio::spawn(async move {
+//!     let mut channel = ControlChannel::accept(&listener, ControlConfig::default()).await?;
+//!     let question: String = channel.recv().await?;
+//!     channel.send(&(question.len() as u32)).await?;
+//!     Ok::<_, ferry_transport::control::ControlError>(())
+//! });
+//! let mut channel = ControlChannel::connect(addr, ControlConfig::default()).await?;
+//! channel.send(&"how long is this?".to_string()).await?;
+//! let answer: u32 = channel.recv().await?;
+//! assert_eq!(answer, 17);
+//! server.await??;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, timeout};
+use tokio_util::codec::{Decoder, Encoder, FramedRead, FramedWrite};
+
+use crate::wire::{
+    self, ChannelKind, FrameError, HEADER_LEN, Header, Hello, MessageType, PayloadError,
+    VersionError, Welcome, flags,
+};
+
+/// Control channel settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ControlConfig {
+    /// Connecting and greeting.
+    pub handshake_timeout: Duration,
+    /// How often an idle channel sends a keepalive.
+    pub keepalive_interval: Duration,
+    /// A receive that hears nothing for this long fails.
+    pub idle_timeout: Duration,
+    /// A send that cannot complete for this long fails (the peer stopped reading).
+    pub send_timeout: Duration,
+    /// Largest message accepted or sent, after decompression.
+    pub max_message_len: u32,
+    /// Messages longer than this are lz4-compressed when that makes them smaller.
+    pub compress_above: usize,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(15),
+            send_timeout: Duration::from_secs(15),
+            max_message_len: wire::MAX_PAYLOAD_LEN,
+            compress_above: 4096,
+        }
+    }
+}
+
+/// A control channel failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// TCP connect failed.
+    #[error("cannot connect the control channel to {addr}")]
+    Connect {
+        /// The peer's address.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Accepting the connection failed.
+    #[error("cannot accept a control channel connection")]
+    Accept(#[source] io::Error),
+    /// Setting socket options failed.
+    #[error("cannot configure the control channel socket")]
+    Configure(#[source] io::Error),
+    /// Connect or greeting took too long.
+    #[error("control channel handshake did not complete within {after:?}")]
+    HandshakeTimeout {
+        /// The handshake timeout.
+        after: Duration,
+    },
+    /// The peer's greeting does not fit.
+    #[error("control channel handshake rejected: {reason}")]
+    Handshake {
+        /// What did not fit.
+        reason: String,
+    },
+    /// No protocol version in common.
+    #[error("control channel cannot agree on a protocol version")]
+    Version(#[source] VersionError),
+    /// The message does not serialize.
+    #[error("cannot encode a control message")]
+    Encode(#[source] postcard::Error),
+    /// The message does not deserialize as the type asked for.
+    #[error("cannot decode a control message as {expected}")]
+    Decode {
+        /// The type asked for.
+        expected: &'static str,
+        /// The postcard error.
+        #[source]
+        source: postcard::Error,
+    },
+    /// A message over the size limit.
+    #[error("control message of {len} bytes exceeds the limit of {max} bytes")]
+    MessageTooLarge {
+        /// Its size.
+        len: usize,
+        /// The limit.
+        max: u32,
+    },
+    /// Writing failed.
+    #[error("cannot send on the control channel")]
+    Send(#[source] io::Error),
+    /// The peer did not take a message in time.
+    #[error("control channel send did not complete within {after:?}; the peer stopped reading")]
+    SendTimeout {
+        /// The send timeout.
+        after: Duration,
+    },
+    /// Reading failed.
+    #[error("cannot receive on the control channel")]
+    Receive(#[source] io::Error),
+    /// A frame failed validation.
+    #[error("bad frame on the control channel")]
+    Frame(#[source] FrameError),
+    /// A payload is malformed.
+    #[error("bad payload on the control channel")]
+    Payload(#[source] PayloadError),
+    /// Nothing arrived for too long.
+    #[error("nothing received on the control channel for {after:?}; the peer or the link is dead")]
+    Idle {
+        /// The idle timeout.
+        after: Duration,
+    },
+    /// The peer closed the connection.
+    #[error("the peer closed the control channel")]
+    PeerClosed,
+    /// The peer gave up and said why.
+    #[error("the peer abandoned the control channel: {reason}")]
+    PeerAbandoned {
+        /// The peer's reason.
+        reason: String,
+    },
+    /// A frame type that does not belong on a control channel.
+    #[error("unexpected {kind:?} frame on the control channel")]
+    Unexpected {
+        /// The frame type.
+        kind: MessageType,
+    },
+}
+
+/// Errors from the codec: the stream's own I/O errors, or bad frames.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// Reading or writing the socket failed.
+    #[error("control channel I/O failed")]
+    Io(#[from] io::Error),
+    /// A frame failed validation.
+    #[error("bad control channel frame")]
+    Frame(#[source] FrameError),
+}
+
+impl From<CodecError> for ControlError {
+    fn from(error: CodecError) -> Self {
+        match error {
+            CodecError::Io(source) => ControlError::Receive(source),
+            CodecError::Frame(source) => ControlError::Frame(source),
+        }
+    }
+}
+
+/// A received frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundFrame {
+    /// Its validated header.
+    pub header: Header,
+    /// Its payload.
+    pub payload: Bytes,
+}
+
+/// A frame to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboundFrame {
+    /// Protocol version to write.
+    pub version: u16,
+    /// Message type.
+    pub kind: MessageType,
+    /// Flag bits.
+    pub flags: u8,
+    /// Payload.
+    pub payload: Bytes,
+}
+
+/// tokio codec for Ferry frames: validates each header before buffering its payload, so a
+/// peer cannot make it buffer more than `max_payload` bytes per frame.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameCodec {
+    max_payload: u32,
+}
+
+impl FrameCodec {
+    /// A codec accepting payloads up to `max_payload` bytes.
+    pub fn new(max_payload: u32) -> Self {
+        Self { max_payload }
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = InboundFrame;
+    type Error = CodecError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<InboundFrame>, CodecError> {
+        if src.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let header = Header::decode(src, self.max_payload).map_err(CodecError::Frame)?;
+        let len = header.frame_len();
+        if src.len() < len {
+            src.reserve(len - src.len());
+            return Ok(None);
+        }
+        let mut frame = src.split_to(len);
+        wire::verify_frame(&header, &frame).map_err(CodecError::Frame)?;
+        frame.advance(HEADER_LEN);
+        Ok(Some(InboundFrame {
+            header,
+            payload: frame.freeze(),
+        }))
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<InboundFrame>, CodecError> {
+        match self.decode(src)? {
+            Some(frame) => Ok(Some(frame)),
+            None if src.is_empty() => Ok(None),
+            None => {
+                let needed =
+                    Header::decode(src, self.max_payload).map_or(HEADER_LEN, |h| h.frame_len());
+                Err(CodecError::Frame(FrameError::Truncated {
+                    needed,
+                    available: src.len(),
+                }))
+            }
+        }
+    }
+}
+
+impl Encoder<OutboundFrame> for FrameCodec {
+    type Error = CodecError;
+
+    fn encode(&mut self, frame: OutboundFrame, dst: &mut BytesMut) -> Result<(), CodecError> {
+        let start = dst.len();
+        dst.put_bytes(0, HEADER_LEN);
+        dst.extend_from_slice(&frame.payload);
+        wire::seal_frame(&mut dst[start..], frame.version, frame.kind, frame.flags)
+            .map_err(CodecError::Frame)
+    }
+}
+
+#[derive(Debug)]
+struct Writer {
+    frames: Mutex<FramedWrite<OwnedWriteHalf, FrameCodec>>,
+    version: u16,
+    config: ControlConfig,
+}
+
+impl Writer {
+    async fn send_frame(
+        &self,
+        kind: MessageType,
+        flags: u8,
+        payload: Bytes,
+    ) -> Result<(), ControlError> {
+        let frame = OutboundFrame {
+            version: self.version,
+            kind,
+            flags,
+            payload,
+        };
+        let mut frames = self.frames.lock().await;
+        match timeout(self.config.send_timeout, frames.send(frame)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(CodecError::Io(source))) => Err(ControlError::Send(source)),
+            Ok(Err(CodecError::Frame(source))) => Err(ControlError::Frame(source)),
+            Err(_) => Err(ControlError::SendTimeout {
+                after: self.config.send_timeout,
+            }),
+        }
+    }
+}
+
+/// The sending half of a control channel; clone it to send from several tasks.
+#[derive(Debug, Clone)]
+pub struct ControlSender {
+    writer: Arc<Writer>,
+}
+
+impl ControlSender {
+    /// Sends one message.
+    pub async fn send<T: Serialize + ?Sized>(&self, message: &T) -> Result<(), ControlError> {
+        let encoded = postcard::to_stdvec(message).map_err(ControlError::Encode)?;
+        let max = self
+            .writer
+            .config
+            .max_message_len
+            .min(wire::MAX_PAYLOAD_LEN);
+        if encoded.len() > max as usize {
+            return Err(ControlError::MessageTooLarge {
+                len: encoded.len(),
+                max,
+            });
+        }
+        let (flags, payload) = if encoded.len() > self.writer.config.compress_above {
+            let packed = lz4_flex::block::compress_prepend_size(&encoded);
+            if packed.len() < encoded.len() {
+                (flags::LZ4, packed)
+            } else {
+                (0, encoded)
+            }
+        } else {
+            (0, encoded)
+        };
+        self.writer
+            .send_frame(MessageType::Control, flags, Bytes::from(payload))
+            .await
+    }
+
+    /// Tells the peer this side gives up and why, then closes the sending direction.
+    pub async fn abandon(&self, reason: &str) -> Result<(), ControlError> {
+        let payload = Bytes::copy_from_slice(wire::encode_reason(reason));
+        self.writer
+            .send_frame(MessageType::Abandon, 0, payload)
+            .await?;
+        self.close().await
+    }
+
+    /// Closes the sending direction; the peer's next receive reports the close.
+    pub async fn close(&self) -> Result<(), ControlError> {
+        let mut frames = self.writer.frames.lock().await;
+        match timeout(self.writer.config.send_timeout, frames.close()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(match error {
+                CodecError::Io(source) => ControlError::Send(source),
+                CodecError::Frame(source) => ControlError::Frame(source),
+            }),
+            Err(_) => Err(ControlError::SendTimeout {
+                after: self.writer.config.send_timeout,
+            }),
+        }
+    }
+}
+
+/// The receiving half of a control channel.
+#[derive(Debug)]
+pub struct ControlReceiver {
+    frames: FramedRead<OwnedReadHalf, FrameCodec>,
+    config: ControlConfig,
+}
+
+impl ControlReceiver {
+    /// Receives the next message as a `T`. Keepalives are consumed silently. Cancel-safe:
+    /// dropping the future loses no message.
+    pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<T, ControlError> {
+        loop {
+            let frame = match timeout(self.config.idle_timeout, self.frames.next()).await {
+                Err(_) => {
+                    return Err(ControlError::Idle {
+                        after: self.config.idle_timeout,
+                    });
+                }
+                Ok(None) => return Err(ControlError::PeerClosed),
+                Ok(Some(frame)) => frame?,
+            };
+            match frame.header.kind {
+                MessageType::Keepalive => {}
+                MessageType::Control => return self.decode(frame),
+                MessageType::Abandon => {
+                    return Err(ControlError::PeerAbandoned {
+                        reason: wire::decode_reason(&frame.payload),
+                    });
+                }
+                kind => return Err(ControlError::Unexpected { kind }),
+            }
+        }
+    }
+
+    fn decode<T: DeserializeOwned>(&self, frame: InboundFrame) -> Result<T, ControlError> {
+        let decode = |bytes: &[u8]| {
+            postcard::from_bytes(bytes).map_err(|source| ControlError::Decode {
+                expected: std::any::type_name::<T>(),
+                source,
+            })
+        };
+        if frame.header.flags & flags::LZ4 == 0 {
+            return decode(&frame.payload);
+        }
+        let max = self.config.max_message_len.min(wire::MAX_PAYLOAD_LEN);
+        let malformed = |reason: String| {
+            ControlError::Payload(PayloadError::Malformed {
+                kind: MessageType::Control,
+                reason,
+            })
+        };
+        let (size, _) = lz4_flex::block::uncompressed_size(&frame.payload)
+            .map_err(|error| malformed(format!("bad lz4 size prefix: {error}")))?;
+        // Checked before decompressing so a forged size cannot trigger a huge allocation.
+        if size > max as usize {
+            return Err(ControlError::MessageTooLarge { len: size, max });
+        }
+        let plain = lz4_flex::block::decompress_size_prepended(&frame.payload)
+            .map_err(|error| malformed(format!("bad lz4 data: {error}")))?;
+        decode(&plain)
+    }
+}
+
+/// A connected, greeted control channel. Use it whole, or [`ControlChannel::into_split`] it
+/// to send and receive from different tasks.
+#[derive(Debug)]
+pub struct ControlChannel {
+    sender: ControlSender,
+    receiver: ControlReceiver,
+    version: u16,
+    peer: SocketAddr,
+    keepalive: KeepaliveTask,
+}
+
+/// Stops the keepalive task when the channel goes away.
+#[derive(Debug)]
+pub struct KeepaliveTask(JoinHandle<()>);
+
+impl Drop for KeepaliveTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl ControlChannel {
+    /// Connects to `addr` and greets the peer.
+    pub async fn connect(addr: SocketAddr, config: ControlConfig) -> Result<Self, ControlError> {
+        let stream = match timeout(config.handshake_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(source)) => return Err(ControlError::Connect { addr, source }),
+            Err(_) => {
+                return Err(ControlError::HandshakeTimeout {
+                    after: config.handshake_timeout,
+                });
+            }
+        };
+        Self::client(stream, config).await
+    }
+
+    /// Accepts one connection on `listener` and answers its greeting.
+    pub async fn accept(
+        listener: &TcpListener,
+        config: ControlConfig,
+    ) -> Result<Self, ControlError> {
+        let (stream, _) = listener.accept().await.map_err(ControlError::Accept)?;
+        Self::server(stream, config).await
+    }
+
+    /// Greets the peer over an already connected stream, as the connecting side.
+    pub async fn client(stream: TcpStream, config: ControlConfig) -> Result<Self, ControlError> {
+        let (mut frames, mut writer, peer) = split(stream, &config)?;
+        let hello = Hello {
+            versions: wire::PROTOCOL_VERSIONS.to_vec(),
+            channel: ChannelKind::Control,
+        };
+        let payload = wire::encode_hello(&hello).map_err(ControlError::Payload)?;
+        let greeting = async {
+            writer
+                .send(greeting_frame(MessageType::Hello, payload))
+                .await
+                .map_err(send_error)?;
+            match frames.next().await {
+                None => Err(ControlError::PeerClosed),
+                Some(Err(error)) => Err(error.into()),
+                Some(Ok(frame)) => match frame.header.kind {
+                    MessageType::Welcome => {
+                        let Welcome { version } =
+                            wire::decode_welcome(&frame.payload).map_err(ControlError::Payload)?;
+                        if wire::PROTOCOL_VERSIONS.contains(&version) {
+                            Ok(version)
+                        } else {
+                            Err(ControlError::Handshake {
+                                reason: format!("peer chose version {version}, never offered"),
+                            })
+                        }
+                    }
+                    MessageType::Abandon => Err(ControlError::PeerAbandoned {
+                        reason: wire::decode_reason(&frame.payload),
+                    }),
+                    kind => Err(ControlError::Unexpected { kind }),
+                },
+            }
+        };
+        let version = match timeout(config.handshake_timeout, greeting).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(ControlError::HandshakeTimeout {
+                    after: config.handshake_timeout,
+                });
+            }
+        };
+        Ok(Self::assemble(frames, writer, version, peer, config))
+    }
+
+    /// Answers the greeting of a peer that connected to us.
+    pub async fn server(stream: TcpStream, config: ControlConfig) -> Result<Self, ControlError> {
+        let (mut frames, mut writer, peer) = split(stream, &config)?;
+        let greeting = async {
+            let frame = match frames.next().await {
+                None => return Err(ControlError::PeerClosed),
+                Some(Err(error)) => return Err(error.into()),
+                Some(Ok(frame)) => frame,
+            };
+            if frame.header.kind != MessageType::Hello {
+                return Err(ControlError::Unexpected {
+                    kind: frame.header.kind,
+                });
+            }
+            let hello = wire::decode_hello(&frame.payload).map_err(ControlError::Payload)?;
+            let refusal = if hello.channel != ChannelKind::Control {
+                Some(ControlError::Handshake {
+                    reason: "this port takes a control channel, not a data stream".into(),
+                })
+            } else {
+                None
+            };
+            let negotiated = wire::negotiate_version(wire::PROTOCOL_VERSIONS, &hello.versions);
+            let error = match (refusal, negotiated) {
+                (None, Ok(version)) => {
+                    let payload = wire::encode_welcome(Welcome { version }).to_vec();
+                    writer
+                        .send(greeting_frame(MessageType::Welcome, payload))
+                        .await
+                        .map_err(send_error)?;
+                    return Ok(version);
+                }
+                (Some(error), _) => error,
+                (None, Err(source)) => ControlError::Version(source),
+            };
+            let reason = crate::report(&error);
+            let _ = writer
+                .send(greeting_frame(
+                    MessageType::Abandon,
+                    wire::encode_reason(&reason).to_vec(),
+                ))
+                .await;
+            Err(error)
+        };
+        let version = match timeout(config.handshake_timeout, greeting).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(ControlError::HandshakeTimeout {
+                    after: config.handshake_timeout,
+                });
+            }
+        };
+        Ok(Self::assemble(frames, writer, version, peer, config))
+    }
+
+    fn assemble(
+        frames: FramedRead<OwnedReadHalf, FrameCodec>,
+        writer: FramedWrite<OwnedWriteHalf, FrameCodec>,
+        version: u16,
+        peer: SocketAddr,
+        config: ControlConfig,
+    ) -> Self {
+        let writer = Arc::new(Writer {
+            frames: Mutex::new(writer),
+            version,
+            config,
+        });
+        let keepalive = KeepaliveTask(tokio::spawn(keep_alive(
+            Arc::downgrade(&writer),
+            config.keepalive_interval,
+        )));
+        Self {
+            sender: ControlSender { writer },
+            receiver: ControlReceiver { frames, config },
+            version,
+            peer,
+            keepalive,
+        }
+    }
+
+    /// The protocol version agreed.
+    pub fn version(&self) -> u16 {
+        self.version
+    }
+
+    /// The peer's address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// Sends one message.
+    pub async fn send<T: Serialize + ?Sized>(&self, message: &T) -> Result<(), ControlError> {
+        self.sender.send(message).await
+    }
+
+    /// Receives the next message as a `T`.
+    pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<T, ControlError> {
+        self.receiver.recv().await
+    }
+
+    /// Tells the peer this side gives up and why, then closes the sending direction.
+    pub async fn abandon(&self, reason: &str) -> Result<(), ControlError> {
+        self.sender.abandon(reason).await
+    }
+
+    /// Closes the sending direction.
+    pub async fn close(&self) -> Result<(), ControlError> {
+        self.sender.close().await
+    }
+
+    /// Separates the halves. Keepalives go on while the returned task guard lives and any
+    /// sender clone exists; keep the guard as long as the channel is in use.
+    pub fn into_split(self) -> (ControlSender, ControlReceiver, KeepaliveTask) {
+        (self.sender, self.receiver, self.keepalive)
+    }
+}
+
+fn greeting_frame(kind: MessageType, payload: Vec<u8>) -> OutboundFrame {
+    OutboundFrame {
+        version: wire::HANDSHAKE_VERSION,
+        kind,
+        flags: 0,
+        payload: Bytes::from(payload),
+    }
+}
+
+fn send_error(error: CodecError) -> ControlError {
+    match error {
+        CodecError::Io(source) => ControlError::Send(source),
+        CodecError::Frame(source) => ControlError::Frame(source),
+    }
+}
+
+type Halves = (
+    FramedRead<OwnedReadHalf, FrameCodec>,
+    FramedWrite<OwnedWriteHalf, FrameCodec>,
+    SocketAddr,
+);
+
+fn split(stream: TcpStream, config: &ControlConfig) -> Result<Halves, ControlError> {
+    stream.set_nodelay(true).map_err(ControlError::Configure)?;
+    let peer = stream.peer_addr().map_err(ControlError::Configure)?;
+    let second = Duration::from_secs(1);
+    let keepalive = TcpKeepalive::new()
+        .with_time(config.idle_timeout.max(second))
+        .with_interval(config.keepalive_interval.max(second))
+        .with_retries(3);
+    let sock = SockRef::from(&stream);
+    sock.set_tcp_keepalive(&keepalive)
+        .map_err(ControlError::Configure)?;
+    sock.set_tcp_user_timeout(Some(config.send_timeout.max(config.idle_timeout)))
+        .map_err(ControlError::Configure)?;
+    let (read, write) = stream.into_split();
+    let codec = FrameCodec::new(config.max_message_len);
+    Ok((
+        FramedRead::new(read, codec),
+        FramedWrite::new(write, codec),
+        peer,
+    ))
+}
+
+/// Sends a keepalive every `interval` while the channel exists. Sending one even when
+/// messages flow is simpler than tracking the last send, and costs 20 bytes per interval.
+async fn keep_alive(writer: Weak<Writer>, interval: Duration) {
+    let mut next = Instant::now() + interval;
+    loop {
+        tokio::time::sleep_until(next).await;
+        next += interval;
+        let Some(writer) = writer.upgrade() else {
+            return;
+        };
+        if writer
+            .send_frame(MessageType::Keepalive, 0, Bytes::new())
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
