@@ -591,6 +591,22 @@ memory = "1G"
     }
 
     #[test]
+    fn shipped_example_configs_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        for file in ["two-hosts.toml", "two-datacenters.toml"] {
+            let cluster = Cluster::load(&dir.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+            assert_eq!(cluster.hosts.len(), 2, "{file}");
+        }
+        let demo = crate::demo::DEMO_CONFIG
+            .replace("{dir}", "/tmp/x")
+            .replace("{alpha_api}", "1")
+            .replace("{alpha_control}", "2")
+            .replace("{beta_api}", "3")
+            .replace("{beta_control}", "4");
+        load(&demo).unwrap();
+    }
+
+    #[test]
     fn unknown_host_and_missing_cpus_are_refused() {
         let cluster = load(GOOD).unwrap();
         let missing = cluster
