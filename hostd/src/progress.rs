@@ -47,10 +47,12 @@ pub fn progress_line(report: &MigrationReport) -> String {
     line
 }
 
-/// Shows progress while a migration runs (a spinner line on a terminal, nothing otherwise).
+/// Shows progress while a migration runs: a live spinner line on a terminal; otherwise one
+/// line per stage or round, so logs show the progression too.
 #[derive(Debug)]
 pub struct ProgressView {
     bar: Option<ProgressBar>,
+    last: std::cell::Cell<(Option<Stage>, u32)>,
 }
 
 impl ProgressView {
@@ -66,13 +68,23 @@ impl ProgressView {
             bar.enable_steady_tick(Duration::from_millis(100));
             bar
         });
-        ProgressView { bar }
+        ProgressView {
+            bar,
+            last: std::cell::Cell::new((None, 0)),
+        }
     }
 
     /// Shows `report`.
     pub fn update(&self, report: &MigrationReport) {
-        if let Some(bar) = &self.bar {
-            bar.set_message(progress_line(report));
+        match &self.bar {
+            Some(bar) => bar.set_message(progress_line(report)),
+            None => {
+                let now = (report.stage, report.round);
+                if now != self.last.get() && !report.is_final() {
+                    self.last.set(now);
+                    eprintln!("  {}", progress_line(report));
+                }
+            }
         }
     }
 
