@@ -661,4 +661,28 @@ fn multiboot_workload_kernel_runs_dirty_above_its_module() {
         u64::from_le_bytes(pde) & !0xfff,
         ferry_runtime::layout::PAGE_TABLE_LOW
     );
+    drop(vm);
+
+    // A module that leaves no room above it for the working set stops the kernel with a
+    // clear report instead of letting the workload overwrite it.
+    let big = dir.path().join("big.bin");
+    content::write_file(&big, Content::Zero, 58 * MIB, 0).unwrap();
+    let boot = Boot::Kernel {
+        image: dir.path().join("workload.elf"),
+        cmdline: String::new(),
+        modules: vec![ModuleFile {
+            path: big,
+            cmdline: "big".into(),
+        }],
+    };
+    let mut vm = Vm::create(&VmConfig::new("mbw-full", 1, memory), &boot, &[]).unwrap();
+    vm.resume().unwrap();
+    let (state, done) = vm
+        .test_device()
+        .wait_until(Duration::from_secs(20), |s| !s.exits.is_empty());
+    assert!(done, "{state:?}");
+    assert_eq!(state.exits.get(&0), Some(&multiboot_workload::EXIT_NO_ROOM));
+    vm.pause().unwrap();
+    let console = String::from_utf8_lossy(&vm.console().history()).to_string();
+    assert!(console.contains("does not fit"), "{console}");
 }

@@ -213,8 +213,7 @@ impl DestinationMigration {
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
-            let sink =
-                memory::fresh_destination(ram).map_err(|e| ferry_transport::report(&e))?;
+            let sink = memory::fresh_destination(ram).map_err(|e| ferry_transport::report(&e))?;
             let bind: SocketAddr = settings
                 .data_addrs
                 .first()
@@ -337,6 +336,7 @@ impl DestinationMigration {
             .networks
             .first()
             .and_then(|net| self.settings.networks.get(net).cloned().flatten());
+        tracing::info!(migration = %id, vm = %name, run, "commit received; taking over the VM");
         let work = async move {
             let info = vm
                 .send(EndMigrateIn::Own { run })
@@ -346,21 +346,25 @@ impl DestinationMigration {
                 Ok(info) => info.state,
                 Err(e) => return Err(format!("resuming the VM: {e}")),
             };
+            tracing::info!(migration = %id, vm = %name, %state, "VM taken over");
             host.do_send(IncomingFinished {
                 id,
                 vm: name,
                 outcome: DestinationOutcome::Owned,
                 state,
             });
+            Ok(())
+        };
+        // Announcing the MAC is not on the guest's critical path: after the confirmation.
+        let announce = move || {
             if let Some(interface) = interface {
                 let frames = announce::frames(mac, ip);
                 if let Err(e) = announce::send(&interface, &frames) {
                     tracing::warn!(error = %e, "announcing the VM's MAC address failed");
                 }
             }
-            Ok(())
         };
-        ctx.wait(work.into_actor(self).map(|result, act, ctx| {
+        ctx.wait(work.into_actor(self).map(move |result, act, ctx| {
             match result {
                 Ok(()) => {
                     act.report.stage = Some(Stage::Completed);
@@ -382,6 +386,7 @@ impl DestinationMigration {
                                 tracing::warn!(migration = %id, error = %ferry_transport::report(&e), "confirming the switch-over failed; the source will ask");
                             }
                             let _ = control.close().await;
+                            announce();
                         });
                     }
                 }

@@ -10,13 +10,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use ferry_runtime::DirtySet;
 use ferry_transport::control::{
     ControlChannel, ControlConfig, ControlError, ControlSender, KeepaliveTask,
 };
 use ferry_transport::data::{DataSender, SendError, SenderConfig, SessionId};
 use ferry_transport::memory::GuestRegions;
 use ferry_transport::negotiate::{Capabilities, Plan, Transport, choose};
-use ferry_runtime::DirtySet;
 use ferry_transport::stats::{StatsHandle, TransferStats};
 use ferry_transport::workers::WorkerPlacement;
 
@@ -732,6 +732,7 @@ impl StreamHandler<Result<ToSource, ControlError>> for SourceMigration {
                     return self.fail(ctx, Stage::Cancelled, "cancelled by the operator".into());
                 }
                 // Point of no return: from here the destination may run the VM.
+                tracing::info!(migration = %self.id, "destination ready; committing the switch-over");
                 self.commit_sent = true;
                 self.send(ctx, ToDestination::Commit);
             }

@@ -27,8 +27,10 @@
 //!
 //! The working set never overlaps a module: its start is the later of the requested start
 //! and the first 2 MiB boundary after the kernel image and every module the multiboot
-//! information lists. If it then runs past the end of RAM the kernel prints why on the
-//! serial port and exits with [`EXIT_NO_ROOM`] through the test device.
+//! information lists. If it then runs past the end of RAM (the loader's memory information,
+//! or the memory size the kernel was built for if that is smaller: the page tables map no
+//! further) the kernel prints why on the serial port and exits with [`EXIT_NO_ROOM`] through
+//! the test device.
 //!
 //! **TSC frequency.** The pacing of `counter` ticks and `dirty` page writes is counted in
 //! TSC cycles. The frequency is baked in at build time (the `default_tsc_khz` argument of
@@ -95,7 +97,10 @@ const VARS: u64 = KERNEL_LOAD_ADDR + VARS_OFFSET;
 // Variables the 32-bit code fills from the multiboot information for the 64-bit code.
 const VAR_TSC_KHZ: u64 = VARS;
 const VAR_MODULES_END: u64 = VARS + 0x08;
-const VAR_RAM_END: u64 = VARS + 0x10;
+/// End of low RAM according to the loader; all ones when it gave no memory information.
+const VAR_LOADER_RAM_END: u64 = VARS + 0x10;
+/// End of low RAM the kernel was built for: its page tables map no further.
+const VAR_BUILT_RAM_END: u64 = VARS + 0x18;
 // Descriptor-table registers (limit, then a 64-bit base: 32-bit `lgdt` reads the first six
 // bytes, 64-bit `lgdt` all ten).
 const VAR_GDTR: u64 = VARS + 0x20;
@@ -183,8 +188,9 @@ fn tsc_scaled_fields(guest: &TestGuest, vcpus: u32) -> Vec<TscScaled> {
 /// Builds the kernel for `guest` on a VM with `memory` bytes of RAM, pacing with
 /// `default_tsc_khz` unless the command line says `tsc_khz=N`.
 ///
-/// For `dirty`, a `start` of `None` means the first 2 MiB boundary after the kernel image;
-/// either way the kernel moves the working set above any module at boot.
+/// For `dirty`, a `start` of `None`, or one below the end of the kernel image, means the
+/// first 2 MiB boundary after the image; at boot the kernel moves the working set further up,
+/// past every module, if a module is in the way.
 pub fn build(
     guest: &TestGuest,
     memory: u64,
@@ -238,7 +244,7 @@ pub fn build(
     let mut copies = Vec::with_capacity(runs.len());
     let mut image = vec![0u8; COPIES_OFFSET as usize];
     for run in &runs {
-        copies.push(Copy {
+        copies.push(BootCopy {
             to: run.gpa,
             from: KERNEL_LOAD_ADDR + image.len() as u64,
             dwords: run.bytes.len() as u64 / 4,
@@ -254,6 +260,7 @@ pub fn build(
     let mut vars = Vec::new();
     vars.extend_from_slice(&default_tsc_khz.to_le_bytes());
     vars.extend_from_slice(&image_end.to_le_bytes());
+    vars.extend_from_slice(&u64::MAX.to_le_bytes());
     vars.extend_from_slice(&memory.min(layout::LOW_MEMORY_END).to_le_bytes());
     vars.resize((VAR_GDTR - VARS) as usize, 0);
     vars.extend_from_slice(&GDT_LIMIT.to_le_bytes());
@@ -295,7 +302,7 @@ fn place(
 
 /// One `rep movsd` the kernel does at boot.
 #[derive(Clone, Copy, Debug)]
-struct Copy {
+struct BootCopy {
     to: u64,
     from: u64,
     dwords: u64,
@@ -344,7 +351,7 @@ fn page_runs(pieces: &[TableImage]) -> Vec<TableImage> {
 /// The multiboot entry: 32-bit protected mode, CPL 0, paging off, EAX = boot magic, EBX =
 /// multiboot information. Reads what it needs from the information (it lives in memory the
 /// copies overwrite under QEMU), copies the pre-built pages into place and enters long mode.
-fn assemble_entry32(copies: &[Copy], entry64: u64) -> Result<(Vec<u8>, u64), IcedError> {
+fn assemble_entry32(copies: &[BootCopy], entry64: u64) -> Result<(Vec<u8>, u64), IcedError> {
     let mut a = CodeAssembler::new(32)?;
     let mut entry = a.create_label();
     let mut bad_magic = a.create_label();
@@ -378,8 +385,8 @@ fn assemble_entry32(copies: &[Copy], entry64: u64) -> Result<(Vec<u8>, u64), Ice
     a.mov(edx, eax)?;
     a.shl(eax, 10)?;
     a.shr(edx, 22)?;
-    a.mov(dword_ptr(VAR_RAM_END), eax)?;
-    a.mov(dword_ptr(VAR_RAM_END + 4), edx)?;
+    a.mov(dword_ptr(VAR_LOADER_RAM_END), eax)?;
+    a.mov(dword_ptr(VAR_LOADER_RAM_END + 4), edx)?;
     a.set_label(&mut no_memory_info)?;
 
     // Highest module end (the variable starts at the image end).
@@ -547,7 +554,12 @@ fn assemble_entry64(
         a.mov(rax, param(offsets::WS_PAGES))?;
         a.shl(rax, 12)?;
         a.add(rax, param(offsets::WS_START))?;
-        a.cmp(rax, qword_ptr(VAR_RAM_END))?;
+        // The smaller of the loader's RAM end and the one the page tables were built for.
+        a.mov(rcx, qword_ptr(VAR_BUILT_RAM_END))?;
+        a.mov(rdx, qword_ptr(VAR_LOADER_RAM_END))?;
+        a.cmp(rdx, rcx)?;
+        a.cmovb(rcx, rdx)?;
+        a.cmp(rax, rcx)?;
         a.ja(no_room)?;
     }
 
@@ -645,9 +657,11 @@ impl Banner {
 
 /// Finds the kernel's banner line in serial console output.
 pub fn parse_banner(console: &str) -> Option<Banner> {
+    // Firmware output may precede it on the same line (SeaBIOS ends with "Booting from
+    // ROM.." and no newline).
     let line = console
         .lines()
-        .find_map(|line| line.trim_end().strip_prefix(BANNER_PREFIX))?;
+        .find_map(|line| line.split_once(BANNER_PREFIX).map(|(_, rest)| rest))?;
     let mut banner = Banner {
         guest: String::new(),
         ws_start: None,
@@ -811,7 +825,10 @@ mod tests {
         assert_eq!(banner.ws_pages, Some(16384));
         assert_eq!(banner.tsc_khz, 2_445_434);
         assert_eq!(banner.progress_address(), 541_065_216);
-        let counter = parse_banner("ferry multiboot workload: guest=counter tsc_khz=5\n").unwrap();
+        let counter = parse_banner(
+            "SeaBIOS\r\nBooting from ROM..ferry multiboot workload: guest=counter tsc_khz=5\n",
+        )
+        .unwrap();
         assert_eq!(counter.progress_address(), layout::GUEST_STATE);
         assert!(parse_banner("ferry multiboot workload: guest=dirty tsc_khz=x").is_none());
         assert!(parse_banner("nothing here").is_none());

@@ -1,0 +1,352 @@
+//! Whole live migrations, Ferry and QEMU side by side in one run.
+//!
+//! The VM: 1 GiB of RAM with 512 MiB of mixed content (40% zero, 30% text, 20% random, 10%
+//! sparse pages) preloaded, running (a) the idle `counter` guest (10 ticks/s) or (b) the
+//! `dirty` guest rewriting a 64 MiB working set at 20,000 pages/s (78 MiB/s).
+//!
+//! - Ferry: two hostd (each a full daemon: HTTP API, control listener, data streams on
+//!   loopback; run as threads of this process), driven through the API like `ferryctl`.
+//! - QEMU 7.2: the same guest as a multiboot kernel with the content as its module, migrated
+//!   over loopback with QMP, with its default settings and with its best ones (no bandwidth
+//!   cap, multifd). See `ferry_benches::qemu`.
+//!
+//! Run: `cargo bench -p ferry-benches --bench migration`
+//!
+//! - `FERRY_BENCH_RUNS`: migrations per case (default 3); the table shows medians.
+//! - `FERRY_BENCH_QEMU`: the QEMU binary (default `qemu-system-x86_64`); `FERRY_BENCH_NO_QEMU=1`
+//!   skips QEMU.
+//! - `FERRY_BENCH_QEMU_CHANNELS`: multifd channels of QEMU's best preset (default 2).
+
+use std::error::Error;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use ferry_actors::migration::MigrationReport;
+use ferry_benches::qemu::{self, Preset, QemuMigrationReport, QemuSpec};
+use ferry_benches::{Table, median};
+use ferry_runtime::content::{self, Content};
+use ferry_runtime::guest::multiboot_workload;
+use ferry_runtime::layout::MIN_MEMORY;
+use ferry_runtime::{Boot, GuestOptions, TestGuest, Vm, VmConfig};
+use hostd::api_types::{CreateVmRequest, MigrateRequest};
+use hostd::client::Client;
+use hostd::config::Cluster;
+
+const MIB: u64 = 1 << 20;
+const MEMORY: u64 = 1 << 30;
+const CONTENT_BYTES: u64 = 512 * MIB;
+const CONTENT_SEED: u64 = 0x00c0_ffee;
+/// Where Ferry preloads the content; the dirty working set goes above it, as in the QEMU
+/// guest, which places its working set above its module.
+const CONTENT_AT: u64 = 4 * MIB;
+const IDLE_TICKS_PER_SEC: u32 = 10;
+const DIRTY_WORKING_SET: u64 = 64 * MIB;
+const DIRTY_PAGES_PER_SEC: u64 = 20_000;
+
+fn env_number(name: &str, default: u64) -> Result<u64, String> {
+    match std::env::var(name) {
+        Err(_) => Ok(default),
+        Ok(text) => text
+            .parse()
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| format!("{name}={text:?} is not a positive number")),
+    }
+}
+
+fn free_port() -> Result<u16, std::io::Error> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Starts two hostd (alpha, beta) in threads of this process; returns an API client.
+fn start_ferry_cluster(dir: &Path) -> Result<Client, Box<dyn Error>> {
+    let text = format!(
+        r#"
+[cluster]
+name = "bench"
+[[networks]]
+name = "vmnet"
+[[hosts]]
+name = "alpha"
+api = "127.0.0.1:{}"
+control = "127.0.0.1:{}"
+data = ["127.0.0.1:0"]
+memory = "4G"
+networks = [{{ name = "vmnet" }}]
+state_dir = "{dir}/alpha"
+[[hosts]]
+name = "beta"
+api = "127.0.0.1:{}"
+control = "127.0.0.1:{}"
+data = ["127.0.0.1:0"]
+memory = "4G"
+networks = [{{ name = "vmnet" }}]
+state_dir = "{dir}/beta"
+"#,
+        free_port()?,
+        free_port()?,
+        free_port()?,
+        free_port()?,
+        dir = dir.display()
+    );
+    let path = dir.join("cluster.toml");
+    std::fs::write(&path, text)?;
+    let cluster = Cluster::load(&path)?;
+    for host in ["alpha", "beta"] {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = hostd::daemon::run(&path, host) {
+                eprintln!("migration bench: hostd {host}: {e:#}");
+            }
+        });
+    }
+    let client = Client::new(cluster);
+    for host in ["alpha", "beta"] {
+        let mut tries = 0;
+        while client.host_info(host).is_err() {
+            tries += 1;
+            if tries > 400 {
+                return Err(format!("hostd {host} did not start").into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(client)
+}
+
+/// Creates the VM on alpha and migrates it `runs` times, alternating direction.
+fn ferry_runs(
+    client: &Client,
+    content: &Path,
+    guest: &TestGuest,
+    runs: u64,
+) -> Result<Vec<MigrationReport>, Box<dyn Error>> {
+    let name = format!("bench-{}", guest.name());
+    let mut options = GuestOptions::default();
+    let mut working_set = None;
+    match guest {
+        TestGuest::Counter { ticks_per_sec } => options.ticks_per_sec = Some(*ticks_per_sec),
+        TestGuest::Dirty {
+            working_set: size,
+            pages_per_sec,
+            ..
+        } => {
+            options.rate = *pages_per_sec;
+            options.working_set_start = Some(CONTENT_AT + CONTENT_BYTES);
+            working_set = Some(format!("{}M", size / MIB));
+        }
+        TestGuest::Verify { .. } => return Err("verify is not a benchmark workload".into()),
+    }
+    let request = CreateVmRequest {
+        name: name.clone(),
+        guest: guest.name().into(),
+        vcpus: 1,
+        memory: Some(format!("{}M", MEMORY / MIB)),
+        options,
+        working_set,
+        preloads: vec![format!("{}@{CONTENT_AT:#x}", content.display())],
+        start: true,
+        ..Default::default()
+    };
+    client.create_vm("alpha", &request)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let mut reports = Vec::new();
+    for run in 0..runs {
+        let to = if run % 2 == 0 { "beta" } else { "alpha" };
+        eprintln!(
+            "migration bench: Ferry, {}, run {}/{runs}",
+            guest.name(),
+            run + 1
+        );
+        let request = MigrateRequest {
+            to: to.into(),
+            ..Default::default()
+        };
+        let (source, started) = client.migrate(&name, &request)?;
+        let report = client.wait_migration(&source, &started.id, |_| {})?;
+        if report.status != "completed" {
+            return Err(format!(
+                "Ferry migration ended {}: {:?}",
+                report.status, report.error
+            )
+            .into());
+        }
+        reports.push(report);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    client.operate(&name, "stop")?;
+    Ok(reports)
+}
+
+fn median_by<T>(items: &[T], field: impl Fn(&T) -> f64) -> f64 {
+    median(&items.iter().map(field).collect::<Vec<_>>())
+}
+
+fn run() -> Result<(), Box<dyn Error>> {
+    let runs = env_number("FERRY_BENCH_RUNS", 3)?;
+    let with_qemu = std::env::var_os("FERRY_BENCH_NO_QEMU").is_none();
+    let qemu_binary = PathBuf::from(
+        std::env::var_os("FERRY_BENCH_QEMU").unwrap_or_else(|| qemu::DEFAULT_QEMU.into()),
+    );
+    let version = if with_qemu {
+        qemu::qemu_version(&qemu_binary)?
+    } else {
+        "QEMU skipped".into()
+    };
+    let channels = env_number("FERRY_BENCH_QEMU_CHANNELS", qemu::BEST_MULTIFD_CHANNELS)?;
+
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-migration-bench")
+        .tempdir()?;
+    let module = dir.path().join("content.bin");
+    content::write_file(&module, Content::Mixed, CONTENT_BYTES, CONTENT_SEED)?;
+    // The guest TSC runs at the host's rate in QEMU as in Ferry (no TSC scaling here), so
+    // any Ferry VM tells the QEMU kernel what to pace with.
+    let probe = Vm::create(
+        &VmConfig::new("tsc-probe", 1, MIN_MEMORY),
+        &Boot::Guest(TestGuest::Counter { ticks_per_sec: 1 }),
+        &[],
+    )?;
+    let tsc_khz = u64::from(probe.tsc_khz());
+    drop(probe);
+
+    let workloads = [
+        (
+            format!("idle (counter, {IDLE_TICKS_PER_SEC} ticks/s)"),
+            TestGuest::Counter {
+                ticks_per_sec: IDLE_TICKS_PER_SEC,
+            },
+        ),
+        (
+            format!(
+                "dirty {} MiB at {DIRTY_PAGES_PER_SEC} pages/s",
+                DIRTY_WORKING_SET / MIB
+            ),
+            TestGuest::Dirty {
+                start: None,
+                working_set: DIRTY_WORKING_SET,
+                pages_per_sec: Some(DIRTY_PAGES_PER_SEC),
+                passes: 0,
+            },
+        ),
+    ];
+    let presets = [
+        Preset::Defaults,
+        Preset::Best {
+            multifd_channels: channels,
+        },
+    ];
+
+    let mut table = Table::new([
+        "guest",
+        "system, settings",
+        "total ms",
+        "total min-max",
+        "downtime ms",
+        "wire MiB",
+        "rounds",
+    ]);
+    let client = start_ferry_cluster(dir.path())?;
+    for (label, guest) in &workloads {
+        let reports = ferry_runs(&client, &module, guest, runs)?;
+        let totals: Vec<f64> = reports.iter().map(|r| r.total_ms).collect();
+        table.row([
+            label.clone(),
+            "Ferry (tcp, 2 streams, 300 ms target)".into(),
+            format!("{:.0}", median(&totals)),
+            format!(
+                "{:.0}-{:.0}",
+                totals.iter().copied().fold(f64::INFINITY, f64::min),
+                totals.iter().copied().fold(0.0, f64::max)
+            ),
+            format!(
+                "{:.1}",
+                median_by(&reports, |r| r.downtime_ms.unwrap_or(f64::NAN))
+            ),
+            format!(
+                "{:.1}",
+                median_by(&reports, |r| r.wire_bytes as f64) / MIB as f64
+            ),
+            format!("{:.0}", median_by(&reports, |r| r.rounds.len() as f64)),
+        ]);
+        if !with_qemu {
+            continue;
+        }
+        let kernel = multiboot_workload::build(guest, MEMORY, tsc_khz)?;
+        let kernel_path = dir.path().join(format!("{}.elf", guest.name()));
+        std::fs::write(&kernel_path, &kernel.elf)?;
+        let mut spec = QemuSpec::new(
+            &kernel_path,
+            &module,
+            &format!("tsc_khz={tsc_khz}"),
+            &dir.path().join("qemu"),
+        );
+        spec.qemu = qemu_binary.clone();
+        spec.memory_mib = MEMORY / MIB;
+        for preset in presets {
+            let mut reports: Vec<QemuMigrationReport> = Vec::new();
+            for run in 1..=runs {
+                eprintln!(
+                    "migration bench: QEMU, {label}, {}, run {run}/{runs}",
+                    preset.describe()
+                );
+                reports.push(qemu::migrate(&spec, preset)?);
+            }
+            let totals = reports.iter().map(|r| r.total_ms);
+            table.row([
+                label.clone(),
+                format!("QEMU 7.2 ({})", preset.describe()),
+                format!("{:.0}", median_by(&reports, |r| r.total_ms as f64)),
+                format!(
+                    "{}-{}",
+                    totals.clone().min().unwrap_or(0),
+                    totals.max().unwrap_or(0)
+                ),
+                format!("{:.1}", median_by(&reports, |r| r.downtime_ms as f64)),
+                format!(
+                    "{:.1}",
+                    median_by(&reports, |r| r.transferred_bytes as f64) / MIB as f64
+                ),
+                format!("{:.0}", median_by(&reports, |r| r.dirty_sync_count as f64)),
+            ]);
+        }
+    }
+
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "Live migration over loopback of a VM with {} MiB RAM, 1 vCPU, {} MiB mixed content\n\
+         Ferry vs {version} (-accel kvm -cpu qemu64,-pni); {runs} run(s) per case, medians; \
+         load average at the end: {}\n\
+         total: Ferry from the migrate request until the destination confirmed the VM runs; \
+         QEMU its total-time. downtime: Ferry from the pause on the source until the \
+         destination confirmed it runs; QEMU its own downtime figure (source-side). \
+         wire: Ferry memory bytes on the wire; QEMU ram.transferred. rounds: Ferry pre-copy \
+         rounds; QEMU dirty-sync-count (passes + final sync).\n{}",
+        MEMORY / MIB,
+        CONTENT_BYTES / MIB,
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+        table.render()
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("migration bench: {error}");
+            let mut cause = error.source();
+            while let Some(inner) = cause {
+                eprintln!("  caused by: {inner}");
+                cause = inner.source();
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
