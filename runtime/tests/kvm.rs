@@ -634,11 +634,12 @@ fn multiboot_workload_kernel_runs_dirty_above_its_module() {
     assert!(state.exits.is_empty(), "{state:?}");
     assert_eq!(state.failure_count, 0);
     // Pacing only ever falls behind (the guest drops its schedule after a stall rather than
-    // bursting), so a busy host lowers the rate; running faster than asked would mean the
-    // baked-in 1 GHz was used instead of the command line's frequency (2.4x here).
+    // bursting), so a busy host lowers the rate — by how much depends on the load, so only
+    // the upper bound is checked: running faster than asked would mean the baked-in 1 GHz
+    // was used instead of the command line's frequency (2.4x here).
     let expected = pages_per_sec as f64;
     assert!(
-        (0.25 * expected..1.3 * expected).contains(&rate),
+        rate > 0.0 && rate < 1.3 * expected,
         "paced at {rate:.0} pages/s, asked for {expected}"
     );
 
