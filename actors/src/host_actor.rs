@@ -456,17 +456,23 @@ impl Handler<OperateVm> for HostActor {
     }
 }
 
-/// Console history and live feed of a VM.
+/// Console output of a VM from an absolute offset, with a live feed.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<(Vec<u8>, Receiver<Vec<u8>>), HostError>")]
-pub struct ConsoleOf(pub String);
+#[rtype(result = "Result<(u64, Vec<u8>, Receiver<Vec<u8>>), HostError>")]
+pub struct ConsoleOf {
+    /// VM name.
+    pub name: String,
+    /// Absolute byte offset to start from.
+    pub offset: u64,
+}
 
 impl Handler<ConsoleOf> for HostActor {
-    type Result = ResponseFuture<Result<(Vec<u8>, Receiver<Vec<u8>>), HostError>>;
+    type Result = ResponseFuture<Result<(u64, Vec<u8>, Receiver<Vec<u8>>), HostError>>;
 
-    fn handle(&mut self, ConsoleOf(name): ConsoleOf, _: &mut Self::Context) -> Self::Result {
-        let addr = self.vm_addr(&name);
-        Box::pin(async move { Ok(addr?.send(FollowConsole).await??) })
+    fn handle(&mut self, msg: ConsoleOf, _: &mut Self::Context) -> Self::Result {
+        let addr = self.vm_addr(&msg.name);
+        let offset = msg.offset;
+        Box::pin(async move { Ok(addr?.send(FollowConsole { offset }).await??) })
     }
 }
 

@@ -255,16 +255,19 @@ impl Handler<Operate> for VmActor {
     }
 }
 
-/// Console history and a live feed.
+/// Console output from an absolute offset, the offset it starts at, and a live feed.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<(Vec<u8>, Receiver<Vec<u8>>), VmActorError>")]
-pub struct FollowConsole;
+#[rtype(result = "Result<(u64, Vec<u8>, Receiver<Vec<u8>>), VmActorError>")]
+pub struct FollowConsole {
+    /// Absolute byte offset to start from (0: all retained history).
+    pub offset: u64,
+}
 
 impl Handler<FollowConsole> for VmActor {
-    type Result = Result<(Vec<u8>, Receiver<Vec<u8>>), VmActorError>;
+    type Result = Result<(u64, Vec<u8>, Receiver<Vec<u8>>), VmActorError>;
 
-    fn handle(&mut self, _: FollowConsole, _: &mut Self::Context) -> Self::Result {
-        Ok(self.vm()?.console().follow())
+    fn handle(&mut self, msg: FollowConsole, _: &mut Self::Context) -> Self::Result {
+        Ok(self.vm()?.console().follow_from(msg.offset))
     }
 }
 
@@ -383,6 +386,8 @@ pub struct CapturedState {
     pub blob: Vec<u8>,
     /// Console history.
     pub console: Vec<u8>,
+    /// Bytes the console has received in the VM's life.
+    pub console_total: u64,
     /// Memory hash, if asked.
     pub memory_hash: Option<u128>,
 }
@@ -405,6 +410,7 @@ impl Handler<CaptureState> for VmActor {
         Ok(CapturedState {
             blob,
             console: vm.console().history(),
+            console_total: vm.console().total_bytes(),
             memory_hash: msg.hash_memory.then(|| vm.ram().hash()),
         })
     }
@@ -480,6 +486,8 @@ pub struct LoadIncomingState {
     pub blob: Vec<u8>,
     /// Console history to seed.
     pub console: Vec<u8>,
+    /// Console bytes in the VM's life so far.
+    pub console_total: u64,
     /// Source memory hash to compare with.
     pub memory_hash: Option<u128>,
 }
@@ -511,7 +519,7 @@ impl Handler<LoadIncomingState> for VmActor {
             None => None,
         };
         vm.restore_state(&state)?;
-        vm.console().seed_history(&msg.console);
+        vm.console().seed_history(&msg.console, msg.console_total);
         Ok(verified)
     }
 }

@@ -103,12 +103,27 @@ async fn operate_vm(host: Host, path: Path<(String, String)>) -> ApiResult {
 struct ConsoleQuery {
     #[serde(default)]
     follow: bool,
+    /// Absolute byte offset to start from; the response says where it starts in the
+    /// `x-console-offset` header.
+    #[serde(default)]
+    offset: u64,
 }
 
+/// Response header: absolute offset of the first byte of a console response.
+pub const CONSOLE_OFFSET_HEADER: &str = "x-console-offset";
+
 async fn console(host: Host, name: Path<String>, query: Query<ConsoleQuery>) -> ApiResult {
-    let (history, feed) = host.send(ConsoleOf(name.into_inner())).await??;
+    let (start, history, feed) = host
+        .send(ConsoleOf {
+            name: name.into_inner(),
+            offset: query.offset,
+        })
+        .await??;
     if !query.follow {
-        return Ok(HttpResponse::Ok().content_type("text/plain").body(history));
+        return Ok(HttpResponse::Ok()
+            .content_type("text/plain")
+            .insert_header((CONSOLE_OFFSET_HEADER, start.to_string()))
+            .body(history));
     }
     // The console feed is a blocking channel; a thread bridges it to the async response and
     // ends when the VM goes away or the client disconnects.

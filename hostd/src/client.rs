@@ -295,31 +295,56 @@ impl Client {
             })
     }
 
-    /// Copies the console of `name` to `out` as it is written, until the VM stops or moves.
+    /// Copies the console of `name` to `out` as it is written, following the VM when it
+    /// migrates, until it stops or disappears.
     pub fn follow_console(&self, name: &str, out: &mut dyn Write) -> Result<(), ClientError> {
-        let (host, _) = self.find_vm(name)?;
-        let url = Self::url(&host, &format!("/v1/vms/{name}/console?follow=true"));
-        let mut response =
-            self.streaming
-                .get(url)
-                .send()
-                .map_err(|source| ClientError::Unreachable {
-                    host: host.name.clone(),
-                    addr: host.api.to_string(),
-                    source,
-                })?;
-        if !response.status().is_success() {
-            return Self::answer(&host, Ok(response));
-        }
-        let mut buf = [0u8; 4096];
+        let mut offset = 0u64;
+        let mut first = true;
         loop {
-            match std::io::Read::read(&mut response, &mut buf) {
-                Ok(0) | Err(_) => return Ok(()),
-                Ok(n) => {
-                    let _ = out.write_all(&buf[..n]);
-                    let _ = out.flush();
+            let (host, info) = match self.find_vm(name) {
+                Ok(found) => found,
+                Err(e) if !first && e.is_not_found() => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            if info.state == Lifecycle::Stopped {
+                return Ok(());
+            }
+            first = false;
+            let url = Self::url(
+                &host,
+                &format!("/v1/vms/{name}/console?follow=true&offset={offset}"),
+            );
+            let mut response =
+                self.streaming
+                    .get(url)
+                    .send()
+                    .map_err(|source| ClientError::Unreachable {
+                        host: host.name.clone(),
+                        addr: host.api.to_string(),
+                        source,
+                    })?;
+            if !response.status().is_success() {
+                return Self::answer(&host, Ok(response));
+            }
+            offset = response
+                .headers()
+                .get(crate::api::CONSOLE_OFFSET_HEADER)
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .unwrap_or(offset);
+            let mut buf = [0u8; 4096];
+            loop {
+                match std::io::Read::read(&mut response, &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let _ = out.write_all(&buf[..n]);
+                        let _ = out.flush();
+                        offset += n as u64;
+                    }
                 }
             }
+            // The stream ends when the VM leaves that host: look for it again (it may have
+            // migrated) after the switch-over has had time to finish.
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 }

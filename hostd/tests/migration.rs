@@ -48,6 +48,8 @@ fn counter_migrates_there_and_back_without_gap_or_repeat() {
     cluster.wait_for("ticks", Duration::from_secs(10), |c| {
         c.ticks("c1").len() >= 20
     });
+    // An operator following the console keeps following across both migrations.
+    let mut follower = cluster.ferryctl_spawn(&["vm", "console", "c1"]);
 
     let there = migrate(&cluster, "c1", "beta", &[]);
     for key in [
@@ -96,6 +98,20 @@ fn counter_migrates_there_and_back_without_gap_or_repeat() {
 
     let ticks = cluster.ticks("c1");
     assert_consecutive_from_one(&ticks);
+    follower.kill().unwrap();
+    let mut followed = String::new();
+    std::io::Read::read_to_string(follower.stdout.as_mut().unwrap(), &mut followed).unwrap();
+    let followed: Vec<u64> = followed
+        .lines()
+        .filter_map(|l| l.strip_prefix("tick ")?.trim().parse().ok())
+        .collect();
+    assert_consecutive_from_one(&followed);
+    assert!(
+        followed.len() >= ticks.len() - 5,
+        "the follower kept up across migrations: {} of {}",
+        followed.len(),
+        ticks.len()
+    );
     let now = cluster.vm("c1").expect("VM exists");
     assert_eq!(now["host"], "alpha");
     assert_eq!(now["state"], "running");

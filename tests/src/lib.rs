@@ -487,6 +487,20 @@ impl TestCluster {
         }
     }
 
+    /// Starts `ferryctl --config CONFIG ARGS` in the background with its output piped.
+    pub fn ferryctl_spawn(&self, args: &[&str]) -> Child {
+        let ns = self.hosts.first().and_then(|h| h.netns.clone());
+        self.command_in(ns.as_deref(), &self.ferryctl)
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn ferryctl")
+    }
+
     /// Runs ferryctl and requires success.
     pub fn ferryctl_ok(&self, args: &[&str]) -> CliResult {
         let result = self.ferryctl(args);

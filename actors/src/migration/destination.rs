@@ -259,7 +259,7 @@ impl DestinationMigration {
         &mut self,
         ctx: &mut Context<Self>,
         blob: Vec<u8>,
-        console: Vec<u8>,
+        (console, console_total): (Vec<u8>, u64),
         memory_hash: Option<[u8; 16]>,
     ) {
         self.stage(Stage::SwitchOver);
@@ -283,6 +283,7 @@ impl DestinationMigration {
                 .send(LoadIncomingState {
                     blob,
                     console,
+                    console_total,
                     memory_hash: memory_hash.map(u128::from_le_bytes),
                 })
                 .await
@@ -482,6 +483,7 @@ impl StreamHandler<Result<ToDestination, ControlError>> for DestinationMigration
             ToDestination::State {
                 blob,
                 console,
+                console_total,
                 memory_hash,
                 was_running,
             } => {
@@ -493,7 +495,7 @@ impl StreamHandler<Result<ToDestination, ControlError>> for DestinationMigration
                 self.report.state_bytes = blob.len() as u64;
                 self.hello.verify = memory_hash.is_some();
                 self.run_after_commit = was_running;
-                self.load_state(ctx, blob, console, memory_hash);
+                self.load_state(ctx, blob, (console, console_total), memory_hash);
             }
             ToDestination::Commit => {
                 let run = self.run_after_commit;

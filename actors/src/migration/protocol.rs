@@ -67,6 +67,8 @@ pub enum ToDestination {
         blob: Vec<u8>,
         /// Recent console output, so the destination's console shows the whole story.
         console: Vec<u8>,
+        /// Console bytes in the VM's life so far (followers keep their place).
+        console_total: u64,
         /// xxh3-128 of guest memory at the pause, with `--verify`.
         memory_hash: Option<[u8; 16]>,
         /// Whether the VM was running (resume it) or paused (keep it paused).

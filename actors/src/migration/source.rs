@@ -494,6 +494,7 @@ impl SourceMigration {
                     ToDestination::State {
                         blob: captured.blob,
                         console: captured.console,
+                        console_total: captured.console_total,
                         memory_hash: captured.memory_hash.map(u128::to_le_bytes),
                         was_running,
                     },

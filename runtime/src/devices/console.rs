@@ -84,21 +84,41 @@ impl Console {
 
     /// The retained recent output and a receiver for everything after it.
     pub fn follow(&self) -> (Vec<u8>, Receiver<Vec<u8>>) {
-        let mut inner = self.lock();
-        let (tx, rx) = channel();
-        inner.followers.push(tx);
-        let mut history: Vec<u8> = inner.history.iter().copied().collect();
-        // Output still pending will arrive through the channel; don't show it twice.
-        history.truncate(history.len() - inner.pending.len().min(history.len()));
+        let (_, history, rx) = self.follow_from(0);
         (history, rx)
     }
 
-    /// Replaces the retained history with `bytes` (output a migrated VM produced on its
-    /// previous host), so `history` and late followers see the whole story.
-    pub fn seed_history(&self, bytes: &[u8]) {
+    /// Output from absolute byte `offset` on (as far as it is retained) and a receiver for
+    /// everything after it; also returns the offset the returned bytes start at. A follower
+    /// that reconnects (e.g. after the VM moved to another host) passes how far it got.
+    pub fn follow_from(&self, offset: u64) -> (u64, Vec<u8>, Receiver<Vec<u8>>) {
+        let mut inner = self.lock();
+        let (tx, rx) = channel();
+        inner.followers.push(tx);
+        // Output still pending will arrive through the channel; don't show it twice.
+        let delivered = inner.history.len() - inner.pending.len().min(inner.history.len());
+        let end = inner.total - inner.pending.len() as u64;
+        let retained_from = end - delivered as u64;
+        let start = offset.clamp(retained_from, end);
+        let skip = (start - retained_from) as usize;
+        let history = inner
+            .history
+            .iter()
+            .skip(skip)
+            .take(delivered - skip)
+            .copied()
+            .collect();
+        (start, history, rx)
+    }
+
+    /// Replaces the retained history with `bytes`, the last output of a VM that ran on
+    /// another host and had written `total` bytes there, so `history`, offsets and late
+    /// followers continue the same story.
+    pub fn seed_history(&self, bytes: &[u8], total: u64) {
         let mut inner = self.lock();
         let keep = bytes.len().min(HISTORY_BYTES);
         inner.history = bytes[bytes.len() - keep..].iter().copied().collect();
+        inner.total = total.max(keep as u64);
     }
 
     /// The retained recent output.
@@ -151,6 +171,28 @@ mod tests {
         console.write_bytes(&vec![b'a'; HISTORY_BYTES + 10]);
         assert_eq!(console.history().len(), HISTORY_BYTES);
         assert_eq!(console.total_bytes(), 6 + 8 + 1 + HISTORY_BYTES as u64 + 10);
+    }
+
+    #[test]
+    fn followers_resume_from_an_offset_across_a_move() {
+        let source = Console::new();
+        source.write_bytes(b"one\ntwo\n");
+        let (start, history, _rx) = source.follow_from(4);
+        assert_eq!((start, history.as_slice()), (4, &b"two\n"[..]));
+        // The VM moves: the destination's console continues the byte count.
+        let destination = Console::new();
+        destination.seed_history(&source.history(), source.total_bytes());
+        destination.write_bytes(b"three\n");
+        let (start, history, _rx) = destination.follow_from(8);
+        assert_eq!((start, history.as_slice()), (8, &b"three\n"[..]));
+        let (start, history, _rx) = destination.follow_from(0);
+        assert_eq!((start, history.len()), (0, 14));
+        let (start, history, _rx) = destination.follow_from(99);
+        assert_eq!(
+            (start, history.len()),
+            (14, 0),
+            "past the end: nothing, from the end"
+        );
     }
 
     #[test]
