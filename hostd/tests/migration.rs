@@ -99,8 +99,8 @@ fn counter_migrates_there_and_back_without_gap_or_repeat() {
     let ticks = cluster.ticks("c1");
     assert_consecutive_from_one(&ticks);
     follower.kill().unwrap();
-    let mut followed = String::new();
-    std::io::Read::read_to_string(follower.stdout.as_mut().unwrap(), &mut followed).unwrap();
+    let output = follower.wait_with_output().unwrap();
+    let followed = String::from_utf8_lossy(&output.stdout);
     let followed: Vec<u64> = followed
         .lines()
         .filter_map(|l| l.strip_prefix("tick ")?.trim().parse().ok())
