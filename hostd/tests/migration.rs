@@ -101,7 +101,9 @@ fn counter_migrates_there_and_back_without_gap_or_repeat() {
     follower.kill().unwrap();
     let output = follower.wait_with_output().unwrap();
     let followed = String::from_utf8_lossy(&output.stdout);
-    let followed: Vec<u64> = followed
+    // The follower was killed mid-stream: its last line may be cut.
+    let complete = &followed[..followed.rfind('\n').map_or(0, |i| i + 1)];
+    let followed: Vec<u64> = complete
         .lines()
         .filter_map(|l| l.strip_prefix("tick ")?.trim().parse().ok())
         .collect();
