@@ -602,7 +602,9 @@ impl TestCluster {
         let console = self
             .ferryctl_ok(&["vm", "console", vm, "--no-follow"])
             .stdout;
-        console
+        // Only complete lines: the guest may be in the middle of printing one.
+        let complete = &console[..console.rfind('\n').map_or(0, |i| i + 1)];
+        complete
             .lines()
             .filter_map(|l| l.strip_prefix("tick ")?.trim().parse().ok())
             .collect()
