@@ -149,10 +149,14 @@ fn wait_until_up(client: &Client, daemons: &mut Daemons, dir: &Path) -> Result<(
     Ok(())
 }
 
+/// `tick N` values in console output, in order, from complete lines only (the guest may be
+/// in the middle of printing the last one).
 fn ticks(console: &[u8]) -> Vec<u64> {
-    String::from_utf8_lossy(console)
+    let text = String::from_utf8_lossy(console);
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    complete
         .lines()
-        .filter_map(|l| l.strip_prefix("tick ")?.trim().parse().ok())
+        .filter_map(|line| line.strip_prefix("tick ")?.trim().parse().ok())
         .collect()
 }
 
