@@ -5,6 +5,10 @@
 //! destination is a fresh memfd for every run, so its page faults are part of the cost, as
 //! they are in a real migration. Sender and receiver share this machine's CPUs.
 //!
+//! The fragmented rows send a quarter of that memory (256 MiB by default) as many short
+//! ranges with gaps between them, the way a guest that dirties every other page leaves its
+//! dirty set: what matters there is the cost per range, not per byte.
+//!
 //! Environment: `FERRY_BENCH_MIB` (transfer size, default 1024), `FERRY_BENCH_REPEATS`
 //! (runs per row, median reported, default 3), `FERRY_BENCH_ONLY` (comma-separated
 //! substrings of "case compression workers" selecting rows), `FERRY_BENCH_PAGES_PER_FRAME`
@@ -265,6 +269,34 @@ fn raw_pump(bytes: usize, into_fresh_memfd: bool) -> Sample {
     }
 }
 
+/// Which pages one run sends, all in one `send` call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pattern {
+    /// The whole memory as one range.
+    Contiguous,
+    /// Ranges of `run` pages separated by `gap` unsent pages, from the start of memory until
+    /// a quarter of it is covered.
+    Fragmented { run: u64, gap: u64 },
+}
+
+impl Pattern {
+    fn ranges(self, pages: u64) -> Vec<PageRange> {
+        let Pattern::Fragmented { run, gap } = self else {
+            return vec![PageRange::new(0, pages)];
+        };
+        let target = pages / 4;
+        let mut ranges = Vec::with_capacity((target / run + 1) as usize);
+        let (mut pfn, mut sent) = (0, 0);
+        while sent < target && pfn < pages {
+            let count = run.min(target - sent).min(pages - pfn);
+            ranges.push(PageRange::new(pfn, count));
+            sent += count;
+            pfn += run + gap;
+        }
+        ranges
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Run {
     workers: usize,
@@ -274,6 +306,8 @@ struct Run {
     populated: bool,
     /// Write the destination through its memfd (pwrite) rather than its mapping.
     through_file: bool,
+    /// The ranges handed to `send`.
+    pattern: Pattern,
 }
 
 fn ferry(source: &Arc<GuestRegions>, pages: u64, run: Run) -> Sample {
@@ -309,10 +343,11 @@ fn ferry(source: &Arc<GuestRegions>, pages: u64, run: Run) -> Sample {
         config.pages_per_frame as usize,
     ) as u32;
     let mut sender = DataSender::connect(&[addr], Arc::clone(source), config).unwrap();
+    let ranges = run.pattern.ranges(pages);
 
     let cpu = process_cpu_time();
     let started = Instant::now();
-    sender.send(&[PageRange::new(0, pages)]).unwrap();
+    sender.send(&ranges).unwrap();
     let stats: TransferStats = sender.finish().unwrap();
     let elapsed = started.elapsed();
     let cpu = process_cpu_time() - cpu;
@@ -396,6 +431,7 @@ fn rows() -> Vec<Row> {
         prefault: Prefault::PerFrame,
         populated: false,
         through_file: true,
+        pattern: Pattern::Contiguous,
     };
     let mut rows = vec![
         Row {
@@ -465,6 +501,20 @@ fn rows() -> Vec<Row> {
                     run: Some(run),
                     pump_into_memfd: false,
                 });
+            }
+            for (run, gap) in [(1, 1), (3, 1)] {
+                for workers in [1, 2, 4] {
+                    rows.push(Row {
+                        label: format!("random, {run}-page ranges, {gap}-page gaps"),
+                        content: Some(content),
+                        run: Some(Run {
+                            workers,
+                            pattern: Pattern::Fragmented { run, gap },
+                            ..default
+                        }),
+                        pump_into_memfd: false,
+                    });
+                }
             }
         }
     }
@@ -561,6 +611,7 @@ fn main() {
     println!(
         "vs raw = median over runs of guest bytes/s divided by that of a raw TCP pump run (1 MiB writes into a reused buffer)\n\
          just before it, whose median rate is the raw GB/s column. CPU s = user+sys of the whole process (both sides) during the run.\n\
-         adaptive* = the default policy, which over loopback compresses nothing (lz4 cannot beat a memory-copy link)."
+         adaptive* = the default policy, which over loopback compresses nothing (lz4 cannot beat a memory-copy link).\n\
+         N-page ranges, M-page gaps = a quarter of the memory sent as that many short ranges in one send; GB/s count the pages sent."
     );
 }

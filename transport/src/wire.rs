@@ -52,7 +52,7 @@ pub enum MessageType {
     Welcome = 2,
     /// A serde-encoded control message (postcard), optionally lz4-compressed.
     Control = 3,
-    /// A batch of guest pages on a data stream.
+    /// A batch of guest pages, from one or more runs, on a data stream (layout in `data`).
     Pages = 4,
     /// Barrier request on a data stream; answered by `Ack` once every earlier page is written.
     Flush = 5,

@@ -7,6 +7,8 @@ use std::cell::Cell;
 
 use bytes::BytesMut;
 use ferry_transport::control::FrameCodec;
+use ferry_transport::data::{MAX_PAGES_PER_FRAME, PagesDecoder, PagesFrame, max_batch_payload};
+use ferry_transport::memory::{PAGE_SIZE, PageRange, VecMemory};
 use ferry_transport::wire::{self, FrameError, HEADER_LEN, MessageType};
 use proptest::prelude::*;
 use tokio_util::codec::Decoder;
@@ -102,6 +104,144 @@ fn hostile_bytes() -> impl Strategy<Value = Vec<u8>> {
     ]
 }
 
+/// Pages in the sink the `Pages` properties write into; runs are drawn a little beyond it.
+const SINK_PAGES: u64 = 32;
+/// What every sink page holds before a frame is applied, so any write shows.
+const STALE: u8 = 0xEE;
+
+/// One page of the valid frames: zero, raw (patterned) or lz4-compressed text.
+fn page_content(kind: u8, seed: u8) -> Vec<u8> {
+    match kind % 3 {
+        0 => vec![0; PAGE_SIZE],
+        1 => (0..PAGE_SIZE)
+            .map(|i| (i as u8).wrapping_mul(seed | 1) ^ (i >> 8) as u8)
+            .collect(),
+        _ => (0..PAGE_SIZE)
+            .map(|i| b"page of text "[i % 13] ^ (seed & 1))
+            .collect(),
+    }
+}
+
+/// A `Pages` payload in the documented layout, encoded here independently of the sender:
+/// `seq | pages | runs | (first_pfn, count) x runs | (encoding, length) x pages | data`.
+fn pages_payload(runs: &[PageRange], contents: &[(u8, u8)]) -> Vec<u8> {
+    let pages: u64 = runs.iter().map(|r| r.count).sum();
+    let mut out = Vec::new();
+    out.extend_from_slice(&9u64.to_le_bytes());
+    out.extend_from_slice(&(pages as u32).to_le_bytes());
+    out.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+    for run in runs {
+        out.extend_from_slice(&run.first_pfn.to_le_bytes());
+        out.extend_from_slice(&(run.count as u32).to_le_bytes());
+    }
+    let mut data = Vec::new();
+    for &(kind, seed) in &contents[..pages as usize] {
+        let page = page_content(kind, seed);
+        let (encoding, bytes) = match kind % 3 {
+            0 => (0u8, Vec::new()),
+            1 => (1, page),
+            _ => (2, lz4_flex::block::compress(&page)),
+        };
+        out.push(encoding);
+        out.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+        data.extend_from_slice(&bytes);
+    }
+    out.extend_from_slice(&data);
+    out
+}
+
+/// Runs inside the sink, ascending with gaps, from (gap before, length) pairs.
+fn valid_runs() -> impl Strategy<Value = Vec<PageRange>> {
+    proptest::collection::vec((0u64..3, 1u64..4), 1..8).prop_map(|shape| {
+        let mut runs = Vec::new();
+        let mut pfn = 0;
+        for (index, (gap, count)) in shape.into_iter().enumerate() {
+            pfn += if index == 0 { gap } else { gap + 1 };
+            if pfn + count > SINK_PAGES {
+                break;
+            }
+            runs.push(PageRange::new(pfn, count));
+            pfn += count;
+        }
+        if runs.is_empty() {
+            runs.push(PageRange::new(0, 1));
+        }
+        runs
+    })
+}
+
+/// A valid scatter payload with the runs it carries and the content each page should get.
+fn valid_pages() -> impl Strategy<Value = (Vec<u8>, Vec<PageRange>, Vec<(u8, u8)>)> {
+    (
+        valid_runs(),
+        proptest::collection::vec((any::<u8>(), any::<u8>()), SINK_PAGES as usize),
+    )
+        .prop_map(|(runs, contents)| (pages_payload(&runs, &contents), runs, contents))
+}
+
+/// Hostile `Pages` payloads: structured fields drawn around every limit (counts, runs in and
+/// beyond the sink, overlapping or not, any table entries, any data length), and valid
+/// payloads with a bit flipped or cut short.
+fn hostile_pages() -> impl Strategy<Value = Vec<u8>> {
+    let structured = (
+        prop_oneof![1u32..=8, 0u32..=MAX_PAGES_PER_FRAME + 2, any::<u32>()],
+        prop_oneof![
+            Just(None),
+            (0u32..10).prop_map(Some),
+            any::<u32>().prop_map(Some)
+        ],
+        proptest::collection::vec(
+            (
+                prop_oneof![0u64..SINK_PAGES + 8, any::<u64>()],
+                prop_oneof![0u32..5, any::<u32>()],
+            ),
+            0..8,
+        ),
+        proptest::collection::vec(
+            (
+                0u8..4,
+                prop_oneof![Just(0u16), Just(PAGE_SIZE as u16), 1u16..64, any::<u16>()],
+            ),
+            0..12,
+        ),
+        0usize..3 * PAGE_SIZE,
+        any::<u8>(),
+    )
+        .prop_map(|(pages, run_count, runs, entries, data, fill)| {
+            let mut out = Vec::new();
+            out.extend_from_slice(&0u64.to_le_bytes());
+            out.extend_from_slice(&pages.to_le_bytes());
+            out.extend_from_slice(&run_count.unwrap_or(runs.len() as u32).to_le_bytes());
+            for (first_pfn, count) in runs {
+                out.extend_from_slice(&first_pfn.to_le_bytes());
+                out.extend_from_slice(&count.to_le_bytes());
+            }
+            for (encoding, len) in entries {
+                out.push(encoding);
+                out.extend_from_slice(&len.to_le_bytes());
+            }
+            out.extend((0..data).map(|i| (i as u8).wrapping_mul(fill)));
+            out
+        });
+    prop_oneof![
+        structured,
+        (valid_pages(), any::<usize>(), any::<u8>()).prop_map(|((mut payload, _, _), at, bit)| {
+            let at = at % payload.len();
+            payload[at] ^= 1 << (bit % 8);
+            payload
+        }),
+        (valid_pages(), any::<usize>())
+            .prop_map(|((payload, _, _), cut)| payload[..cut % payload.len()].to_vec()),
+        proptest::collection::vec(any::<u8>(), 0..256),
+    ]
+}
+
+/// Pages of `runs`, relative to the sink, as a set.
+fn in_runs(runs: &[PageRange], pfn: u64) -> bool {
+    runs.iter()
+        .any(|run| (run.first_pfn..run.first_pfn + run.count).contains(&pfn))
+}
+
 proptest! {
     // No failure persistence: a CI run must not write files into the source tree.
     #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
@@ -158,6 +298,58 @@ proptest! {
         // A Hello's version list holds at most one entry per payload byte; error messages
         // take a few hundred bytes more.
         prop_assert!(largest <= 4 * bytes.len() + 512, "allocated {largest}");
+    }
+
+    /// Whatever a `Pages` payload holds, parsing and writing it never panics, never allocates
+    /// beyond the frame limit, and either writes nothing (any error) or only pages inside
+    /// its runs.
+    #[test]
+    fn pages_decoder_never_panics_over_allocates_or_writes_outside_its_runs(
+        payload in hostile_pages(),
+    ) {
+        let sink = VecMemory::from_bytes(0, &vec![STALE; SINK_PAGES as usize * PAGE_SIZE]).unwrap();
+        let mut runs = Vec::new();
+        let mut parsed = false;
+        let mut written = false;
+        let parse_allocation = largest_allocation(|| parsed = PagesFrame::parse(&payload).is_ok());
+        prop_assert_eq!(parse_allocation, 0, "parsing allocated");
+        let largest = largest_allocation(|| {
+            if let Ok(frame) = PagesFrame::parse(&payload) {
+                runs.extend(frame.runs());
+                written = PagesDecoder::default().write(&frame, &sink, true).is_ok();
+            }
+        });
+        prop_assert!(largest <= max_batch_payload(MAX_PAGES_PER_FRAME), "allocated {largest}");
+        prop_assert!(parsed || !written);
+        let after = sink.to_vec();
+        for (pfn, page) in after.chunks_exact(PAGE_SIZE).enumerate() {
+            if !written || !in_runs(&runs, pfn as u64) {
+                prop_assert!(
+                    page.iter().all(|&b| b == STALE),
+                    "page {pfn} written (frame accepted: {written})"
+                );
+            }
+        }
+    }
+
+    /// Valid scatter payloads, encoded independently of the sender, write exactly their runs.
+    #[test]
+    fn valid_scatter_payloads_write_exactly_their_runs((payload, runs, contents) in valid_pages()) {
+        let frame = PagesFrame::parse(&payload).unwrap();
+        prop_assert!(frame.runs().eq(runs.iter().copied()));
+        let sink = VecMemory::from_bytes(0, &vec![STALE; SINK_PAGES as usize * PAGE_SIZE]).unwrap();
+        PagesDecoder::default().write(&frame, &sink, false).unwrap();
+        let after = sink.to_vec();
+        let mut next = 0;
+        for (pfn, page) in after.chunks_exact(PAGE_SIZE).enumerate() {
+            if in_runs(&runs, pfn as u64) {
+                let (kind, seed) = contents[next];
+                next += 1;
+                prop_assert!(page == page_content(kind, seed).as_slice(), "page {pfn} differs");
+            } else {
+                prop_assert!(page.iter().all(|&b| b == STALE), "gap page {pfn} written");
+            }
+        }
     }
 
     #[test]

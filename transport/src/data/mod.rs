@@ -1,12 +1,14 @@
 //! The bulk data plane: guest pages over N parallel TCP streams, one per copy worker.
 //!
-//! The sender ([`DataSender`]) splits page ranges into frames of up to
-//! [`SenderConfig::pages_per_frame`] pages and puts them on a bounded queue shared by its
-//! copy workers (back-pressure: `send` blocks while it is full); whichever worker is free
-//! takes the next frame, reads its pages from a [`PageSource`](crate::memory::PageSource),
-//! encodes them (zero marker, lz4 or raw) and writes them to its own stream. On the other
-//! side one thread per stream ([`DataReceiver`]) verifies each frame and writes it into a
-//! [`PageSink`](crate::memory::PageSink).
+//! The sender ([`DataSender`]) packs the page ranges of each `send` into frames of up to
+//! [`SenderConfig::pages_per_frame`] pages — a frame carries several runs of pages when the
+//! ranges are short, so a fragmented dirty set does not cost a frame per range — and puts
+//! them on a bounded queue shared by its copy workers (back-pressure: `send` blocks while it
+//! is full); whichever worker is free takes the next frame, reads its pages from a
+//! [`PageSource`](crate::memory::PageSource), encodes them (zero marker, lz4 or raw) and
+//! writes them to its own stream. On the other side one thread per stream
+//! ([`DataReceiver`]) verifies each frame ([`PagesFrame`]) and writes it into a
+//! [`PageSink`](crate::memory::PageSink) ([`PagesDecoder`]).
 //!
 //! Ordering: pages sent before a [`DataSender::flush`] have landed when it returns. Between
 //! two flushes, frames on different streams land in any order, so a page sent twice between
@@ -27,7 +29,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-pub use batch::{MAX_PAGES_PER_FRAME, max_batch_payload};
+pub use batch::{
+    ApplyPagesError, MAX_PAGES_PER_FRAME, PagesDecoder, PagesError, PagesFrame, max_batch_payload,
+};
 pub use policy::CompressionPolicy;
 pub use receiver::{DataListener, DataReceiver, Prefault, ReceiveError, ReceiverConfig};
 pub use sender::{DataSender, SendError, SenderConfig};

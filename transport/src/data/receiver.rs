@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use socket2::SockRef;
 
-use super::batch::{ApplyError, BatchDecoder, MAX_PAGES_PER_FRAME, max_batch_payload, parse_batch};
+use super::batch::{
+    ApplyPagesError, MAX_PAGES_PER_FRAME, PagesDecoder, PagesFrame, max_batch_payload,
+};
 use super::stream::{self, FrameReader, StreamError};
 use super::{SessionId, Timeouts};
 use crate::memory::PageSink;
@@ -24,7 +26,7 @@ use crate::workers::{PinnedThread, WorkerError, WorkerPlacement, spawn_pinned};
 pub enum Prefault {
     /// Let the copy fault pages in one at a time.
     None,
-    /// Populate each frame's data pages with one `MADV_POPULATE_WRITE` before copying
+    /// Populate each run of data pages with one `MADV_POPULATE_WRITE` before copying
     /// (for sinks that support it, such as [`GuestRegions`](crate::memory::GuestRegions)).
     #[default]
     PerFrame,
@@ -466,7 +468,7 @@ enum Step {
 
 impl<K: PageSink + ?Sized> StreamReceiver<K> {
     fn run(mut self) {
-        let mut decoder = BatchDecoder::default();
+        let mut decoder = PagesDecoder::default();
         let mut expected_seq = 0u64;
         let mut last_sent = Instant::now();
         loop {
@@ -512,27 +514,29 @@ impl<K: PageSink + ?Sized> StreamReceiver<K> {
     fn handle(
         &mut self,
         header: wire::Header,
-        decoder: &mut BatchDecoder,
+        decoder: &mut PagesDecoder,
         expected_seq: &mut u64,
         last_sent: &mut Instant,
     ) -> Result<Step, StreamError> {
         let stream = self.stream;
         match header.kind {
             MessageType::Pages => {
-                let batch = parse_batch(self.reader.payload())
-                    .map_err(|source| StreamError::Payload { stream, source })?;
-                if batch.seq != *expected_seq {
+                let frame = PagesFrame::parse(self.reader.payload())
+                    .map_err(|source| StreamError::Pages { stream, source })?;
+                if frame.seq() != *expected_seq {
                     return Err(StreamError::Sequence {
                         stream,
                         expected: *expected_seq,
-                        got: batch.seq,
+                        got: frame.seq(),
                     });
                 }
                 *expected_seq += 1;
-                let counts = decoder.apply(&batch, &*self.sink, self.prefault).map_err(
+                let counts = decoder.apply(&frame, &*self.sink, self.prefault).map_err(
                     |error| match error {
-                        ApplyError::Payload(source) => StreamError::Payload { stream, source },
-                        ApplyError::Memory(source) => StreamError::WriteMemory { stream, source },
+                        ApplyPagesError::Malformed(source) => StreamError::Pages { stream, source },
+                        ApplyPagesError::Memory(source) => {
+                            StreamError::WriteMemory { stream, source }
+                        }
                     },
                 )?;
                 let counts = FrameCounts {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use socket2::{SockRef, TcpKeepalive};
 
 use super::Timeouts;
+use super::batch::PagesError;
 use crate::memory::MemoryError;
 use crate::wire::{
     self, ChannelKind, FrameError, HEADER_LEN, Header, Hello, MessageType, PayloadError,
@@ -123,6 +124,15 @@ pub enum StreamError {
         /// What was wrong with it.
         #[source]
         source: PayloadError,
+    },
+    /// A `Pages` frame breaks the format's rules (its scatter list, table or page data).
+    #[error("stream {stream}: bad Pages frame from the peer")]
+    Pages {
+        /// Stream index.
+        stream: usize,
+        /// What was wrong with it.
+        #[source]
+        source: PagesError,
     },
     /// A frame arrived out of sequence.
     #[error("stream {stream}: page frame {got} arrived where frame {expected} was due")]
