@@ -362,23 +362,6 @@ impl Handler<SetThrottle> for VmActor {
     }
 }
 
-/// Pauses the vCPUs for stop-and-copy (lifecycle stays `MigratingOut`); returns when.
-#[derive(Debug, Message)]
-#[rtype(result = "Result<Instant, VmActorError>")]
-pub struct PauseForSwitchOver;
-
-impl Handler<PauseForSwitchOver> for VmActor {
-    type Result = Result<Instant, VmActorError>;
-
-    fn handle(&mut self, _: PauseForSwitchOver, _: &mut Self::Context) -> Self::Result {
-        let at = Instant::now();
-        let vm = self.vm()?;
-        vm.pause()?;
-        vm.set_throttle(0);
-        Ok(at)
-    }
-}
-
 /// The VM's state for the destination.
 #[derive(Debug)]
 pub struct CapturedState {
@@ -392,26 +375,47 @@ pub struct CapturedState {
     pub memory_hash: Option<u128>,
 }
 
-/// Captures the paused VM's state (and optionally hashes its memory).
+/// What stop-and-copy needs from the paused VM, in one step.
+#[derive(Debug)]
+pub struct Frozen {
+    /// When the vCPUs were asked to stop.
+    pub paused_at: Instant,
+    /// Pages written since the last fetch.
+    pub dirty: DirtySet,
+    /// Registers, devices, console.
+    pub state: CapturedState,
+}
+
+/// Stop-and-copy on the source: pauses the vCPUs (lifecycle stays `MigratingOut`), takes the
+/// last dirty pages and captures the state — one message, so the guest's pause is not
+/// stretched by round trips between actors.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<CapturedState, VmActorError>")]
-pub struct CaptureState {
-    /// Hash guest memory too.
+#[rtype(result = "Result<Frozen, VmActorError>")]
+pub struct Freeze {
+    /// Hash guest memory too (`--verify`).
     pub hash_memory: bool,
 }
 
-impl Handler<CaptureState> for VmActor {
-    type Result = Result<CapturedState, VmActorError>;
+impl Handler<Freeze> for VmActor {
+    type Result = Result<Frozen, VmActorError>;
 
-    fn handle(&mut self, msg: CaptureState, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Freeze, _: &mut Self::Context) -> Self::Result {
+        let paused_at = Instant::now();
         let vm = self.vm()?;
+        vm.pause()?;
+        vm.set_throttle(0);
+        let dirty = vm.fetch_dirty()?;
         let state = vm.capture_state()?;
         let blob = blob::encode(&state).map_err(|e| VmActorError::BadState(e.to_string()))?;
-        Ok(CapturedState {
-            blob,
-            console: vm.console().history(),
-            console_total: vm.console().total_bytes(),
-            memory_hash: msg.hash_memory.then(|| vm.ram().hash()),
+        Ok(Frozen {
+            paused_at,
+            dirty,
+            state: CapturedState {
+                blob,
+                console: vm.console().history(),
+                console_total: vm.console().total_bytes(),
+                memory_hash: msg.hash_memory.then(|| vm.ram().hash()),
+            },
         })
     }
 }

@@ -246,6 +246,7 @@ fn run() -> Result<(), Box<dyn Error>> {
         "total ms",
         "total min-max",
         "downtime ms",
+        "source-side ms",
         "wire MiB",
         "rounds",
     ]);
@@ -265,6 +266,10 @@ fn run() -> Result<(), Box<dyn Error>> {
             format!(
                 "{:.1}",
                 median_by(&reports, |r| r.downtime_ms.unwrap_or(f64::NAN))
+            ),
+            format!(
+                "{:.1}",
+                median_by(&reports, |r| r.source_downtime_ms.unwrap_or(f64::NAN))
             ),
             format!(
                 "{:.1}",
@@ -305,6 +310,7 @@ fn run() -> Result<(), Box<dyn Error>> {
                     totals.clone().min().unwrap_or(0),
                     totals.max().unwrap_or(0)
                 ),
+                "-".into(),
                 format!("{:.1}", median_by(&reports, |r| r.downtime_ms as f64)),
                 format!(
                     "{:.1}",
@@ -322,7 +328,9 @@ fn run() -> Result<(), Box<dyn Error>> {
          load average at the end: {}\n\
          total: Ferry from the migrate request until the destination confirmed the VM runs; \
          QEMU its total-time. downtime: Ferry from the pause on the source until the \
-         destination confirmed it runs; QEMU its own downtime figure (source-side). \
+         destination confirmed it runs the VM (QEMU reports no such figure: -). \
+         source-side: from the pause until all memory and state were sent and acknowledged, \
+         Ferry's counterpart of QEMU's own downtime figure. \
          wire: Ferry memory bytes on the wire; QEMU ram.transferred. rounds: Ferry pre-copy \
          rounds; QEMU dirty-sync-count (passes + final sync).\n{}",
         MEMORY / MIB,

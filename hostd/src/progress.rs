@@ -114,7 +114,13 @@ pub fn describe(report: &MigrationReport) -> String {
     }
     out.push_str(&format!("  total:       {:.0} ms\n", report.total_ms));
     if let Some(downtime) = report.downtime_ms {
-        out.push_str(&format!("  downtime:    {downtime:.1} ms\n"));
+        out.push_str(&format!(
+            "  downtime:    {downtime:.1} ms (pause on the source until the destination runs it"
+        ));
+        if let Some(source) = report.source_downtime_ms {
+            out.push_str(&format!("; all data sent after {source:.1} ms"));
+        }
+        out.push_str(")\n");
     }
     for (i, round) in report.rounds.iter().enumerate() {
         out.push_str(&format!(
@@ -163,6 +169,7 @@ pub fn report_json(report: &MigrationReport) -> serde_json::Value {
         "streams": report.streams,
         "total_ms": report.total_ms,
         "downtime_ms": report.downtime_ms,
+        "source_downtime_ms": report.source_downtime_ms,
         "rounds": report.rounds,
         "final_pages": report.final_pages,
         "guest_bytes": report.guest_bytes,

@@ -126,8 +126,12 @@ pub struct MigrationReport {
     pub eta_ms: Option<f64>,
     /// Time since the migration started (total when final).
     pub total_ms: f64,
-    /// Guest pause on the source until it ran on the destination.
+    /// Guest pause on the source until the destination confirmed it runs the VM.
     pub downtime_ms: Option<f64>,
+    /// Guest pause on the source until all memory and state had been sent and the memory
+    /// acknowledged (the part of the downtime the source sees; what QEMU reports as its
+    /// downtime).
+    pub source_downtime_ms: Option<f64>,
     /// Pre-copy rounds.
     pub rounds: Vec<RoundReport>,
     /// Pages sent during stop-and-copy.

@@ -28,9 +28,7 @@ use super::{
 };
 use crate::host_actor::{CancelRequest, HostActor, MigrationUpdate, VmStateChanged};
 use crate::settings::{HostSettings, Peer};
-use crate::vm_actor::{
-    CaptureState, DirtyLog, EndMigrateOut, OutgoingVm, PauseForSwitchOver, SetThrottle, VmActor,
-};
+use crate::vm_actor::{DirtyLog, EndMigrateOut, Freeze, OutgoingVm, SetThrottle, VmActor};
 
 type Sender = DataSender<GuestRegions>;
 
@@ -428,77 +426,64 @@ impl SourceMigration {
         let Some(mut sender) = self.data.take() else {
             return self.fail(ctx, Stage::StopAndCopy, "data sender missing".into());
         };
+        let Some(control) = self.control.clone() else {
+            return self.fail(ctx, Stage::StopAndCopy, "control channel missing".into());
+        };
         let verify = self.options.verify;
+        let was_running = self.outgoing.was_running;
         let work = async move {
-            let step = Instant::now();
-            let paused_at = vm
-                .send(PauseForSwitchOver)
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("pausing the VM: {e}"))?;
-            let last = vm
-                .send(DirtyLog::Fetch)
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("fetching dirty pages: {e}"))?
-                .unwrap_or_else(|| DirtySet::empty(&[]));
-            let paused_ms = step.elapsed().as_secs_f64() * 1e3;
-            // What the last round left plus what changed since: each page once.
-            let mut all = pending;
-            all.union_with(&last).map_err(|e| e.to_string())?;
-            let ranges = to_transport_ranges(all.ranges());
-            let pages: u64 = ranges.iter().map(|r| r.count).sum();
-            let (sender, sent) = actix_rt::task::spawn_blocking(move || {
-                let result = sender.send(&ranges).and_then(|()| sender.flush());
-                (sender, result)
-            })
-            .await
-            .map_err(|e| format!("copy task failed: {e}"))?;
-            sent.map_err(|e| format!("copying the last pages: {}", error_chain(&e)))?;
-            let totals = actix_rt::task::spawn_blocking(move || sender.finish())
-                .await
-                .map_err(|e| format!("copy task failed: {e}"))?
-                .map_err(|e: SendError| format!("closing the data streams: {}", error_chain(&e)))?;
-            let copied_ms = step.elapsed().as_secs_f64() * 1e3;
-            let captured = vm
-                .send(CaptureState {
+            let frozen = vm
+                .send(Freeze {
                     hash_memory: verify,
                 })
                 .await
                 .map_err(|e| e.to_string())?
-                .map_err(|e| format!("capturing VM state: {e}"))?;
-            tracing::info!(
-                pages,
-                paused_ms,
-                copied_ms,
-                captured_ms = step.elapsed().as_secs_f64() * 1e3,
-                "stop-and-copy done"
-            );
-            Ok::<_, String>((paused_at, pages, totals, captured))
+                .map_err(|e| format!("pausing the VM: {e}"))?;
+            let frozen_ms = frozen.paused_at.elapsed().as_secs_f64() * 1e3;
+            // What the last round left plus what changed since: each page once.
+            let mut all = pending;
+            all.union_with(&frozen.dirty).map_err(|e| e.to_string())?;
+            let ranges = to_transport_ranges(all.ranges());
+            let pages: u64 = ranges.iter().map(|r| r.count).sum();
+            let copy = actix_rt::task::spawn_blocking(move || {
+                sender.send(&ranges)?;
+                sender.flush()?;
+                sender.finish()
+            });
+            // The state travels while the last pages do: the destination loads it only
+            // once every data stream has ended cleanly, i.e. after all memory arrived.
+            let state_bytes = frozen.state.blob.len() as u64;
+            control
+                .send(&ToDestination::State {
+                    blob: frozen.state.blob,
+                    console: frozen.state.console,
+                    console_total: frozen.state.console_total,
+                    memory_hash: frozen.state.memory_hash.map(u128::to_le_bytes),
+                    was_running,
+                })
+                .await
+                .map_err(|e| format!("sending the VM state: {}", error_chain(&e)))?;
+            let totals = copy
+                .await
+                .map_err(|e| format!("copy task failed: {e}"))?
+                .map_err(|e: SendError| format!("copying the last pages: {}", error_chain(&e)))?;
+            let sent_ms = frozen.paused_at.elapsed().as_secs_f64() * 1e3;
+            tracing::info!(pages, frozen_ms, sent_ms, "stop-and-copy done");
+            Ok::<_, String>((frozen.paused_at, pages, totals, state_bytes, sent_ms))
         };
         ctx.wait(work.into_actor(self).map(|result, act, ctx| match result {
             Ok(_) if act.done => {}
-            Ok((paused_at, pages, totals, captured)) => {
+            Ok((paused_at, pages, totals, state_bytes, sent_ms)) => {
                 act.paused_at = Some(paused_at);
                 act.report.final_pages = pages;
                 act.report.remaining_bytes = 0;
                 act.report.guest_bytes = totals.total.guest_bytes;
                 act.report.wire_bytes = totals.total.wire_bytes;
                 act.report.zero_pages = totals.total.pages_zero;
+                act.report.source_downtime_ms = Some(sent_ms);
                 act.data_stats = None;
-                act.report.state_bytes = captured.blob.len() as u64;
+                act.report.state_bytes = state_bytes;
                 act.stage(Stage::SwitchOver);
-                let was_running = act.outgoing.was_running;
-                act.send(
-                    ctx,
-                    ToDestination::State {
-                        blob: captured.blob,
-                        console: captured.console,
-                        console_total: captured.console_total,
-                        memory_hash: captured.memory_hash.map(u128::to_le_bytes),
-                        was_running,
-                    },
-                );
             }
             Err(e) => act.fail(ctx, Stage::StopAndCopy, e),
         }));
