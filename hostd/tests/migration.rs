@@ -179,11 +179,14 @@ fn dirty_guest_at_unlimited_rate_converges_by_throttling() {
         "1G",
         "--working-set",
         "768M",
+        "--vcpus",
+        "2",
         "--preload",
         &preload,
     ]);
     std::thread::sleep(Duration::from_millis(500));
-    let report = migrate(&cluster, "d1", "beta", &["--downtime-ms", "100"]);
+    // Two vCPUs dirtying 768 MiB of incompressible pages outrun the loopback link here.
+    let report = migrate(&cluster, "d1", "beta", &["--downtime-ms", "300"]);
     let throttle = report["throttle_pct"].as_u64().unwrap();
     let downtime = report["downtime_ms"].as_f64().unwrap();
     assert!(throttle > 0, "expected throttling to converge: {report:#}");
