@@ -611,16 +611,6 @@ impl Handler<StartMigration> for HostActor {
                     if let Some(entry) = act.vms.get_mut(&vm_name) {
                         entry.state = Lifecycle::MigratingOut;
                     }
-                    let report = MigrationReport {
-                        id: id.to_string(),
-                        vm: vm_name.clone(),
-                        status: "running".into(),
-                        stage: Some(Stage::Verify),
-                        source: settings.name.clone(),
-                        destination: peer.name.clone(),
-                        streams: msg.options.streams,
-                        ..Default::default()
-                    };
                     let migration = SourceMigration::new(
                         id,
                         settings,
@@ -630,6 +620,7 @@ impl Handler<StartMigration> for HostActor {
                         outgoing,
                         ctx.address(),
                     );
+                    let report = migration.report().clone();
                     let addr = migration.start();
                     act.migrations.insert(
                         id,

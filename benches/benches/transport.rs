@@ -21,6 +21,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use ferry_benches::{Table, gb_per_s, median, process_cpu_time};
+use ferry_runtime::content::{self, Content};
 use ferry_transport::data::{
     CompressionPolicy, DataListener, DataReceiver, DataSender, Prefault, ReceiverConfig,
     SenderConfig, SessionId,
@@ -103,110 +104,9 @@ impl Drop for Mapping {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Content {
-    Random,
-    Zero,
-    Mixed,
-}
-
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
-const WORDS: &[&str] = &[
-    "the",
-    "of",
-    "and",
-    "to",
-    "in",
-    "is",
-    "guest",
-    "memory",
-    "page",
-    "kernel",
-    "migration",
-    "socket",
-    "buffer",
-    "process",
-    "thread",
-    "network",
-    "device",
-    "interrupt",
-    "virtual",
-    "machine",
-    "state",
-    "copy",
-    "dirty",
-    "round",
-    "latency",
-    "throughput",
-    "compress",
-    "host",
-    "destination",
-    "source",
-    "error",
-    "value",
-    "return",
-    "function",
-];
-
-fn random_page(page: &mut [u8], rng: &mut XorShift) {
-    for chunk in page.chunks_exact_mut(8) {
-        chunk.copy_from_slice(&rng.next().to_le_bytes());
-    }
-}
-
-/// Words drawn at random from a small vocabulary: compresses about 2.5x with lz4, like
-/// typical text and much page-cache content.
-fn text_page(page: &mut [u8], rng: &mut XorShift) {
-    let mut at = 0;
-    while at < page.len() {
-        let word = WORDS[(rng.next() % WORDS.len() as u64) as usize].as_bytes();
-        let n = word.len().min(page.len() - at);
-        page[at..at + n].copy_from_slice(&word[..n]);
-        at += n;
-        if at < page.len() {
-            page[at] = if rng.next().is_multiple_of(12) {
-                b'\n'
-            } else {
-                b' '
-            };
-            at += 1;
-        }
-    }
-}
-
-/// A few scattered non-zero words in an otherwise zero page (page tables, sparse arrays).
-fn sparse_page(page: &mut [u8], rng: &mut XorShift) {
-    page.fill(0);
-    for _ in 0..16 {
-        let at = (rng.next() % (page.len() as u64 / 8)) as usize * 8;
-        page[at..at + 8].copy_from_slice(&rng.next().to_le_bytes());
-    }
-}
-
+/// Fills benchmark memory with the shared synthetic content (same seed every run).
 fn fill(memory: &mut [u8], content: Content) {
-    let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
-    for page in memory.chunks_exact_mut(PAGE_SIZE) {
-        match content {
-            Content::Zero => page.fill(0),
-            Content::Random => random_page(page, &mut rng),
-            Content::Mixed => match rng.next() % 10 {
-                0..=3 => page.fill(0),
-                4..=6 => text_page(page, &mut rng),
-                7..=8 => random_page(page, &mut rng),
-                _ => sparse_page(page, &mut rng),
-            },
-        }
-    }
+    content::fill(memory, content, 0x2545_f491_4f6c_dd1d);
 }
 
 struct Sample {
@@ -251,7 +151,7 @@ fn raw_pump(bytes: usize, into_fresh_memfd: bool) -> Sample {
     pin(cpus[0]);
     let mut socket = TcpStream::connect(addr).unwrap();
     let mut chunk = vec![0u8; CHUNK];
-    random_page(&mut chunk, &mut XorShift(7));
+    content::fill(&mut chunk, Content::Random, 7);
     let cpu = process_cpu_time();
     let started = Instant::now();
     let mut sent = 0;

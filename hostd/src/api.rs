@@ -182,32 +182,28 @@ async fn not_found() -> ApiResult {
     }))
 }
 
+/// A 400 with a JSON body for input actix-web could not parse.
+fn bad_input(
+    what: &str,
+    err: impl std::fmt::Display + std::fmt::Debug + 'static,
+) -> actix_web::Error {
+    let message = format!("{what}: {err}");
+    actix_web::error::InternalError::from_response(
+        err,
+        HttpResponse::BadRequest().json(ErrorBody {
+            error: message,
+            kind: ErrorKind::BadRequest,
+        }),
+    )
+    .into()
+}
+
 /// Registers the routes.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     let json = web::JsonConfig::default()
         .limit(1 << 20)
-        .error_handler(|err, _| {
-            let message = format!("invalid request body: {err}");
-            actix_web::error::InternalError::from_response(
-                err,
-                HttpResponse::BadRequest().json(ErrorBody {
-                    error: message,
-                    kind: ErrorKind::BadRequest,
-                }),
-            )
-            .into()
-        });
-    let path = web::PathConfig::default().error_handler(|err, _| {
-        let message = format!("invalid path: {err}");
-        actix_web::error::InternalError::from_response(
-            err,
-            HttpResponse::BadRequest().json(ErrorBody {
-                error: message,
-                kind: ErrorKind::BadRequest,
-            }),
-        )
-        .into()
-    });
+        .error_handler(|err, _| bad_input("invalid request body", err));
+    let path = web::PathConfig::default().error_handler(|err, _| bad_input("invalid path", err));
     cfg.app_data(json)
         .app_data(path)
         .route("/v1/host", web::get().to(host_info))

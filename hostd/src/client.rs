@@ -64,6 +64,14 @@ impl ClientError {
     }
 }
 
+fn unreachable(host: &HostConfig, source: reqwest::Error) -> ClientError {
+    ClientError::Unreachable {
+        host: host.name.clone(),
+        addr: host.api.to_string(),
+        source,
+    }
+}
+
 /// How authoritative a copy of a VM in this state is.
 fn rank(state: Lifecycle) -> u8 {
     match state {
@@ -121,11 +129,7 @@ impl Client {
         host: &HostConfig,
         response: reqwest::Result<reqwest::blocking::Response>,
     ) -> Result<T, ClientError> {
-        let response = response.map_err(|source| ClientError::Unreachable {
-            host: host.name.clone(),
-            addr: host.api.to_string(),
-            source,
-        })?;
+        let response = response.map_err(|source| unreachable(host, source))?;
         let status = response.status();
         let body = response.bytes().map_err(|e| ClientError::Decode {
             host: host.name.clone(),
@@ -278,11 +282,7 @@ impl Client {
             .http
             .get(url)
             .send()
-            .map_err(|source| ClientError::Unreachable {
-                host: host.name.clone(),
-                addr: host.api.to_string(),
-                source,
-            })?;
+            .map_err(|source| unreachable(&host, source))?;
         if !response.status().is_success() {
             return Self::answer(&host, Ok(response));
         }
@@ -314,15 +314,11 @@ impl Client {
                 &host,
                 &format!("/v1/vms/{name}/console?follow=true&offset={offset}"),
             );
-            let mut response =
-                self.streaming
-                    .get(url)
-                    .send()
-                    .map_err(|source| ClientError::Unreachable {
-                        host: host.name.clone(),
-                        addr: host.api.to_string(),
-                        source,
-                    })?;
+            let mut response = self
+                .streaming
+                .get(url)
+                .send()
+                .map_err(|source| unreachable(&host, source))?;
             if !response.status().is_success() {
                 return Self::answer(&host, Ok(response));
             }

@@ -61,15 +61,13 @@ impl DestinationMigration {
         receiver: ControlReceiver,
         keepalive: KeepaliveTask,
     ) -> Self {
-        let report = MigrationReport {
-            id: hello.id.to_string(),
-            vm: hello.identity.name.clone(),
-            status: "running".into(),
-            stage: Some(Stage::Verify),
-            source: hello.source_host.clone(),
-            destination: settings.name.clone(),
-            ..Default::default()
-        };
+        let report = MigrationReport::starting(
+            hello.id,
+            &hello.identity.name,
+            &hello.source_host,
+            &settings.name,
+            hello.capabilities.max_streams,
+        );
         DestinationMigration {
             id: hello.id,
             hello,
@@ -97,13 +95,8 @@ impl DestinationMigration {
     }
 
     fn publish(&mut self) {
-        if let Some(data) = &self.data {
-            let total = data.stats().total;
-            self.report.guest_bytes = total.guest_bytes;
-            self.report.wire_bytes = total.wire_bytes;
-            self.report.zero_pages = total.pages_zero;
-        }
-        self.report.total_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let totals = self.data.as_ref().map(|d| d.stats().total);
+        self.report.refresh(self.started, totals);
         self.host.do_send(MigrationUpdate(self.report.clone()));
     }
 

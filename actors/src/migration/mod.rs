@@ -151,6 +151,40 @@ pub struct MigrationReport {
 }
 
 impl MigrationReport {
+    /// The report of a migration that has just begun.
+    pub fn starting(
+        id: MigrationId,
+        vm: &str,
+        source: &str,
+        destination: &str,
+        streams: u16,
+    ) -> Self {
+        MigrationReport {
+            id: id.to_string(),
+            vm: vm.to_string(),
+            status: "running".into(),
+            stage: Some(Stage::Verify),
+            source: source.to_string(),
+            destination: destination.to_string(),
+            streams,
+            ..Default::default()
+        }
+    }
+
+    /// Updates the elapsed time and, when data streams exist, the byte and page totals.
+    pub fn refresh(
+        &mut self,
+        started: std::time::Instant,
+        totals: Option<ferry_transport::stats::StreamStats>,
+    ) {
+        if let Some(total) = totals {
+            self.guest_bytes = total.guest_bytes;
+            self.wire_bytes = total.wire_bytes;
+            self.zero_pages = total.pages_zero;
+        }
+        self.total_ms = started.elapsed().as_secs_f64() * 1000.0;
+    }
+
     /// Whether the report is final.
     pub fn is_final(&self) -> bool {
         self.stage.is_some_and(Stage::is_final)

@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use ferry_runtime::DirtySet;
-use ferry_transport::control::{
-    ControlChannel, ControlConfig, ControlError, ControlSender, KeepaliveTask,
-};
+use ferry_transport::control::{ControlChannel, ControlError, ControlSender, KeepaliveTask};
 use ferry_transport::data::{DataSender, SendError, SenderConfig, SessionId};
 use ferry_transport::memory::GuestRegions;
 use ferry_transport::negotiate::{Capabilities, Plan, Transport, choose};
@@ -26,6 +24,7 @@ use super::protocol::{Hello, MIGRATION_PROTOCOL_VERSION, ToDestination, ToSource
 use super::{
     DestinationOutcome, MigrationId, MigrationOptions, MigrationReport, RoundReport, Stage,
 };
+use crate::control_server::control_config;
 use crate::host_actor::{CancelRequest, HostActor, MigrationUpdate, VmStateChanged};
 use crate::settings::{HostSettings, Peer};
 use crate::vm_actor::{DirtyLog, EndMigrateOut, Freeze, OutgoingVm, SetThrottle, VmActor};
@@ -104,16 +103,13 @@ impl SourceMigration {
         outgoing: OutgoingVm,
         host: Addr<HostActor>,
     ) -> Self {
-        let report = MigrationReport {
-            id: id.to_string(),
-            vm: outgoing.identity.name.clone(),
-            status: "running".into(),
-            stage: Some(Stage::Verify),
-            source: settings.name.clone(),
-            destination: peer.name.clone(),
-            streams: options.streams,
-            ..Default::default()
-        };
+        let report = MigrationReport::starting(
+            id,
+            &outgoing.identity.name,
+            &settings.name,
+            &peer.name,
+            options.streams,
+        );
         SourceMigration {
             id,
             settings,
@@ -141,17 +137,6 @@ impl SourceMigration {
         }
     }
 
-    fn control_config(&self) -> ControlConfig {
-        let limits = &self.settings.migration;
-        ControlConfig {
-            handshake_timeout: limits.connect_timeout,
-            idle_timeout: limits.io_timeout,
-            send_timeout: limits.io_timeout,
-            keepalive_interval: (limits.io_timeout / 5).max(Duration::from_millis(100)),
-            ..ControlConfig::default()
-        }
-    }
-
     fn stage(&mut self, stage: Stage) {
         if self.report.stage != Some(stage) {
             tracing::info!(migration = %self.id, vm = %self.report.vm, ?stage, "migration stage");
@@ -160,19 +145,15 @@ impl SourceMigration {
         self.publish();
     }
 
-    fn refresh_totals(&mut self) {
-        if let Some(stats) = &self.data_stats {
-            let total = stats.snapshot().total;
-            self.report.guest_bytes = total.guest_bytes;
-            self.report.wire_bytes = total.wire_bytes;
-            self.report.zero_pages = total.pages_zero;
-        }
-        self.report.total_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+    fn publish(&mut self) {
+        let totals = self.data_stats.as_ref().map(|s| s.snapshot().total);
+        self.report.refresh(self.started, totals);
+        self.host.do_send(MigrationUpdate(self.report.clone()));
     }
 
-    fn publish(&mut self) {
-        self.refresh_totals();
-        self.host.do_send(MigrationUpdate(self.report.clone()));
+    /// The report as it stands.
+    pub fn report(&self) -> &MigrationReport {
+        &self.report
     }
 
     /// Sends a control message; the actor processes nothing else until it is out, so
@@ -546,7 +527,7 @@ impl SourceMigration {
         self.control = None;
         self.stage(Stage::InDoubt);
         let addr = self.peer.control_addr;
-        let config = self.control_config();
+        let config = control_config(&self.settings);
         let id = self.id;
         let deadline = Instant::now() + self.settings.migration.in_doubt_timeout;
         let query = async move {
@@ -619,7 +600,7 @@ impl Actor for SourceMigration {
             }
         });
         let addr = self.peer.control_addr;
-        let config = self.control_config();
+        let config = control_config(&self.settings);
         let capabilities =
             Capabilities::local(Vec::new(), self.options.streams).unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "RDMA discovery failed; offering TCP only");
