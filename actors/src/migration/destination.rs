@@ -486,7 +486,6 @@ impl StreamHandler<Result<ToDestination, ControlError>> for DestinationMigration
                     return self.discard(ctx, "fault injection: control channel dropped".into());
                 }
                 self.report.state_bytes = blob.len() as u64;
-                self.hello.verify = memory_hash.is_some();
                 self.run_after_commit = was_running;
                 self.load_state(ctx, blob, (console, console_total), memory_hash);
             }

@@ -59,7 +59,6 @@ pub struct SourceMigration {
     round_base: TransferStats,
     round_started: Instant,
     throttle: u8,
-    dirty_logging: bool,
     paused_at: Option<Instant>,
     commit_sent: bool,
     cancel_requested: bool,
@@ -129,7 +128,6 @@ impl SourceMigration {
             round_base: TransferStats::default(),
             round_started: Instant::now(),
             throttle: 0,
-            dirty_logging: false,
             paused_at: None,
             commit_sent: false,
             cancel_requested: false,
@@ -279,7 +277,6 @@ impl SourceMigration {
                 .map(move |result, act, ctx| match result {
                     Ok(sender) if act.done => discard(sender),
                     Ok(sender) => {
-                        act.dirty_logging = true;
                         act.data_stats = Some(sender.stats_handle());
                         act.data = Some(sender);
                         act.stage(Stage::PreCopy);
