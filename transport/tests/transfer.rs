@@ -6,13 +6,13 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{ALL_CONTENT, Content, content, within};
+use common::{ALL_CONTENT, Content, Memfd, content, within};
 use ferry_transport::data::{
     CompressionPolicy, DataListener, DataReceiver, DataSender, Prefault, ReceiverConfig,
     SenderConfig, SessionId,
 };
 use ferry_transport::memory::{
-    GuestRegions, PAGE_SIZE, PageRange, PageSink, PageSource, RawRegion, RegionFile, VecMemory,
+    GuestRegions, PAGE_SIZE, PageRange, PageSink, PageSource, RawRegion, VecMemory,
 };
 use ferry_transport::stats::TransferStats;
 use ferry_transport::workers::{WorkerPlacement, available_cpus};
@@ -294,62 +294,6 @@ fn guest_regions_on_both_sides() {
         drop((source, sink));
         drop((source_buf, sink_buf));
     });
-}
-
-/// A shared memfd mapping, as the runtime backs guest memory.
-struct Memfd {
-    fd: i32,
-    addr: *mut u8,
-    len: usize,
-}
-
-impl Memfd {
-    fn new(len: usize) -> Memfd {
-        // SAFETY: creates a new anonymous file; no memory is passed.
-        let fd = unsafe { libc::memfd_create(c"ferry-test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: sizes the file just created.
-        assert_eq!(unsafe { libc::ftruncate(fd, len as libc::off_t) }, 0);
-        // SAFETY: a new shared mapping of that file; no existing memory is affected.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        assert_ne!(addr, libc::MAP_FAILED);
-        Memfd {
-            fd,
-            addr: addr.cast(),
-            len,
-        }
-    }
-
-    fn region(&self, through_file: bool) -> RawRegion {
-        let file = through_file.then_some(RegionFile {
-            fd: self.fd,
-            offset: 0,
-        });
-        RawRegion {
-            guest_phys_addr: 0,
-            host_addr: self.addr,
-            len: self.len,
-            file,
-        }
-    }
-}
-
-impl Drop for Memfd {
-    fn drop(&mut self) {
-        // SAFETY: unmaps what `new` created, once.
-        unsafe { libc::munmap(self.addr.cast(), self.len) };
-        // SAFETY: closes what `new` opened, once.
-        unsafe { libc::close(self.fd) };
-    }
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::thread;
 use std::time::Duration;
 
 use ferry_transport::data::Timeouts;
-use ferry_transport::memory::PAGE_SIZE;
+use ferry_transport::memory::{PAGE_SIZE, RawRegion, RegionFile};
 
 /// Kinds of page content the transfer must carry unchanged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,4 +264,60 @@ fn pump(
         }
     }
     let _ = to.shutdown(Shutdown::Write);
+}
+
+/// A shared memfd mapping, as the runtime backs guest memory.
+pub struct Memfd {
+    pub fd: i32,
+    pub addr: *mut u8,
+    pub len: usize,
+}
+
+impl Memfd {
+    pub fn new(len: usize) -> Memfd {
+        // SAFETY: creates a new anonymous file; no memory is passed.
+        let fd = unsafe { libc::memfd_create(c"ferry-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: sizes the file just created.
+        assert_eq!(unsafe { libc::ftruncate(fd, len as libc::off_t) }, 0);
+        // SAFETY: a new shared mapping of that file; no existing memory is affected.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        Memfd {
+            fd,
+            addr: addr.cast(),
+            len,
+        }
+    }
+
+    pub fn region(&self, through_file: bool) -> RawRegion {
+        let file = through_file.then_some(RegionFile {
+            fd: self.fd,
+            offset: 0,
+        });
+        RawRegion {
+            guest_phys_addr: 0,
+            host_addr: self.addr,
+            len: self.len,
+            file,
+        }
+    }
+}
+
+impl Drop for Memfd {
+    fn drop(&mut self) {
+        // SAFETY: unmaps what `new` created, once.
+        unsafe { libc::munmap(self.addr.cast(), self.len) };
+        // SAFETY: closes what `new` opened, once.
+        unsafe { libc::close(self.fd) };
+    }
 }
