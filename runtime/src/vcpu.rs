@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+use std::os::unix::thread::JoinHandleExt;
+
+use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
 use crate::devices::{Devices, PortEffect};
 
@@ -107,8 +109,9 @@ pub(crate) struct RunControl {
     want: AtomicU8,
     /// Percentage of time vCPUs are kept out of the guest (0 = no throttling).
     throttle: AtomicU8,
-    /// pthread IDs of the vCPU threads, for the throttle timer's kicks.
-    threads: Mutex<Vec<libc::pthread_t>>,
+    /// pthread IDs of the live vCPU threads, by index: every kick (pause, throttle, exit)
+    /// goes through this list, under its lock, so none can hit a thread already joined.
+    threads: Mutex<Vec<Option<libc::pthread_t>>>,
     /// Whether a throttle timer thread is running.
     throttler: Mutex<bool>,
 }
@@ -123,7 +126,7 @@ impl RunControl {
             changed: Condvar::new(),
             want: AtomicU8::new(Want::Pause as u8),
             throttle: AtomicU8::new(0),
-            threads: Mutex::new(Vec::new()),
+            threads: Mutex::new(vec![None; vcpus]),
             throttler: Mutex::new(false),
         }
     }
@@ -132,17 +135,28 @@ impl RunControl {
         self.throttle.load(Ordering::SeqCst)
     }
 
-    fn kick_all_threads(&self) {
-        let threads = self
-            .threads
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        for thread in threads {
-            // SAFETY: the IDs belong to vCPU threads that are joined only after Want::Exit,
-            // which also stops the throttle timer before the IDs can go stale.
-            unsafe { libc::pthread_kill(thread, kick_signal()) };
+    fn threads(&self) -> MutexGuard<'_, Vec<Option<libc::pthread_t>>> {
+        self.threads.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends the kick signal to the vCPU threads at `indices`.
+    fn kick(&self, indices: impl IntoIterator<Item = usize>) {
+        let threads = self.threads();
+        for index in indices {
+            if let Some(Some(thread)) = threads.get(index) {
+                // SAFETY: the ID is of a live vCPU thread: IDs are removed (under this lock)
+                // before their threads are joined.
+                let err = unsafe { libc::pthread_kill(*thread, kick_signal()) };
+                if err != 0 {
+                    tracing::warn!(vcpu = index, errno = err, "kicking vCPU failed");
+                }
+            }
         }
+    }
+
+    fn kick_all(&self) {
+        let count = self.threads().len();
+        self.kick(0..count);
     }
 
     /// Keeps a running vCPU out of the guest for its share of a throttle period, waking early
@@ -211,9 +225,11 @@ impl Vcpu {
     ) -> std::io::Result<Vcpu> {
         let fd = Arc::new(Mutex::new(fd));
         let thread_fd = Arc::clone(&fd);
+        let thread_control = Arc::clone(&control);
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || vcpu_thread(index, &thread_fd, &control, &devices))?;
+            .spawn(move || vcpu_thread(index, &thread_fd, &thread_control, &devices))?;
+        control.threads()[index as usize] = Some(thread.as_pthread_t());
         Ok(Vcpu {
             index,
             fd,
@@ -223,14 +239,6 @@ impl Vcpu {
 
     pub(crate) fn lock_fd(&self) -> MutexGuard<'_, VcpuFd> {
         self.fd.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn kick(&self) {
-        if let Some(thread) = &self.thread
-            && let Err(error) = thread.kill(kick_signal())
-        {
-            tracing::warn!(vcpu = self.index, %error, "kicking vCPU failed");
-        }
     }
 }
 
@@ -256,7 +264,7 @@ pub(crate) fn set_throttle(control: &Arc<RunControl>, percent: u8) {
                     return;
                 }
                 if control.should_run() {
-                    control.kick_all_threads();
+                    control.kick_all();
                 }
             }
         });
@@ -273,12 +281,10 @@ pub(crate) fn resume_all(control: &RunControl) {
 
 /// Stops every vCPU from running guest code and waits until all are parked or finished.
 /// Returns how long that took.
-pub(crate) fn pause_all(control: &RunControl, vcpus: &[Vcpu]) -> Result<Duration, u32> {
+pub(crate) fn pause_all(control: &RunControl) -> Result<Duration, u32> {
     let start = Instant::now();
     control.set_want(Want::Pause);
-    for vcpu in vcpus {
-        vcpu.kick();
-    }
+    control.kick_all();
     let mut state = control.lock();
     loop {
         let running: Vec<usize> = state
@@ -300,9 +306,7 @@ pub(crate) fn pause_all(control: &RunControl, vcpus: &[Vcpu]) -> Result<Duration
             .unwrap_or_else(|e| e.into_inner());
         state = guard;
         if timeout.timed_out() {
-            for &index in &running {
-                vcpus[index].kick();
-            }
+            control.kick(running);
         }
     }
 }
@@ -310,9 +314,9 @@ pub(crate) fn pause_all(control: &RunControl, vcpus: &[Vcpu]) -> Result<Duration
 /// Tells every vCPU thread to exit and joins them.
 pub(crate) fn exit_all(control: &RunControl, vcpus: &mut [Vcpu]) {
     control.set_want(Want::Exit);
-    for vcpu in vcpus.iter() {
-        vcpu.kick();
-    }
+    control.kick_all();
+    // Forget the IDs before joining, so no later kick can reach a finished thread.
+    control.threads().fill(None);
     for vcpu in vcpus.iter_mut() {
         if let Some(thread) = vcpu.thread.take()
             && thread.join().is_err()
@@ -329,12 +333,6 @@ enum RunOutcome {
 
 fn vcpu_thread(index: u32, fd: &Mutex<VcpuFd>, control: &RunControl, devices: &Devices) {
     let slot = index as usize;
-    control
-        .threads
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        // SAFETY: pthread_self has no preconditions.
-        .push(unsafe { libc::pthread_self() });
     {
         let mut guard = fd.lock().unwrap_or_else(|e| e.into_inner());
         let run: *mut kvm_run = guard.get_kvm_run();

@@ -686,8 +686,7 @@ impl Vm {
             "pause",
             &[RunState::Created, RunState::Paused, RunState::Running],
         )?;
-        let took =
-            pause_all(&self.control, &self.vcpus).map_err(|vcpu| VmError::PauseTimeout { vcpu })?;
+        let took = pause_all(&self.control).map_err(|vcpu| VmError::PauseTimeout { vcpu })?;
         self.devices.console().flush();
         if self.run_state == RunState::Running {
             self.run_state = RunState::Paused;
