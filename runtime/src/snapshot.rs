@@ -266,16 +266,20 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// Maps an I/O error on `path` during `operation` to a snapshot error.
+fn io_error(path: &Path, operation: &'static str) -> impl FnOnce(std::io::Error) -> SnapshotError {
+    let path = path.display().to_string();
+    move |source| SnapshotError::Io {
+        operation,
+        path,
+        source,
+    }
+}
+
 /// Saves `vm` (running or paused) to `path`, pausing it only for the final round.
 pub fn save(vm: &mut Vm, path: &Path, options: &SaveOptions) -> Result<SaveReport, SnapshotError> {
     let started = Instant::now();
-    let io_err = |operation| {
-        move |source| SnapshotError::Io {
-            operation,
-            path: path.display().to_string(),
-            source,
-        }
-    };
+    let io_err = |operation| io_error(path, operation);
     let memory_len = vm.ram().size();
     let file = OpenOptions::new()
         .write(true)
@@ -306,13 +310,7 @@ fn save_with_tracking(
     was_running: bool,
     started: Instant,
 ) -> Result<SaveReport, SnapshotError> {
-    let io_err = |operation| {
-        move |source| SnapshotError::Io {
-            operation,
-            path: path.display().to_string(),
-            source,
-        }
-    };
+    let io_err = |operation| io_error(path, operation);
     // The state blob goes between header and memory; reserve generously (vCPU state is
     // ~10 KiB each) and put memory at a 2 MiB boundary.
     let memory_offset = 2 << 20;
@@ -428,14 +426,7 @@ pub fn read_state(path: &Path) -> Result<VmState, SnapshotError> {
 
 fn open(path: &Path) -> Result<(File, VmState, Header), SnapshotError> {
     let display = path.display().to_string();
-    let io_err = |operation| {
-        let display = display.clone();
-        move |source| SnapshotError::Io {
-            operation,
-            path: display,
-            source,
-        }
-    };
+    let io_err = |operation| io_error(path, operation);
     let file = File::open(path).map_err(io_err("opening"))?;
     let file_len = file
         .metadata()
