@@ -317,34 +317,27 @@ impl Handler<BeginMigrateOut> for VmActor {
     }
 }
 
-/// Dirty-log control for migration.
+/// Dirty-log control for migration. Both operations answer with the pages the next round
+/// must send.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<Option<DirtySet>, VmActorError>")]
+#[rtype(result = "Result<DirtySet, VmActorError>")]
 pub enum DirtyLog {
-    /// Start tracking.
+    /// Start tracking; the answer is round one: every populated page, read after tracking
+    /// went on (see `Vm::begin_tracking`).
     Start,
-    /// Fetch and clear.
+    /// Fetch and clear: the pages written since the last answer.
     Fetch,
-    /// Stop tracking.
-    Stop,
 }
 
 impl Handler<DirtyLog> for VmActor {
-    type Result = Result<Option<DirtySet>, VmActorError>;
+    type Result = Result<DirtySet, VmActorError>;
 
     fn handle(&mut self, op: DirtyLog, _: &mut Self::Context) -> Self::Result {
         let vm = self.vm()?;
-        match op {
-            DirtyLog::Start => vm.start_dirty_log().map(|()| None),
-            DirtyLog::Fetch => vm.fetch_dirty().map(Some),
-            DirtyLog::Stop => {
-                if vm.dirty_log_enabled() {
-                    vm.stop_dirty_log()?;
-                }
-                Ok(None)
-            }
-        }
-        .map_err(Into::into)
+        Ok(match op {
+            DirtyLog::Start => vm.begin_tracking()?,
+            DirtyLog::Fetch => vm.fetch_dirty()?,
+        })
     }
 }
 

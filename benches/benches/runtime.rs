@@ -93,7 +93,7 @@ fn dirty_fetch() {
         config.dirty_log = mode;
         let working_set = memory - DATA_START;
         let mut vm = Vm::create(&config, &busy_guest(working_set), &[]).expect("create VM");
-        vm.start_dirty_log().expect("dirty log");
+        vm.begin_tracking().expect("dirty log");
         vm.resume().expect("resume");
         let mut full = Vec::new();
         let mut clean = Vec::new();

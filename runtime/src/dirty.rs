@@ -120,17 +120,30 @@ impl DirtySet {
         false
     }
 
-    /// Adds every page overlapping `[gpa, gpa + len)`.
+    /// Adds every page overlapping `[gpa, gpa + len)` (the parts outside RAM are ignored),
+    /// a word at a time.
     pub fn insert_range(&mut self, gpa: u64, len: u64) {
         if len == 0 {
             return;
         }
-        let first = gpa - gpa % PAGE_SIZE;
-        let end = gpa.saturating_add(len);
-        let mut page = first;
-        while page < end {
-            self.insert(page);
-            page += PAGE_SIZE;
+        let first = gpa / PAGE_SIZE;
+        let end = gpa.saturating_add(len).div_ceil(PAGE_SIZE);
+        for region in &mut self.regions {
+            let base = region.gpa / PAGE_SIZE;
+            let lo = first.max(base) - base;
+            let hi = end.min(base + region.pages).saturating_sub(base);
+            let mut page = lo;
+            while page < hi {
+                let bit = page % 64;
+                let take = (64 - bit).min(hi - page);
+                let mask = if take == 64 {
+                    u64::MAX
+                } else {
+                    ((1u64 << take) - 1) << bit
+                };
+                region.words[(page / 64) as usize] |= mask;
+                page += take;
+            }
         }
     }
 
@@ -340,6 +353,32 @@ mod tests {
             let fast: Vec<_> = set.ranges().collect();
             assert_eq!(fast, naive_ranges(&set), "density {density}");
             assert_eq!(fast.iter().map(|r| r.pages).sum::<u64>(), set.count());
+        }
+    }
+
+    #[test]
+    fn inserting_a_range_equals_inserting_its_pages() {
+        let layout = [(0, 3 * MIB), (4 << 30, MIB + 3 * PAGE_SIZE)];
+        let cases = [
+            (0, 1),
+            (5, PAGE_SIZE),
+            (PAGE_SIZE - 1, 2),
+            (63 * PAGE_SIZE, 3 * PAGE_SIZE),
+            (10 * PAGE_SIZE + 7, 200 * PAGE_SIZE),
+            (3 * MIB - PAGE_SIZE, 2 << 30),
+            ((4 << 30) + 60 * PAGE_SIZE, 300 * PAGE_SIZE),
+            (0, 8 << 30),
+        ];
+        for (gpa, len) in cases {
+            let mut fast = DirtySet::empty(&layout);
+            fast.insert_range(gpa, len);
+            let mut slow = DirtySet::empty(&layout);
+            let mut page = gpa - gpa % PAGE_SIZE;
+            while page < gpa + len {
+                slow.insert(page);
+                page += PAGE_SIZE;
+            }
+            assert_eq!(fast, slow, "range {gpa:#x}+{len:#x}");
         }
     }
 

@@ -17,7 +17,7 @@ use vm_memory::{
 };
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::dirty::PageRange;
+use crate::dirty::{DirtySet, PageRange};
 use crate::layout::{self, MIN_MEMORY, PAGE_SIZE};
 
 /// Guest memory with VMM-write tracking.
@@ -272,6 +272,15 @@ impl GuestRam {
             file_offset = end;
         }
         ranges
+    }
+
+    /// [`GuestRam::populated_ranges`] as a page set over this RAM's layout.
+    pub fn populated_set(&self) -> DirtySet {
+        let mut set = DirtySet::empty(&self.layout());
+        for range in self.populated_ranges() {
+            set.insert_range(range.gpa, range.bytes());
+        }
+        set
     }
 
     /// xxh3-128 of all RAM in address order. Read through bounded copies so it is well

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::dirty::PageRange;
+use crate::dirty::{DirtySet, PageRange};
 use crate::dirty_log::DirtyLogMode;
 use crate::layout::PAGE_SIZE;
 use crate::memory::{GuestRam, is_zero};
@@ -289,8 +289,16 @@ pub fn save(vm: &mut Vm, path: &Path, options: &SaveOptions) -> Result<SaveRepor
         .map_err(io_err("creating"))?;
     let was_running = vm.run_state() == RunState::Running;
 
-    vm.start_dirty_log()?;
-    let result = save_with_tracking(vm, &file, path, memory_len, options, was_running, started);
+    let first_round = vm.begin_tracking()?;
+    let result = save_with_tracking(
+        vm,
+        &file,
+        path,
+        (memory_len, first_round),
+        options,
+        was_running,
+        started,
+    );
     if vm.run_state() != RunState::Stopped {
         let _ = vm.stop_dirty_log();
     }
@@ -305,7 +313,7 @@ fn save_with_tracking(
     vm: &mut Vm,
     file: &File,
     path: &Path,
-    memory_len: u64,
+    (memory_len, first_round): (u64, DirtySet),
     options: &SaveOptions,
     was_running: bool,
     started: Instant,
@@ -322,17 +330,10 @@ fn save_with_tracking(
     // Round one: every page ever written (the rest is zero, and the file is sparse), with
     // zero pages skipped. Later rounds: exactly the pages dirtied meanwhile.
     let round_start = Instant::now();
-    let populated = vm.ram().populated_ranges();
-    bytes_written += write_ranges(
-        vm.ram(),
-        file,
-        memory_offset,
-        populated.iter().copied(),
-        true,
-    )
-    .map_err(io_err("writing memory to"))?;
+    bytes_written += write_ranges(vm.ram(), file, memory_offset, first_round.ranges(), true)
+        .map_err(io_err("writing memory to"))?;
     rounds.push(RoundReport {
-        pages: populated.iter().map(|r| r.pages).sum(),
+        pages: first_round.count(),
         millis: ms(round_start.elapsed()),
     });
     let mut to_write = vm.fetch_dirty()?;

@@ -768,10 +768,17 @@ impl Vm {
         self.control.throttle()
     }
 
-    /// Starts dirty-page tracking.
-    pub fn start_dirty_log(&mut self) -> Result<(), VmError> {
+    /// Starts dirty-page tracking for a live copy (migration or snapshot) and returns the
+    /// pages its first round must send: every page whose backing exists.
+    ///
+    /// The order is the point. Tracking goes on first, and only then is the backing read,
+    /// so every page is either already populated when it is read (and sent in round one) or
+    /// written later (and in a later fetch). Reading the backing first would lose every
+    /// page the guest writes for the first time in between: it would be neither populated
+    /// when read nor dirty once tracking started.
+    pub fn begin_tracking(&mut self) -> Result<DirtySet, VmError> {
         self.dirty_log.start(&self.vm_fd, &self.ram)?;
-        Ok(())
+        Ok(self.ram.populated_set())
     }
 
     /// Pages written (by guest or VMM) since tracking started or since the last fetch.

@@ -255,7 +255,7 @@ fn exact_dirty_set(mode: DirtyLogMode) {
     let mut config = VmConfig::new("dirty-exact", 2, 32 * MIB);
     config.dirty_log = mode;
     let mut vm = Vm::create(&config, &Boot::Guest(guest), &[]).unwrap();
-    vm.start_dirty_log().unwrap();
+    vm.begin_tracking().unwrap();
     // Nothing has run yet: the set is empty.
     assert!(vm.fetch_dirty().unwrap().is_empty());
     vm.resume().unwrap();

@@ -257,33 +257,33 @@ impl SourceMigration {
         };
         let config = SenderConfig::new(session_of(self.id), placement);
         let vm = self.vm.clone();
-        let populated = self.outgoing.ram.populated_ranges();
         let connect = async move {
             let sender =
                 actix_rt::task::spawn_blocking(move || Sender::connect(&addrs, source, config))
                     .await
                     .map_err(|e| format!("copy worker start failed: {e}"))?
                     .map_err(|e| format!("connecting the data streams: {}", error_chain(&e)))?;
-            // Track from now on: every page written after this point is sent again.
-            vm.send(DirtyLog::Start)
+            // Round one comes with tracking already on: a page is either populated when the
+            // VM reads its backing, or written later and in a later fetch.
+            let first_round = vm
+                .send(DirtyLog::Start)
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| format!("starting dirty-page tracking: {e}"))?;
-            Ok::<_, String>(sender)
+            Ok::<_, String>((sender, first_round))
         };
         ctx.wait(
             connect
                 .into_actor(self)
                 .map(move |result, act, ctx| match result {
-                    Ok(sender) if act.done => discard(sender),
-                    Ok(sender) => {
+                    Ok((sender, _)) if act.done => discard(sender),
+                    Ok((sender, first_round)) => {
                         act.data_stats = Some(sender.stats_handle());
                         act.data = Some(sender);
                         act.stage(Stage::PreCopy);
                         // Round one: everything ever written. Never-touched memory is zero on both
                         // sides already.
-                        let ranges = to_transport_ranges(populated.into_iter());
-                        act.run_round(ctx, ranges);
+                        act.run_round(ctx, to_transport_ranges(first_round.ranges()));
                     }
                     Err(e) => act.fail(ctx, Stage::Prepare, e),
                 }),
@@ -353,8 +353,7 @@ impl SourceMigration {
                 .into_actor(self)
                 .map(move |result, act, ctx| {
                     let dirty = match result {
-                        Ok(Ok(Some(dirty))) => dirty,
-                        Ok(Ok(None)) => return act.fail(ctx, Stage::PreCopy, "no dirty set".into()),
+                        Ok(Ok(dirty)) => dirty,
                         Ok(Err(e)) => return act.fail(ctx, Stage::PreCopy, format!("fetching dirty pages: {e}")),
                         Err(e) => return act.fail(ctx, Stage::PreCopy, e.to_string()),
                     };
