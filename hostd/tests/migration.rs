@@ -153,6 +153,42 @@ fn verify_guest_sees_no_mismatch_and_memory_hashes_match() {
     );
 }
 
+/// The worst moment for page selection: the migration starts while the `verify` guest is
+/// still writing its memory for the first time. Whatever the delay, nothing is lost: the
+/// guest's own checks find no bad page on the destination, and with `--verify` the memory
+/// hashes of both sides agree before the switch.
+#[test]
+fn verify_guest_migrated_while_filling_its_memory_arrives_whole() {
+    let cluster = cluster(vec![HostSpec::new("alpha"), HostSpec::new("beta")]);
+    for (i, delay_ms) in [0u64, 50, 100, 200, 400].into_iter().enumerate() {
+        let name = format!("fill{delay_ms}");
+        cluster.ferryctl_ok(&[
+            "vm", "create", &name, "--host", "alpha", "--guest", "verify", "--memory", "1G",
+        ]);
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let check_hashes = i % 2 == 0;
+        let extra: &[&str] = if check_hashes { &["--verify"] } else { &[] };
+        let report = migrate(&cluster, &name, "beta", extra);
+        if check_hashes {
+            assert_eq!(report["memory_verified"], true, "{report:#}");
+        }
+        let arrived = cluster.vm(&name).unwrap()["guest_progress"]
+            .as_u64()
+            .unwrap();
+        cluster.wait_for("verify passes on beta", Duration::from_secs(60), |c| {
+            c.vm(&name)
+                .is_some_and(|v| v["guest_progress"].as_u64() >= Some(arrived + 2))
+        });
+        let vm = cluster.vm(&name).unwrap();
+        assert_eq!(vm["host"], "beta");
+        assert_eq!(
+            vm["guest_failures"], 0,
+            "started {delay_ms} ms after create: the guest found lost or stale pages: {vm:#}"
+        );
+        cluster.ferryctl_ok(&["vm", "stop", &name]);
+    }
+}
+
 #[test]
 fn dirty_guest_at_unlimited_rate_converges_by_throttling() {
     let cluster = cluster(vec![HostSpec::new("alpha"), HostSpec::new("beta")]);
