@@ -64,6 +64,9 @@ pub struct ControlConfig {
     pub max_message_len: u32,
     /// Messages longer than this are lz4-compressed when that makes them smaller.
     pub compress_above: usize,
+    /// Protocol versions offered (connecting) or accepted (answering); normally
+    /// [`wire::PROTOCOL_VERSIONS`], narrowed or widened only to test mixed-version clusters.
+    pub versions: &'static [u16],
 }
 
 impl Default for ControlConfig {
@@ -75,6 +78,7 @@ impl Default for ControlConfig {
             send_timeout: Duration::from_secs(15),
             max_message_len: wire::MAX_PAYLOAD_LEN,
             compress_above: 4096,
+            versions: wire::PROTOCOL_VERSIONS,
         }
     }
 }
@@ -485,7 +489,7 @@ impl ControlChannel {
     pub async fn client(stream: TcpStream, config: ControlConfig) -> Result<Self, ControlError> {
         let (mut frames, mut writer, peer) = split(stream, &config)?;
         let hello = Hello {
-            versions: wire::PROTOCOL_VERSIONS.to_vec(),
+            versions: config.versions.to_vec(),
             channel: ChannelKind::Control,
         };
         let payload = wire::encode_hello(&hello).map_err(ControlError::Payload)?;
@@ -501,7 +505,7 @@ impl ControlChannel {
                     MessageType::Welcome => {
                         let Welcome { version } =
                             wire::decode_welcome(&frame.payload).map_err(ControlError::Payload)?;
-                        if wire::PROTOCOL_VERSIONS.contains(&version) {
+                        if config.versions.contains(&version) {
                             Ok(version)
                         } else {
                             Err(ControlError::Handshake {
@@ -549,8 +553,8 @@ impl ControlChannel {
             } else {
                 None
             };
-            let negotiated = wire::negotiate_version(wire::PROTOCOL_VERSIONS, &hello.versions);
-            let error = match (refusal, negotiated) {
+            let negotiated = wire::negotiate_version(config.versions, &hello.versions);
+            let (error, reason) = match (refusal, negotiated) {
                 (None, Ok(version)) => {
                     let payload = wire::encode_welcome(Welcome { version }).to_vec();
                     writer
@@ -559,10 +563,19 @@ impl ControlChannel {
                         .map_err(send_error)?;
                     return Ok(version);
                 }
-                (Some(error), _) => error,
-                (None, Err(source)) => ControlError::Version(source),
+                (Some(error), _) => {
+                    let reason = crate::report(&error);
+                    (error, reason)
+                }
+                (None, Err(source)) => {
+                    // Said from the peer's side, where "this side" would be ambiguous.
+                    let reason = format!(
+                        "no common protocol version: the accepting host speaks {:?}, the connecting host speaks {:?}; upgrade the older host",
+                        config.versions, hello.versions
+                    );
+                    (ControlError::Version(source), reason)
+                }
             };
-            let reason = crate::report(&error);
             let _ = writer
                 .send(greeting_frame(
                     MessageType::Abandon,

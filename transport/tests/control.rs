@@ -245,7 +245,7 @@ async fn version_mismatch_fails_clearly_on_both_sides() {
         assert_eq!(frame.header.kind, MessageType::Abandon);
         let reason = wire::decode_reason(frame.payload);
         assert!(
-            reason.contains("this side speaks [1], the peer speaks [2, 3]"),
+            reason.contains("the accepting host speaks [1], the connecting host speaks [2, 3]"),
             "{reason}"
         );
         let err = server.await.unwrap().unwrap_err();
@@ -254,6 +254,44 @@ async fn version_mismatch_fails_clearly_on_both_sides() {
             report(&err).contains("no common protocol version"),
             "{}",
             report(&err)
+        );
+    })
+    .await;
+}
+
+/// Hosts of different versions: a newer one that still speaks the older version agrees on
+/// it; one that shares none refuses, and the connecting side hears both version lists.
+#[tokio::test]
+async fn mixed_versions_agree_on_the_highest_common_or_refuse_naming_both() {
+    bounded(async {
+        let newer = ControlConfig {
+            versions: &[1, 2],
+            ..quick()
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (server, client) = tokio::join!(
+            ControlChannel::accept(&listener, newer),
+            ControlChannel::connect(addr, quick())
+        );
+        assert_eq!(server.unwrap().version(), 1);
+        assert_eq!(client.unwrap().version(), 1);
+
+        let only_two = ControlConfig {
+            versions: &[2],
+            ..quick()
+        };
+        let (server, client) = tokio::join!(
+            ControlChannel::accept(&listener, only_two),
+            ControlChannel::connect(addr, quick())
+        );
+        assert!(matches!(server.unwrap_err(), ControlError::Version(_)));
+        let error = client.unwrap_err();
+        let text = report(&error);
+        assert!(
+            matches!(error, ControlError::PeerAbandoned { .. })
+                && text.contains("the accepting host speaks [2], the connecting host speaks [1]"),
+            "{text}"
         );
     })
     .await;

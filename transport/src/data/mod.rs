@@ -19,6 +19,7 @@
 //! are bounded by [`Timeouts`]; nothing waits forever.
 
 mod batch;
+mod pace;
 mod policy;
 mod receiver;
 mod sender;
@@ -32,6 +33,7 @@ use serde::{Deserialize, Serialize};
 pub use batch::{
     ApplyPagesError, MAX_PAGES_PER_FRAME, PagesDecoder, PagesError, PagesFrame, max_batch_payload,
 };
+pub use pace::MIN_BANDWIDTH;
 pub use policy::CompressionPolicy;
 pub use receiver::{DataListener, DataReceiver, Prefault, ReceiveError, ReceiverConfig};
 pub use sender::{DataSender, SendError, SenderConfig};

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender, bounded};
 
 use super::batch::{BatchEncoder, MAX_PAGES_PER_FRAME};
+use super::pace::{MIN_BANDWIDTH, Pacer};
 use super::policy::{CompressionPolicy, Decider};
 use super::stream::{self, FrameReader, StreamError};
 use super::{SessionId, Timeouts};
@@ -48,6 +49,8 @@ pub struct SenderConfig {
     pub queue_depth: usize,
     /// Time limits.
     pub timeouts: Timeouts,
+    /// Cap on the bytes all streams together put on the wire per second (`None`: no cap).
+    pub max_bandwidth: Option<u64>,
 }
 
 impl SenderConfig {
@@ -60,6 +63,7 @@ impl SenderConfig {
             pages_per_frame: 128,
             queue_depth: 4,
             timeouts: Timeouts::default(),
+            max_bandwidth: None,
         }
     }
 
@@ -73,6 +77,13 @@ impl SenderConfig {
         }
         if self.queue_depth == 0 {
             return config("queue_depth is zero".into());
+        }
+        if let Some(rate) = self.max_bandwidth
+            && rate < MIN_BANDWIDTH
+        {
+            return config(format!(
+                "max_bandwidth {rate} B/s is below the smallest cap, {MIN_BANDWIDTH} B/s"
+            ));
         }
         self.timeouts.validate().or_else(config)?;
         self.workers.validate().map_err(SendError::Workers)
@@ -290,6 +301,7 @@ impl<S: PageSource + ?Sized + 'static> DataSender<S> {
         });
         let stats = StatsHandle::new(streams);
         let policy = effective_policy(config.compression, addrs);
+        let pacer = config.max_bandwidth.map(|rate| Arc::new(Pacer::new(rate)));
         let (queue, jobs) = bounded(config.queue_depth * streams);
         let mut sender = Self {
             source,
@@ -314,6 +326,7 @@ impl<S: PageSource + ?Sized + 'static> DataSender<S> {
                 stats: sender.stats.clone(),
                 encoder: BatchEncoder::new(sender.config.pages_per_frame, version),
                 decider: Decider::new(policy),
+                pacer: pacer.clone(),
                 timeouts,
                 version,
             };
@@ -595,6 +608,8 @@ struct Worker<S: PageSource + ?Sized> {
     stats: StatsHandle,
     encoder: BatchEncoder,
     decider: Decider,
+    /// The bandwidth cap, shared by every worker of the sender.
+    pacer: Option<Arc<Pacer>>,
     timeouts: Timeouts,
     version: u16,
 }
@@ -652,6 +667,11 @@ impl<S: PageSource + ?Sized> Worker<S> {
             .encoder
             .encode(&*self.source, seq, runs, compress)
             .map_err(|source| StreamError::ReadMemory { stream, source })?;
+        if let Some(pacer) = &self.pacer {
+            // After encoding, so the cap counts what goes on the wire (compressed or not);
+            // the pages were read after the round's dirty-log fetch either way.
+            pacer.admit(frame.len());
+        }
         {
             let mut socket = lock(&self.shared.writers[stream]);
             stream::write_frame(
