@@ -9,9 +9,10 @@ use ferry_transport::control::{ControlChannel, ControlConfig};
 use tokio::net::TcpListener;
 
 use crate::host_actor::{HostActor, QueryOutcome};
+use crate::journal::Journal;
 use crate::migration::destination::DestinationMigration;
 use crate::migration::protocol::{ToDestination, ToSource};
-use crate::settings::HostSettings;
+use crate::settings::{Fault, HostSettings};
 
 /// Control channel settings for this host.
 pub fn control_config(settings: &HostSettings) -> ControlConfig {
@@ -21,12 +22,17 @@ pub fn control_config(settings: &HostSettings) -> ControlConfig {
         idle_timeout: limits.io_timeout,
         send_timeout: limits.io_timeout,
         keepalive_interval: (limits.io_timeout / 5).max(std::time::Duration::from_millis(100)),
+        versions: settings.protocol_versions,
         ..ControlConfig::default()
     }
 }
 
 /// Accepts control connections until the listener fails.
-pub async fn serve(listener: TcpListener, host: Addr<HostActor>, settings: Arc<HostSettings>) {
+pub async fn serve(
+    listener: TcpListener,
+    (host, journal): (Addr<HostActor>, Arc<Journal>),
+    settings: Arc<HostSettings>,
+) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -36,9 +42,10 @@ pub async fn serve(listener: TcpListener, host: Addr<HostActor>, settings: Arc<H
             }
         };
         let host = host.clone();
+        let journal = Arc::clone(&journal);
         let settings = Arc::clone(&settings);
         actix_rt::spawn(async move {
-            if let Err(error) = handle(stream, host, settings).await {
+            if let Err(error) = handle(stream, (host, journal), settings).await {
                 tracing::warn!(%peer, %error, "control connection ended with an error");
             }
         });
@@ -47,7 +54,7 @@ pub async fn serve(listener: TcpListener, host: Addr<HostActor>, settings: Arc<H
 
 async fn handle(
     stream: tokio::net::TcpStream,
-    host: Addr<HostActor>,
+    (host, journal): (Addr<HostActor>, Arc<Journal>),
     settings: Arc<HostSettings>,
 ) -> Result<(), String> {
     let config = control_config(&settings);
@@ -61,17 +68,33 @@ async fn handle(
     match first {
         ToDestination::Hello(hello) => {
             let (sender, receiver, keepalive) = channel.into_split();
-            DestinationMigration::new(hello, settings, host, sender, receiver, keepalive).start();
+            DestinationMigration::new(
+                hello,
+                settings,
+                (host, journal),
+                sender,
+                receiver,
+                keepalive,
+            )
+            .start();
             Ok(())
         }
         ToDestination::Query { id } => {
-            let outcome = host
+            if settings.fault == Some(Fault::PartitionAfterCommit) {
+                tracing::warn!(migration = %id, "fault injection: leaving a query unanswered");
+                return Ok(());
+            }
+            let answer = host
                 .send(QueryOutcome(id))
                 .await
                 .map_err(|e| e.to_string())?;
-            tracing::info!(migration = %id, ?outcome, "answered an in-doubt query");
+            tracing::info!(migration = %id, outcome = ?answer.outcome, "answered an in-doubt query");
             channel
-                .send(&ToSource::Outcome { outcome })
+                .send(&ToSource::Outcome {
+                    outcome: answer.outcome,
+                    journal: answer.journal,
+                    resumed_after_commit_ms: answer.resumed_after_commit_ms,
+                })
                 .await
                 .map_err(|e| ferry_transport::report(&e))?;
             let _ = channel.close().await;

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::Receiver;
 
@@ -14,11 +15,12 @@ use ferry_runtime::{Boot, DirtyLogMode, Preload, Vm, VmConfig, VmIdentity};
 use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
 
+use crate::journal::{Journal, Phase};
 use crate::lifecycle::{Event, Lifecycle};
 use crate::migration::protocol::Hello;
 use crate::migration::source::SourceMigration;
 use crate::migration::{DestinationOutcome, MigrationId, MigrationOptions, MigrationReport, Stage};
-use crate::settings::HostSettings;
+use crate::settings::{Fault, HostSettings};
 use crate::vm_actor::{
     BeginMigrateOut, FollowConsole, GetInfo, Operate, VmActor, VmActorError, VmAttachments, VmInfo,
 };
@@ -149,22 +151,84 @@ struct MigrationEntry {
     cancel: Option<Recipient<CancelRequest>>,
 }
 
+/// How an arriving VM ended, as this process knows it, with the destination's share of the
+/// guest's pause when it resumed the VM.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Outcome {
+    outcome: DestinationOutcome,
+    resumed_after_commit_ms: Option<f64>,
+}
+
 /// The host.
 #[derive(Debug)]
 pub struct HostActor {
     settings: Arc<HostSettings>,
     features: CpuFeatures,
+    journal: Arc<Journal>,
     vms: BTreeMap<String, VmEntry>,
     migrations: BTreeMap<MigrationId, MigrationEntry>,
-    outcomes: BTreeMap<MigrationId, DestinationOutcome>,
+    /// Outcomes of this process's life (older ones and earlier lives: the journal).
+    outcomes: BTreeMap<MigrationId, Outcome>,
+}
+
+/// The path of a VM's console log in a state directory.
+pub fn console_log_path(state_dir: &Path, vm: &str) -> PathBuf {
+    state_dir.join(format!("{vm}.console.log"))
+}
+
+/// What was at a console log's path before an arriving VM opened it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Previously {
+    Absent,
+    File {
+        len: u64,
+    },
+    /// Something that is not a regular file: opening it fails, and it is never touched.
+    Other,
+}
+
+/// The console log an arriving VM writes to, and what the path held before, so that a
+/// discarded copy leaves the state directory exactly as it was.
+#[derive(Debug)]
+pub struct ConsoleLogClaim {
+    path: PathBuf,
+    previously: Previously,
+}
+
+impl ConsoleLogClaim {
+    fn take(path: PathBuf) -> Self {
+        let previously = match std::fs::symlink_metadata(&path) {
+            Err(_) => Previously::Absent,
+            Ok(meta) if meta.is_file() => Previously::File { len: meta.len() },
+            Ok(_) => Previously::Other,
+        };
+        ConsoleLogClaim { path, previously }
+    }
+
+    /// Undoes what the arriving VM did to the file: removes it if it was new, cuts it back
+    /// to its old length otherwise.
+    pub fn release(self) -> std::io::Result<()> {
+        match self.previously {
+            Previously::Absent => match std::fs::remove_file(&self.path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+            Previously::File { len } => std::fs::OpenOptions::new()
+                .write(true)
+                .open(&self.path)?
+                .set_len(len),
+            Previously::Other => Ok(()),
+        }
+    }
 }
 
 impl HostActor {
-    /// A host with these settings and CPU features (the host's, less hidden ones).
-    pub fn new(settings: HostSettings, features: CpuFeatures) -> Self {
+    /// A host with these settings, CPU features (the host's, less hidden ones) and journal.
+    pub fn new(settings: HostSettings, features: CpuFeatures, journal: Arc<Journal>) -> Self {
         HostActor {
             settings: Arc::new(settings),
             features,
+            journal,
             vms: BTreeMap::new(),
             migrations: BTreeMap::new(),
             outcomes: BTreeMap::new(),
@@ -238,8 +302,19 @@ impl HostActor {
         Ok(())
     }
 
-    fn remember_outcome(&mut self, id: MigrationId, outcome: DestinationOutcome) {
-        self.outcomes.insert(id, outcome);
+    fn remember_outcome(
+        &mut self,
+        id: MigrationId,
+        outcome: DestinationOutcome,
+        resumed_after_commit_ms: Option<f64>,
+    ) {
+        self.outcomes.insert(
+            id,
+            Outcome {
+                outcome,
+                resumed_after_commit_ms,
+            },
+        );
         while self.outcomes.len() > OUTCOMES_KEPT {
             self.outcomes.pop_first();
         }
@@ -327,11 +402,7 @@ impl Handler<CreateVm> for HostActor {
         );
         let mut config = VmConfig::new(&spec.name, spec.vcpus, spec.memory);
         config.identity = VmIdentity::new(&spec.name);
-        config.console_log = Some(
-            self.settings
-                .state_dir
-                .join(format!("{}.console.log", spec.name)),
-        );
+        config.console_log = Some(console_log_path(&self.settings.state_dir, &spec.name));
         config.dirty_log = DirtyLogMode::Bitmap;
         config.hidden_cpu_features = self.settings.hidden_cpu_features.clone();
         let host = self.settings.name.clone();
@@ -762,7 +833,17 @@ impl Handler<CancelMigration> for HostActor {
             };
             cancel
                 .send(CancelRequest)
-                .await?
+                .await
+                // The migration actor is gone: it just finished, one way or the other.
+                .map_err(|_| {
+                    HostError::new(
+                        ErrorKind::Conflict,
+                        format!(
+                            "too late to cancel: migration {} of VM '{vm}' has already ended",
+                            report.id
+                        ),
+                    )
+                })?
                 .map_err(|m| HostError::new(ErrorKind::Conflict, m))?;
             Ok(report)
         })
@@ -788,7 +869,7 @@ impl Handler<AdmitIncoming> for HostActor {
 
 /// Destination, stage prepare: build the empty VM and reserve its resources.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<Addr<VmActor>, String>")]
+#[rtype(result = "Result<(Addr<VmActor>, ConsoleLogClaim), String>")]
 pub struct PrepareIncoming {
     /// The source's description.
     pub hello: Box<Hello>,
@@ -797,7 +878,7 @@ pub struct PrepareIncoming {
 }
 
 impl Handler<PrepareIncoming> for HostActor {
-    type Result = ResponseActFuture<Self, Result<Addr<VmActor>, String>>;
+    type Result = ResponseActFuture<Self, Result<(Addr<VmActor>, ConsoleLogClaim), String>>;
 
     fn handle(&mut self, msg: PrepareIncoming, _: &mut Self::Context) -> Self::Result {
         let hello = msg.hello;
@@ -815,7 +896,7 @@ impl Handler<PrepareIncoming> for HostActor {
                 migration: Some(id),
             },
         );
-        self.outcomes.insert(id, DestinationOutcome::InProgress);
+        self.remember_outcome(id, DestinationOutcome::InProgress, None);
         self.migrations.insert(
             id,
             MigrationEntry {
@@ -824,38 +905,57 @@ impl Handler<PrepareIncoming> for HostActor {
             },
         );
         let host = self.settings.name.clone();
-        let console = Some(self.settings.state_dir.join(format!("{name}.console.log")));
+        let console = console_log_path(&self.settings.state_dir, &name);
+        let claim = ConsoleLogClaim::take(console.clone());
         let attachments = VmAttachments {
             network: hello.networks.first().cloned(),
             ip: hello.ip,
         };
+        let fault = self.settings.fault;
         let build = async move {
             let built = actix_rt::task::spawn_blocking(move || {
+                if fault == Some(Fault::FailPrepare) {
+                    tracing::warn!("fault injection: failing to build the arriving VM");
+                    return Err(ferry_runtime::VmError::Memory(
+                        ferry_runtime::memory::MemoryError::CreateMemfd {
+                            size: hello.shape.memory,
+                            source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+                        },
+                    ));
+                }
                 Vm::create_empty(
                     &hello.identity,
                     &hello.shape,
                     &hello.boot,
                     DirtyLogMode::Bitmap,
-                    console,
+                    Some(console),
                 )
             })
             .await;
             match built {
-                Ok(Ok(vm)) => Ok(VmActor::incoming(vm, &host, attachments).spawn()),
-                Ok(Err(e)) => Err(format!("cannot build the VM: {e}")),
+                Ok(Ok(vm)) => Ok((VmActor::incoming(vm, &host, attachments).spawn(), claim)),
+                Ok(Err(e)) => {
+                    if let Err(error) = claim.release() {
+                        tracing::warn!(%error, "restoring the console log failed");
+                    }
+                    Err(format!(
+                        "host '{host}' cannot build the VM: {}",
+                        ferry_transport::report(&e)
+                    ))
+                }
                 Err(e) => Err(format!("VM build task failed: {e}")),
             }
         };
         Box::pin(build.into_actor(self).map(move |result, act, _| {
             match &result {
-                Ok(addr) => {
+                Ok((addr, _)) => {
                     if let Some(entry) = act.vms.get_mut(&name) {
                         entry.addr = Some(addr.clone());
                     }
                 }
                 Err(_) => {
                     act.vms.remove(&name);
-                    act.remember_outcome(id, DestinationOutcome::Discarded);
+                    act.remember_outcome(id, DestinationOutcome::Discarded, None);
                 }
             }
             result
@@ -910,13 +1010,15 @@ pub struct IncomingFinished {
     pub outcome: DestinationOutcome,
     /// Lifecycle after it.
     pub state: Lifecycle,
+    /// From receiving `Commit` to the VM running, when it was resumed here.
+    pub resumed_after_commit_ms: Option<f64>,
 }
 
 impl Handler<IncomingFinished> for HostActor {
     type Result = ();
 
     fn handle(&mut self, msg: IncomingFinished, _: &mut Self::Context) {
-        self.remember_outcome(msg.id, msg.outcome);
+        self.remember_outcome(msg.id, msg.outcome, msg.resumed_after_commit_ms);
         match msg.outcome {
             DestinationOutcome::Owned => {
                 if let Some(entry) = self.vms.get_mut(&msg.vm) {
@@ -937,21 +1039,57 @@ impl Handler<IncomingFinished> for HostActor {
     }
 }
 
-/// Destination: what do we know about migration `id`?
+/// What a destination answers when asked how a migration ended.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OutcomeAnswer {
+    /// What it knows.
+    pub outcome: DestinationOutcome,
+    /// The journal the answer comes from.
+    pub journal: uuid::Uuid,
+    /// From receiving `Commit` to the VM running, when it resumed it.
+    pub resumed_after_commit_ms: Option<f64>,
+}
+
+/// Destination: what do we know about migration `id`? From this process's memory, else from
+/// the journal, which outlives restarts.
 #[derive(Debug, Message)]
-#[rtype(result = "DestinationOutcome")]
+#[rtype(result = "OutcomeAnswer")]
 pub struct QueryOutcome(pub MigrationId);
 
 impl Handler<QueryOutcome> for HostActor {
     type Result = MessageResult<QueryOutcome>;
 
     fn handle(&mut self, QueryOutcome(id): QueryOutcome, _: &mut Self::Context) -> Self::Result {
-        MessageResult(
-            self.outcomes
-                .get(&id)
-                .copied()
-                .unwrap_or(DestinationOutcome::Unknown),
-        )
+        let journal = self.journal.id();
+        if let Some(known) = self.outcomes.get(&id) {
+            return MessageResult(OutcomeAnswer {
+                outcome: known.outcome,
+                journal,
+                resumed_after_commit_ms: known.resumed_after_commit_ms,
+            });
+        }
+        let (outcome, resumed_after_commit_ms) = match self.journal.get(id) {
+            Ok(None) => (DestinationOutcome::Unknown, None),
+            Ok(Some(record)) => (
+                match record.phase {
+                    Phase::Preparing | Phase::Committed => DestinationOutcome::InProgress,
+                    Phase::Resumed => DestinationOutcome::Owned,
+                    Phase::Discarded => DestinationOutcome::Discarded,
+                    Phase::Lost => DestinationOutcome::Lost,
+                },
+                record.resumed_after_commit_ms,
+            ),
+            Err(error) => {
+                // No answer is better than a wrong one: the source keeps asking.
+                tracing::error!(migration = %id, error = %ferry_transport::report(&error), "reading the journal");
+                (DestinationOutcome::InProgress, None)
+            }
+        };
+        MessageResult(OutcomeAnswer {
+            outcome,
+            journal,
+            resumed_after_commit_ms,
+        })
     }
 }
 

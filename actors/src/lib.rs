@@ -10,6 +10,7 @@
 pub mod announce;
 pub mod control_server;
 pub mod host_actor;
+pub mod journal;
 pub mod lifecycle;
 pub mod migration;
 pub mod settings;

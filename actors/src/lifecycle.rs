@@ -1,8 +1,10 @@
 //! The lifecycle of a VM on a host, as an explicit transition table.
 //!
 //! `Created → Running ⇄ Paused → Stopped`, plus `MigratingOut` (the VM is leaving this host;
-//! it may be running or paused underneath) and `MigratingIn` (an empty copy waiting for the
-//! VM to arrive). Every change goes through [`next`], so an operation that makes no sense in
+//! it may be running or paused underneath), `MigratingIn` (an empty copy waiting for the
+//! VM to arrive) and `Stale` (the paused copy left on a source whose destination committed
+//! the switch-over and then lost the VM: it runs again only by an explicit operator recovery,
+//! since its guest would go back in time). Every change goes through [`next`], so an operation that makes no sense in
 //! the current state is refused with a clear error instead of half-happening.
 
 use serde::{Deserialize, Serialize};
@@ -23,6 +25,9 @@ pub enum Lifecycle {
     MigratingOut,
     /// Arriving from another host; not runnable yet.
     MigratingIn,
+    /// The copy paused at a switch-over whose destination then lost the VM. Older than what
+    /// the guest last did there; runs only through an explicit recovery.
+    Stale,
 }
 
 /// Something that changes a VM's lifecycle.
@@ -49,6 +54,10 @@ pub enum Event {
     MigrateInKeepPaused,
     /// The incoming copy is discarded.
     MigrateInDiscard,
+    /// The destination committed the switch-over and then lost the VM: this copy is stale.
+    MigrateOutLost,
+    /// The operator runs the stale copy anyway, accepting that its guest goes back in time.
+    RecoverStale,
 }
 
 /// An event that is not allowed in a state.
@@ -70,6 +79,7 @@ impl std::fmt::Display for Lifecycle {
             Lifecycle::Stopped => "stopped",
             Lifecycle::MigratingOut => "migrating out",
             Lifecycle::MigratingIn => "migrating in",
+            Lifecycle::Stale => "stale",
         })
     }
 }
@@ -86,6 +96,8 @@ impl std::fmt::Display for Event {
             Event::MigrateInResume => "resume the arriving",
             Event::MigrateInKeepPaused => "keep paused the arriving",
             Event::MigrateInDiscard => "discard the arriving",
+            Event::MigrateOutLost => "mark stale",
+            Event::RecoverStale => "recover from a stale copy",
         })
     }
 }
@@ -105,6 +117,9 @@ pub fn next(state: Lifecycle, event: Event) -> Result<Lifecycle, InvalidTransiti
         (L::MigratingIn, E::MigrateInResume) => L::Running,
         (L::MigratingIn, E::MigrateInKeepPaused) => L::Paused,
         (L::MigratingIn, E::MigrateInDiscard) => L::Stopped,
+        (L::MigratingOut, E::MigrateOutLost) => L::Stale,
+        (L::Stale, E::RecoverStale) => L::Running,
+        (L::Stale, E::Stop) => L::Stopped,
         _ => return Err(InvalidTransition { state, event }),
     };
     Ok(to)
@@ -114,15 +129,16 @@ pub fn next(state: Lifecycle, event: Event) -> Result<Lifecycle, InvalidTransiti
 mod tests {
     use super::*;
 
-    const STATES: [Lifecycle; 6] = [
+    const STATES: [Lifecycle; 7] = [
         Lifecycle::Created,
         Lifecycle::Running,
         Lifecycle::Paused,
         Lifecycle::Stopped,
         Lifecycle::MigratingOut,
         Lifecycle::MigratingIn,
+        Lifecycle::Stale,
     ];
-    const EVENTS: [Event; 10] = [
+    const EVENTS: [Event; 12] = [
         Event::Resume,
         Event::Pause,
         Event::Stop,
@@ -133,6 +149,8 @@ mod tests {
         Event::MigrateInResume,
         Event::MigrateInKeepPaused,
         Event::MigrateInDiscard,
+        Event::MigrateOutLost,
+        Event::RecoverStale,
     ];
 
     /// The whole table, written out: every (state, event) pair not listed is refused.
@@ -165,6 +183,9 @@ mod tests {
             (L::MigratingIn, E::MigrateInResume, L::Running),
             (L::MigratingIn, E::MigrateInKeepPaused, L::Paused),
             (L::MigratingIn, E::MigrateInDiscard, L::Stopped),
+            (L::MigratingOut, E::MigrateOutLost, L::Stale),
+            (L::Stale, E::RecoverStale, L::Running),
+            (L::Stale, E::Stop, L::Stopped),
         ];
         for state in STATES {
             for event in EVENTS {
@@ -194,6 +215,17 @@ mod tests {
         }
         let err = next(Lifecycle::MigratingOut, Event::MigrateOutBegin).unwrap_err();
         assert_eq!(err.to_string(), "cannot migrate a VM that is migrating out");
+    }
+
+    #[test]
+    fn a_stale_copy_neither_resumes_nor_migrates() {
+        for event in [Event::Resume, Event::Pause, Event::MigrateOutBegin] {
+            assert!(next(Lifecycle::Stale, event).is_err(), "{event:?}");
+        }
+        assert_eq!(
+            next(Lifecycle::Stale, Event::RecoverStale),
+            Ok(Lifecycle::Running)
+        );
     }
 
     #[test]

@@ -31,18 +31,37 @@ pub enum Fault {
     /// Destination: run the VM on commit but drop the connection instead of confirming (the
     /// source must find out by asking, and must not resume meanwhile).
     DropControlOnCommit,
+    /// Destination: as `DropControlOnCommit`, and answer no query either, as if a partition
+    /// cut the hosts apart right after the commit.
+    PartitionAfterCommit,
+    /// Destination: change one byte of the arrived memory before comparing hashes.
+    CorruptArrivingMemory,
+    /// Destination: fail to build the arriving VM, as when the host runs out of memory.
+    FailPrepare,
+    /// Destination: reject the arrived VM state.
+    RejectState,
 }
 
 impl Fault {
+    const ALL: [(&'static str, Fault); 6] = [
+        ("drop-control-on-state", Fault::DropControlOnState),
+        ("drop-control-on-commit", Fault::DropControlOnCommit),
+        ("partition-after-commit", Fault::PartitionAfterCommit),
+        ("corrupt-arriving-memory", Fault::CorruptArrivingMemory),
+        ("fail-prepare", Fault::FailPrepare),
+        ("reject-state", Fault::RejectState),
+    ];
+
     /// Parses a `FERRY_FAULT` value.
     pub fn parse(text: &str) -> Result<Fault, String> {
-        match text {
-            "drop-control-on-state" => Ok(Fault::DropControlOnState),
-            "drop-control-on-commit" => Ok(Fault::DropControlOnCommit),
-            other => Err(format!(
-                "unknown FERRY_FAULT '{other}' (known: drop-control-on-state, drop-control-on-commit)"
-            )),
-        }
+        Self::ALL
+            .iter()
+            .find(|(name, _)| *name == text)
+            .map(|(_, fault)| *fault)
+            .ok_or_else(|| {
+                let known: Vec<&str> = Self::ALL.iter().map(|(name, _)| *name).collect();
+                format!("unknown FERRY_FAULT '{text}' (known: {})", known.join(", "))
+            })
     }
 }
 
@@ -103,4 +122,7 @@ pub struct HostSettings {
     pub peers: BTreeMap<String, Peer>,
     /// Test-only fault injection.
     pub fault: Option<Fault>,
+    /// Host-to-host protocol versions this host speaks (normally all this build has; a test
+    /// narrows or widens them to stand in for another Ferry version).
+    pub protocol_versions: &'static [u16],
 }

@@ -236,7 +236,7 @@ impl Handler<Operate> for VmActor {
     fn handle(&mut self, Operate(event): Operate, _: &mut Self::Context) -> Self::Result {
         let to = next(self.lifecycle, event)?;
         match event {
-            Event::Resume => self.vm()?.resume()?,
+            Event::Resume | Event::RecoverStale => self.vm()?.resume()?,
             Event::Pause => {
                 self.vm()?.pause()?;
             }
@@ -424,6 +424,8 @@ pub enum EndMigrateOut {
     },
     /// The destination owns the VM: release this copy.
     Complete,
+    /// The destination committed and then lost the VM: keep this copy paused, as `Stale`.
+    Stale,
 }
 
 impl Handler<EndMigrateOut> for VmActor {
@@ -450,6 +452,15 @@ impl Handler<EndMigrateOut> for VmActor {
                 next(self.lifecycle, Event::MigrateOutComplete)?;
                 self.release();
                 self.transition(Event::MigrateOutComplete)?;
+            }
+            EndMigrateOut::Stale => {
+                next(self.lifecycle, Event::MigrateOutLost)?;
+                let vm = self.vm()?;
+                vm.set_throttle(0);
+                if vm.dirty_log_enabled() {
+                    vm.stop_dirty_log()?;
+                }
+                self.transition(Event::MigrateOutLost)?;
             }
         }
         Ok(self.info())

@@ -11,10 +11,11 @@ use ferry_actors::host_actor::{
     CancelMigration, ConsoleOf, CreateVm, ErrorKind, GetHostInfo, GetMigration, GetVm, HostActor,
     HostError, ListMigrations, ListVms, OperateVm, StartMigration, parse_operation,
 };
+use ferry_actors::lifecycle::Event;
 use ferry_actors::settings::HostSettings;
 use serde::Deserialize;
 
-use crate::api_types::{CreateVmRequest, ErrorBody, MigrateRequest};
+use crate::api_types::{CreateVmRequest, ErrorBody, MigrateRequest, RecoverRequest};
 
 /// An API error: a `HostError` with its status code.
 #[derive(Debug)]
@@ -152,7 +153,9 @@ async fn migrate(
     name: Path<String>,
     body: Json<MigrateRequest>,
 ) -> ApiResult {
-    let options = body.options(&settings.migration.defaults);
+    let options = body
+        .options(&settings.migration.defaults)
+        .map_err(bad_request)?;
     let report = host
         .send(StartMigration {
             vm: name.into_inner(),
@@ -161,6 +164,23 @@ async fn migrate(
         })
         .await??;
     Ok(HttpResponse::Accepted().json(report))
+}
+
+async fn recover_vm(host: Host, name: Path<String>, body: Json<RecoverRequest>) -> ApiResult {
+    if !body.from_stale_copy {
+        return Err(bad_request(
+            "recovering runs the stale copy a lost switch-over left paused here, and its guest goes back to the moment of that switch-over; send {\"from_stale_copy\": true} to do it",
+        ));
+    }
+    let name = name.into_inner();
+    tracing::warn!(vm = %name, "operator recovers the VM from its stale copy: the guest goes back to the moment of the switch-over");
+    Ok(HttpResponse::Ok().json(
+        host.send(OperateVm {
+            name,
+            event: Event::RecoverStale,
+        })
+        .await??,
+    ))
 }
 
 async fn cancel_migration(host: Host, name: Path<String>) -> ApiResult {
@@ -216,6 +236,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             "/v1/vms/{name}/migrate/cancel",
             web::post().to(cancel_migration),
         )
+        .route("/v1/vms/{name}/recover", web::post().to(recover_vm))
         .route("/v1/vms/{name}/{op}", web::post().to(operate_vm))
         .route("/v1/migrations", web::get().to(list_migrations))
         .route("/v1/migrations/{id}", web::get().to(get_migration))

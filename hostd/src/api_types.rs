@@ -5,6 +5,8 @@ use std::net::Ipv4Addr;
 use ferry_actors::host_actor::{ErrorKind, VmSpec};
 use ferry_actors::migration::MigrationOptions;
 use ferry_runtime::units::parse_size;
+
+use crate::config::parse_bandwidth;
 use ferry_runtime::{Boot, GuestOptions, Preload};
 use serde::{Deserialize, Serialize};
 
@@ -102,19 +104,39 @@ pub struct MigrateRequest {
     /// Throttle the guest to converge.
     #[serde(default)]
     pub auto_converge: Option<bool>,
+    /// Bandwidth cap on the memory copy, e.g. `200M` (200 MB/s); `none` lifts the host's
+    /// default cap.
+    #[serde(default)]
+    pub max_bandwidth: Option<String>,
 }
 
 impl MigrateRequest {
-    /// Options with the host's defaults filled in.
-    pub fn options(&self, defaults: &MigrationOptions) -> MigrationOptions {
-        MigrationOptions {
+    /// Options with the host's defaults filled in, or what is wrong with the request.
+    pub fn options(&self, defaults: &MigrationOptions) -> Result<MigrationOptions, String> {
+        let max_bandwidth = match self.max_bandwidth.as_deref().map(str::trim) {
+            None => defaults.max_bandwidth,
+            Some("none" | "unlimited") => None,
+            Some(text) => Some(parse_bandwidth(text).map_err(|e| format!("max_bandwidth: {e}"))?),
+        };
+        Ok(MigrationOptions {
             downtime_ms: self.downtime_ms.unwrap_or(defaults.downtime_ms),
             streams: self.streams.unwrap_or(defaults.streams),
             verify: self.verify,
             max_rounds: self.max_rounds.unwrap_or(defaults.max_rounds),
             auto_converge: self.auto_converge.unwrap_or(defaults.auto_converge),
-        }
+            max_bandwidth,
+        })
     }
+}
+
+/// `POST /v1/vms/{name}/recover`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoverRequest {
+    /// Run the stale copy a lost switch-over left paused here, knowing that its guest goes
+    /// back to the moment of the switch-over. Must be `true`.
+    #[serde(default)]
+    pub from_stale_copy: bool,
 }
 
 /// Every error response.

@@ -76,7 +76,7 @@ fn unreachable(host: &HostConfig, source: reqwest::Error) -> ClientError {
 fn rank(state: Lifecycle) -> u8 {
     match state {
         Lifecycle::Running | Lifecycle::Paused | Lifecycle::MigratingOut | Lifecycle::Created => 2,
-        Lifecycle::MigratingIn => 1,
+        Lifecycle::MigratingIn | Lifecycle::Stale => 1,
         Lifecycle::Stopped => 0,
     }
 }
@@ -232,6 +232,19 @@ impl Client {
             &host,
             &format!("/v1/vms/{name}/{op}"),
             &serde_json::json!({}),
+        )
+    }
+
+    /// Runs the stale copy of `name` a lost switch-over left paused (its guest goes back to
+    /// the moment of that switch-over).
+    pub fn recover_from_stale_copy(&self, name: &str) -> Result<VmInfo, ClientError> {
+        let (host, _) = self.find_vm(name)?;
+        self.post(
+            &host,
+            &format!("/v1/vms/{name}/recover"),
+            &crate::api_types::RecoverRequest {
+                from_stale_copy: true,
+            },
         )
     }
 

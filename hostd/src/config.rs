@@ -52,6 +52,7 @@ struct MigrationSection {
     streams: Option<u16>,
     max_rounds: Option<u32>,
     auto_converge: Option<bool>,
+    max_bandwidth: Option<String>,
     max_concurrent: Option<usize>,
     connect_timeout_ms: Option<u64>,
     io_timeout_ms: Option<u64>,
@@ -267,8 +268,24 @@ impl Cluster {
             migration: self.migration.clone(),
             peers,
             fault,
+            protocol_versions: ferry_transport::wire::PROTOCOL_VERSIONS,
         })
     }
+}
+
+/// A bandwidth cap as operators write it (`200M` = 200 MB/s), at least the transport's
+/// smallest.
+pub fn parse_bandwidth(text: &str) -> Result<u64, String> {
+    let rate = ferry_runtime::units::parse_rate(text)?;
+    let least = ferry_transport::data::MIN_BANDWIDTH;
+    if rate < least {
+        return Err(format!(
+            "{} is below the smallest cap, {}",
+            ferry_runtime::units::format_rate(rate),
+            ferry_runtime::units::format_rate(least)
+        ));
+    }
+    Ok(rate)
 }
 
 fn validate(file: &Path, raw: ClusterFile) -> Result<Cluster, ConfigError> {
@@ -339,6 +356,13 @@ fn validate(file: &Path, raw: ClusterFile) -> Result<Cluster, ConfigError> {
             verify: false,
             max_rounds: m.max_rounds.unwrap_or(defaults.max_rounds).max(1),
             auto_converge: m.auto_converge.unwrap_or(defaults.auto_converge),
+            max_bandwidth: match &m.max_bandwidth {
+                None => None,
+                Some(text) => Some(
+                    parse_bandwidth(text)
+                        .map_err(|problem| invalid("migration.max_bandwidth".into(), problem))?,
+                ),
+            },
         },
         max_concurrent: m
             .max_concurrent

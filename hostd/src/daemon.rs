@@ -10,6 +10,7 @@ use actix_web::{App, HttpServer};
 use anyhow::{Context, Result};
 use ferry_actors::control_server;
 use ferry_actors::host_actor::HostActor;
+use ferry_actors::journal::{Journal, Phase};
 use ferry_actors::settings::Fault;
 
 use crate::api;
@@ -17,6 +18,44 @@ use crate::config::Cluster;
 
 /// Test-only fault injection variable (see `ferry_actors::settings::Fault`).
 pub const FAULT_ENV: &str = "FERRY_FAULT";
+/// Test-only: the protocol versions this hostd claims to speak (comma-separated), to stand
+/// in for another Ferry version in a mixed cluster.
+pub const PROTOCOL_VERSIONS_ENV: &str = "FERRY_TEST_PROTOCOL_VERSIONS";
+
+fn protocol_versions_override() -> Result<Option<&'static [u16]>> {
+    let Ok(text) = std::env::var(PROTOCOL_VERSIONS_ENV) else {
+        return Ok(None);
+    };
+    let versions = text
+        .split(',')
+        .map(|v| v.trim().parse::<u16>())
+        .collect::<Result<Vec<u16>, _>>()
+        .with_context(|| format!("{PROTOCOL_VERSIONS_ENV}='{text}' is not a list of versions"))?;
+    // Lives as long as the process, like the built-in list it replaces.
+    Ok(Some(Vec::leak(versions)))
+}
+
+/// Opens the journal and settles what a previous hostd left open, saying so in the log.
+fn open_journal(state_dir: &Path) -> Result<Journal> {
+    let journal = Journal::open(state_dir)?;
+    for record in journal.recover()? {
+        match record.phase {
+            Phase::Lost => tracing::error!(
+                migration = %record.id,
+                vm = %record.vm,
+                source = %record.source,
+                "the VM arrived here and was committed, then lost when the previous hostd stopped; the source keeps its copy paused (stale)"
+            ),
+            _ => tracing::warn!(
+                migration = %record.id,
+                vm = %record.vm,
+                source = %record.source,
+                "an arriving VM was not committed when the previous hostd stopped; its copy is discarded and the source keeps the VM"
+            ),
+        }
+    }
+    Ok(journal)
+}
 
 /// Runs host `name` of the cluster in `config` until a shutdown signal.
 pub fn run(config: &Path, name: &str) -> Result<()> {
@@ -25,15 +64,20 @@ pub fn run(config: &Path, name: &str) -> Result<()> {
         Ok(value) => Some(Fault::parse(&value).map_err(anyhow::Error::msg)?),
         Err(_) => None,
     };
-    let settings = cluster.host_settings(name, fault)?;
+    let mut settings = cluster.host_settings(name, fault)?;
+    if let Some(versions) = protocol_versions_override()? {
+        tracing::warn!(?versions, "test override: speaking these protocol versions");
+        settings.protocol_versions = versions;
+    }
     let api_addr = cluster.host(name)?.api;
     std::fs::create_dir_all(&settings.state_dir)
         .with_context(|| format!("creating state directory {}", settings.state_dir.display()))?;
     let features = ferry_runtime::host_cpu_features(&settings.hidden_cpu_features)
         .context("reading this host's CPU features from KVM")?;
+    let journal = Arc::new(open_journal(&settings.state_dir)?);
     let settings = Arc::new(settings);
     actix::System::new().block_on(async move {
-        let host = HostActor::new((*settings).clone(), features).start();
+        let host = HostActor::new((*settings).clone(), features, Arc::clone(&journal)).start();
         let listener = tokio::net::TcpListener::bind(settings.control_addr)
             .await
             .with_context(|| {
@@ -44,7 +88,7 @@ pub fn run(config: &Path, name: &str) -> Result<()> {
             })?;
         actix_rt::spawn(control_server::serve(
             listener,
-            host.clone(),
+            (host.clone(), journal),
             Arc::clone(&settings),
         ));
         let api_settings = Arc::clone(&settings);

@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use ferry_actors::migration::{MigrationReport, Stage};
-use ferry_runtime::units::format_bytes;
+use ferry_runtime::units::{format_bytes, format_rate};
 use indicatif::{ProgressBar, ProgressStyle};
 
 fn stage_name(stage: Option<Stage>) -> &'static str {
@@ -19,6 +19,7 @@ fn stage_name(stage: Option<Stage>) -> &'static str {
         Some(Stage::Cancelled) => "cancelled",
         Some(Stage::Refused) => "refused",
         Some(Stage::InDoubt) => "in doubt",
+        Some(Stage::LostAfterSwitchOver) => "lost after switch-over",
         None => "starting",
     }
 }
@@ -112,15 +113,22 @@ pub fn describe(report: &MigrationReport) -> String {
             report.transport_reason.as_deref().unwrap_or("")
         ));
     }
+    if let Some(rate) = report.max_bandwidth {
+        out.push_str(&format!("  bandwidth:   capped at {}\n", format_rate(rate)));
+    }
     out.push_str(&format!("  total:       {:.0} ms\n", report.total_ms));
     if let Some(downtime) = report.downtime_ms {
-        out.push_str(&format!(
-            "  downtime:    {downtime:.1} ms (pause on the source until the destination runs it"
-        ));
-        if let Some(source) = report.source_downtime_ms {
-            out.push_str(&format!("; all data sent after {source:.1} ms"));
+        if report.status == "completed" {
+            out.push_str(&format!(
+                "  downtime:    {downtime:.1} ms (guest paused on the source until it runs on the destination"
+            ));
+            if let Some(source) = report.source_downtime_ms {
+                out.push_str(&format!("; all data sent after {source:.1} ms"));
+            }
+            out.push_str(")\n");
+        } else {
+            out.push_str(&format!("  downtime:    {downtime:.1} ms (guest paused)\n"));
         }
-        out.push_str(")\n");
     }
     for (i, round) in report.rounds.iter().enumerate() {
         out.push_str(&format!(
@@ -167,6 +175,9 @@ pub fn report_json(report: &MigrationReport) -> serde_json::Value {
         "transport": report.transport,
         "transport_reason": report.transport_reason,
         "streams": report.streams,
+        "protocol_version": report.protocol_version,
+        "control_rtt_ms": report.control_rtt_ms,
+        "max_bandwidth": report.max_bandwidth,
         "total_ms": report.total_ms,
         "downtime_ms": report.downtime_ms,
         "source_downtime_ms": report.source_downtime_ms,

@@ -45,6 +45,60 @@ pub fn parse_address(text: &str) -> Result<u64, String> {
     }
 }
 
+/// Parses a transfer rate in bytes per second, as network rates are written: decimal
+/// multiples (`200M` = `200MB/s` = 200 000 000 B/s), binary ones with `i` (`64MiB/s`), a
+/// fraction allowed (`1.5G`). `/s` is optional.
+pub fn parse_rate(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let body = trimmed.strip_suffix("/s").unwrap_or(trimmed).trim_end();
+    let split = body
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(body.len());
+    let (number, unit) = body.split_at(split);
+    let value: f64 = number
+        .parse()
+        .ok()
+        .filter(|v: &f64| v.is_finite())
+        .ok_or_else(|| format!("'{text}' is not a rate (expected e.g. 200M, 1.5G, 64MiB/s)"))?;
+    let unit = unit.trim();
+    let factor: f64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        _ => {
+            return Err(format!(
+                "unknown rate unit '{unit}' in '{text}' (use K, M, G, T for powers of 1000 or KiB, MiB, GiB for powers of 1024, bytes per second)"
+            ));
+        }
+    };
+    let bytes = value * factor;
+    if bytes >= u64::MAX as f64 {
+        return Err(format!("'{text}' is too large"));
+    }
+    Ok(bytes.round() as u64)
+}
+
+/// Formats a rate in bytes per second with a decimal unit, e.g. `200 MB/s`.
+pub fn format_rate(bytes_per_sec: u64) -> String {
+    const UNITS: [&str; 5] = ["B/s", "kB/s", "MB/s", "GB/s", "TB/s"];
+    let mut value = bytes_per_sec as f64;
+    let mut unit = 0;
+    while value >= 1000.0 && unit + 1 < UNITS.len() {
+        value /= 1000.0;
+        unit += 1;
+    }
+    if value.fract() == 0.0 {
+        format!("{value:.0} {}", UNITS[unit])
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
 /// Formats bytes with a binary unit, e.g. `1.5 GiB`.
 pub fn format_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -81,6 +135,23 @@ mod tests {
                 .contains("too large")
         );
         assert!(parse_size("-5").is_err());
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("200M"), Ok(200_000_000));
+        assert_eq!(parse_rate("200MB/s"), Ok(200_000_000));
+        assert_eq!(parse_rate("1.5G"), Ok(1_500_000_000));
+        assert_eq!(parse_rate("64MiB/s"), Ok(64 << 20));
+        assert_eq!(parse_rate("500k"), Ok(500_000));
+        assert_eq!(parse_rate("12345"), Ok(12345));
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("").is_err());
+        assert!(parse_rate("1.2.3M").is_err());
+        assert!(parse_rate("10Mbit").unwrap_err().contains("unit"));
+        assert_eq!(format_rate(200_000_000), "200 MB/s");
+        assert_eq!(format_rate(1_500_000_000), "1.5 GB/s");
+        assert_eq!(format_rate(999), "999 B/s");
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub struct HostSpec {
     pub hide_cpu_features: Vec<String>,
     /// `FERRY_FAULT` for this hostd.
     pub fault: Option<String>,
+    /// `FERRY_TEST_PROTOCOL_VERSIONS` for this hostd: stands in for another Ferry version.
+    pub protocol_versions: Option<String>,
 }
 
 impl HostSpec {
@@ -39,6 +41,7 @@ impl HostSpec {
             memory: "4G".into(),
             hide_cpu_features: Vec::new(),
             fault: None,
+            protocol_versions: None,
         }
     }
 
@@ -57,6 +60,12 @@ impl HostSpec {
     /// With fault injection.
     pub fn fault(mut self, fault: &str) -> Self {
         self.fault = Some(fault.into());
+        self
+    }
+
+    /// Speaking these protocol versions (comma-separated) instead of this build's.
+    pub fn protocol_versions(mut self, versions: &str) -> Self {
+        self.protocol_versions = Some(versions.into());
         self
     }
 }
@@ -409,7 +418,12 @@ impl TestCluster {
 
     fn spawn(&mut self, i: usize) {
         let host = &self.hosts[i];
-        let log = File::create(&host.log).expect("log file");
+        // Appending: a restarted hostd's lines follow its first life's.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&host.log)
+            .expect("log file");
         let mut cmd = self.command_in(host.netns.as_deref(), &self.hostd);
         cmd.arg("--config")
             .arg(&self.config)
@@ -421,6 +435,9 @@ impl TestCluster {
             .stderr(log);
         if let Some(fault) = &host.spec.fault {
             cmd.env("FERRY_FAULT", fault);
+        }
+        if let Some(versions) = &host.spec.protocol_versions {
+            cmd.env("FERRY_TEST_PROTOCOL_VERSIONS", versions);
         }
         let child = cmd.spawn().expect("spawn hostd");
         self.hosts[i].child = Some(child);
@@ -552,6 +569,37 @@ impl TestCluster {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Starts a host's hostd again (after [`TestCluster::kill`]), without fault injection,
+    /// appending to its log, and waits until it answers.
+    pub fn restart(&mut self, name: &str) {
+        let index = self
+            .hosts
+            .iter()
+            .position(|h| h.spec.name == name)
+            .expect("host");
+        assert!(
+            self.hosts[index].child.is_none(),
+            "restart {name}: kill it first"
+        );
+        self.hosts[index].spec.fault = None;
+        let mut log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.hosts[index].log)
+            .expect("log file");
+        std::io::Write::write_all(
+            &mut log,
+            format!("===== hostd {name} restarted =====\n").as_bytes(),
+        )
+        .expect("log");
+        self.spawn(index);
+        self.wait_up(index);
+    }
+
+    /// A host's state directory (journal, console logs).
+    pub fn state_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
     }
 
     /// Whether a host's hostd process is alive.

@@ -1,6 +1,11 @@
 //! The destination side of a migration: one actor per arriving VM, a state machine advanced
 //! one step per message from the source. Until `Commit` arrives, any failure or a lost
 //! connection discards the copy; after it, the VM is ours and runs here.
+//!
+//! Every step that an answer about the outcome depends on is in the host's journal before
+//! the step takes effect: `Preparing` before `Prepared` goes out, `Committed` before the
+//! vCPUs run (see `crate::journal`). A failure here is told to the source with its reason
+//! before the connection closes, so the operator reads what went wrong, not "peer closed".
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,16 +17,33 @@ use ferry_transport::data::{DataListener, DataReceiver, ReceiverConfig, SessionI
 use ferry_transport::negotiate::{Capabilities, Plan};
 use ferry_transport::workers::WorkerPlacement;
 
+use ferry_runtime::GuestRam;
+
 use super::memory;
 use super::protocol::{Hello, ToDestination, ToSource};
 use super::{DestinationOutcome, MigrationId, MigrationReport, Stage};
 use crate::announce;
 use crate::host_actor::{
-    AdmitIncoming, HostActor, IncomingFinished, MigrationUpdate, PrepareIncoming,
+    AdmitIncoming, ConsoleLogClaim, HostActor, IncomingFinished, MigrationUpdate, PrepareIncoming,
 };
+use crate::journal::{Journal, MigrationRecord, Phase};
 use crate::lifecycle::Lifecycle;
 use crate::settings::{Fault, HostSettings};
 use crate::vm_actor::{EndMigrateIn, IncomingRam, LoadIncomingState, VmActor};
+
+/// Writes `record` to the journal off the actor's thread (it fsyncs).
+async fn persist(journal: Arc<Journal>, record: MigrationRecord) -> Result<(), String> {
+    let phase = record.phase;
+    actix_rt::task::spawn_blocking(move || journal.record(&record))
+        .await
+        .map_err(|e| format!("journal task failed: {e}"))?
+        .map_err(|e| {
+            format!(
+                "cannot record phase {phase:?} durably: {}",
+                ferry_transport::report(&e)
+            )
+        })
+}
 
 /// The destination migration actor.
 pub struct DestinationMigration {
@@ -29,12 +51,19 @@ pub struct DestinationMigration {
     hello: Box<Hello>,
     settings: Arc<HostSettings>,
     host: Addr<HostActor>,
+    journal: Arc<Journal>,
+    /// This migration's journal record, once written.
+    record: Option<MigrationRecord>,
     control: Option<ControlSender>,
     receiver_half: Option<ControlReceiver>,
     _keepalive: KeepaliveTask,
     report: MigrationReport,
     started: Instant,
     vm: Option<Addr<VmActor>>,
+    /// The arriving VM's memory (for fault injection only).
+    ram: Option<Arc<GuestRam>>,
+    /// The console log file the arriving VM writes, to restore if the copy is discarded.
+    console_log: Option<ConsoleLogClaim>,
     data: Option<DataReceiver>,
     /// Resume at commit (the VM was running on the source) or keep it paused.
     run_after_commit: bool,
@@ -56,7 +85,7 @@ impl DestinationMigration {
     pub fn new(
         hello: Box<Hello>,
         settings: Arc<HostSettings>,
-        host: Addr<HostActor>,
+        (host, journal): (Addr<HostActor>, Arc<Journal>),
         control: ControlSender,
         receiver: ControlReceiver,
         keepalive: KeepaliveTask,
@@ -73,12 +102,16 @@ impl DestinationMigration {
             hello,
             settings,
             host,
+            journal,
+            record: None,
             control: Some(control),
             receiver_half: Some(receiver),
             _keepalive: keepalive,
             report,
             started: Instant::now(),
             vm: None,
+            ram: None,
+            console_log: None,
             data: None,
             run_after_commit: true,
             owned: false,
@@ -134,7 +167,19 @@ impl DestinationMigration {
         );
     }
 
-    /// Drops the arriving copy (before commit) and ends the actor.
+    /// Tells the source why this side fails, then drops the copy.
+    fn fail(&mut self, ctx: &mut Context<Self>, reason: String) {
+        self.reply(
+            ctx,
+            ToSource::Failed {
+                reason: reason.clone(),
+            },
+        );
+        self.discard(ctx, reason);
+    }
+
+    /// Drops the arriving copy (before commit) and ends the actor: the VM, its console log
+    /// as it was before, the data receivers; the journal says `Discarded`.
     fn discard(&mut self, ctx: &mut Context<Self>, reason: String) {
         if self.done {
             return;
@@ -147,28 +192,47 @@ impl DestinationMigration {
             return;
         }
         tracing::warn!(migration = %self.id, vm = %self.report.vm, %reason, "discarding the incoming VM");
+        if let Some(data) = self.data.take() {
+            // The reason travels on the data streams too, in case the source reads those
+            // before the control channel.
+            data.abort(&format!("destination '{}': {reason}", self.settings.name));
+            actix_rt::task::spawn_blocking(move || drop(data.wait()));
+        }
         self.report.error = Some(reason);
         self.report.stage = Some(Stage::RolledBack);
         self.report.status = "rolled_back".into();
-        if let Some(data) = self.data.take() {
-            data.abort("migration abandoned");
-            actix_rt::task::spawn_blocking(move || drop(data.wait()));
-        }
         self.control = None;
+        self.ram = None;
         let vm = self.vm.take();
         let host = self.host.clone();
         let id = self.id;
         let name = self.report.vm.clone();
+        let console_log = self.console_log.take();
+        let record = self.record.as_ref().map(|r| r.with_phase(Phase::Discarded));
+        let journal = Arc::clone(&self.journal);
         ctx.wait(
             async move {
                 if let Some(vm) = vm {
                     let _ = vm.send(EndMigrateIn::Discard).await;
+                }
+                // The VM (and its file) is gone: leave the log as it was before.
+                if let Some(claim) = console_log
+                    && let Err(error) = claim.release()
+                {
+                    tracing::warn!(%error, "restoring the console log of a discarded VM failed");
+                }
+                if let Some(record) = record
+                    && let Err(error) = persist(journal, record).await
+                {
+                    // A restart settles a `Preparing` record as discarded all the same.
+                    tracing::warn!(migration = %id, %error, "journal");
                 }
                 host.do_send(IncomingFinished {
                     id,
                     vm: name,
                     outcome: DestinationOutcome::Discarded,
                     state: Lifecycle::Stopped,
+                    resumed_after_commit_ms: None,
                 });
             }
             .into_actor(self)
@@ -196,8 +260,18 @@ impl DestinationMigration {
         let settings = Arc::clone(&self.settings);
         let session = SessionId(self.id.as_u64_pair().0);
         let streams = usize::from(plan.streams);
+        let journal = Arc::clone(&self.journal);
+        let record = MigrationRecord::new(
+            self.id,
+            &self.hello.identity.name,
+            &self.hello.source_host,
+            Phase::Preparing,
+        );
         let work = async move {
-            let vm = host
+            // Before anything is built: every migration that could reach a commit is on
+            // record, so "no record" from this journal proves it never did.
+            persist(journal, record.clone()).await?;
+            let (vm, console_log) = host
                 .send(PrepareIncoming { hello, report })
                 .await
                 .map_err(|e| e.to_string())??;
@@ -206,7 +280,8 @@ impl DestinationMigration {
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
-            let sink = memory::fresh_destination(ram).map_err(|e| ferry_transport::report(&e))?;
+            let sink = memory::fresh_destination(Arc::clone(&ram))
+                .map_err(|e| ferry_transport::report(&e))?;
             let bind: SocketAddr = settings
                 .data_addrs
                 .first()
@@ -222,11 +297,14 @@ impl DestinationMigration {
             let receiver =
                 DataReceiver::start(listener, sink, ReceiverConfig::new(session, placement))
                     .map_err(|e| ferry_transport::report(&e))?;
-            Ok::<_, String>((vm, receiver, addr))
+            Ok::<_, String>((record, (vm, ram, console_log), receiver, addr))
         };
         ctx.wait(work.into_actor(self).map(|result, act, ctx| match result {
-            Ok((vm, receiver, addr)) => {
+            Ok((record, (vm, ram, console_log), receiver, addr)) => {
+                act.record = Some(record);
                 act.vm = Some(vm);
+                act.ram = Some(ram);
+                act.console_log = Some(console_log);
                 act.data = Some(receiver);
                 act.stage(Stage::PreCopy);
                 act.reply(
@@ -237,13 +315,15 @@ impl DestinationMigration {
                 );
             }
             Err(reason) => {
-                act.reply(
-                    ctx,
-                    ToSource::Failed {
-                        reason: reason.clone(),
-                    },
-                );
-                act.discard(ctx, reason);
+                // What PrepareIncoming built (if anything) is released by the host's own
+                // error path; a record written here is settled by `discard`.
+                act.record = Some(MigrationRecord::new(
+                    act.id,
+                    &act.hello.identity.name,
+                    &act.hello.source_host,
+                    Phase::Preparing,
+                ));
+                act.fail(ctx, reason)
             }
         }));
     }
@@ -262,6 +342,8 @@ impl DestinationMigration {
         let Some(vm) = self.vm.clone() else {
             return self.discard(ctx, "state arrived before the VM was prepared".into());
         };
+        let fault = self.settings.fault;
+        let ram = self.ram.clone();
         let work = async move {
             // The source closed its streams after the last acknowledged page: all memory is
             // here once every receiver ends cleanly.
@@ -271,6 +353,19 @@ impl DestinationMigration {
                 .map_err(|e| e.to_string())?
                 .map_err(|e| format!("receiving memory: {}", ferry_transport::report(&e)))?;
             let received_ms = waiting.elapsed().as_secs_f64() * 1e3;
+            if fault == Some(Fault::CorruptArrivingMemory)
+                && let Some(ram) = ram
+            {
+                tracing::warn!("fault injection: changing one byte of the arrived memory");
+                let gpa = ferry_runtime::layout::DATA_START;
+                let mut byte = [0u8];
+                ram.read(gpa, &mut byte).map_err(|e| e.to_string())?;
+                ram.write(gpa, &[byte[0] ^ 0x5a])
+                    .map_err(|e| e.to_string())?;
+            }
+            if fault == Some(Fault::RejectState) {
+                return Err("incoming VM state rejected: fault injection".to_string());
+            }
             let loading = Instant::now();
             let verified = vm
                 .send(LoadIncomingState {
@@ -302,15 +397,7 @@ impl DestinationMigration {
                     },
                 );
             }
-            Err(reason) => {
-                act.reply(
-                    ctx,
-                    ToSource::Failed {
-                        reason: reason.clone(),
-                    },
-                );
-                act.discard(ctx, reason);
-            }
+            Err(reason) => act.fail(ctx, reason),
         }));
     }
 
@@ -318,9 +405,14 @@ impl DestinationMigration {
         let Some(vm) = self.vm.clone() else {
             return self.discard(ctx, "commit without a VM".into());
         };
+        let Some(record) = self.record.clone() else {
+            return self.fail(ctx, "commit before the migration was recorded".into());
+        };
+        let received = Instant::now();
         // From here the VM is ours: never discard it again, whatever the connection does.
         self.owned = true;
         let host = self.host.clone();
+        let journal = Arc::clone(&self.journal);
         let id = self.id;
         let name = self.report.vm.clone();
         let mac = self.hello.identity.mac;
@@ -332,22 +424,36 @@ impl DestinationMigration {
             .and_then(|net| self.settings.networks.get(net).cloned().flatten());
         tracing::info!(migration = %id, vm = %name, run, "commit received; taking over the VM");
         let work = async move {
+            // Durable before the vCPUs run: after a crash this host still answers "committed
+            // here" and the source never resumes its copy on its own.
+            let committed = record.with_phase(Phase::Committed);
+            persist(Arc::clone(&journal), committed.clone())
+                .await
+                .map_err(|e| (false, e))?;
             let info = vm
                 .send(EndMigrateIn::Own { run })
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| (true, e.to_string()))?;
             let state = match info {
                 Ok(info) => info.state,
-                Err(e) => return Err(format!("resuming the VM: {e}")),
+                Err(e) => return Err((true, format!("resuming the VM: {e}"))),
             };
-            tracing::info!(migration = %id, vm = %name, %state, "VM taken over");
+            let resumed_ms = received.elapsed().as_secs_f64() * 1e3;
+            tracing::info!(migration = %id, vm = %name, %state, resumed_ms, "VM taken over");
+            let mut resumed = committed.with_phase(Phase::Resumed);
+            resumed.resumed_after_commit_ms = Some(resumed_ms);
+            if let Err(error) = persist(journal, resumed).await {
+                // `Committed` is on record, which is what safety needs.
+                tracing::warn!(migration = %id, %error, "journal");
+            }
             host.do_send(IncomingFinished {
                 id,
                 vm: name,
                 outcome: DestinationOutcome::Owned,
                 state,
+                resumed_after_commit_ms: Some(resumed_ms),
             });
-            Ok(())
+            Ok(resumed_ms)
         };
         // Announcing the MAC is not on the guest's critical path: after the confirmation.
         let announce = move || {
@@ -360,11 +466,14 @@ impl DestinationMigration {
         };
         ctx.wait(work.into_actor(self).map(move |result, act, ctx| {
             match result {
-                Ok(()) => {
+                Ok(resumed_after_commit_ms) => {
                     act.report.stage = Some(Stage::Completed);
                     act.report.status = "completed".into();
                     act.publish();
-                    if act.settings.fault == Some(Fault::DropControlOnCommit) {
+                    if matches!(
+                        act.settings.fault,
+                        Some(Fault::DropControlOnCommit | Fault::PartitionAfterCommit)
+                    ) {
                         tracing::warn!(migration = %act.id, "fault injection: dropping the control channel after commit");
                         act.control = None;
                         act.done = true;
@@ -376,7 +485,10 @@ impl DestinationMigration {
                     if let Some(control) = act.control.take() {
                         let id = act.id;
                         actix_rt::spawn(async move {
-                            if let Err(e) = control.send(&ToSource::Resumed).await {
+                            let confirmation = ToSource::Resumed {
+                                resumed_after_commit_ms,
+                            };
+                            if let Err(e) = control.send(&confirmation).await {
                                 tracing::warn!(migration = %id, error = %ferry_transport::report(&e), "confirming the switch-over failed; the source will ask");
                             }
                             let _ = control.close().await;
@@ -384,7 +496,14 @@ impl DestinationMigration {
                         });
                     }
                 }
-                Err(reason) => {
+                Err((false, reason)) => {
+                    // The commit is not on record, so the VM must not run here: the source
+                    // learns that this copy was discarded and resumes its own.
+                    tracing::error!(migration = %act.id, %reason, "cannot take the VM over");
+                    act.owned = false;
+                    return act.fail(ctx, reason);
+                }
+                Err((true, reason)) => {
                     tracing::error!(migration = %act.id, %reason, "switch-over failed after commit");
                     act.report.error = Some(reason);
                     act.publish();
@@ -416,15 +535,21 @@ impl Actor for DestinationMigration {
         }
         let host = self.host.clone();
         let hello = self.hello.clone();
+        let asked = Instant::now();
         ctx.wait(
             async move { host.send(AdmitIncoming(hello)).await }
                 .into_actor(self)
-                .map(|result, act, ctx| {
+                .map(move |result, act, ctx| {
                     let verdict = result.map_err(|e| e.to_string()).and_then(|r| r);
                     match verdict {
                         Ok(()) => {
                             let capabilities = act.capabilities();
-                            act.reply(ctx, ToSource::Accepted { capabilities });
+                            let accepted = ToSource::Accepted {
+                                capabilities,
+                                journal: act.journal.id(),
+                                admission_us: asked.elapsed().as_micros() as u64,
+                            };
+                            act.reply(ctx, accepted);
                         }
                         Err(reason) => {
                             tracing::info!(migration = %act.id, %reason, "refusing incoming VM");
@@ -437,6 +562,7 @@ impl Actor for DestinationMigration {
                                 vm: act.report.vm.clone(),
                                 outcome: DestinationOutcome::Discarded,
                                 state: Lifecycle::Stopped,
+                                resumed_after_commit_ms: None,
                             });
                             act.publish();
                             act.send_last(ctx, ToSource::Refused { reason });
@@ -496,16 +622,7 @@ impl StreamHandler<Result<ToDestination, ControlError>> for DestinationMigration
             ToDestination::Abort { reason } => {
                 self.discard(ctx, format!("source aborted: {reason}"))
             }
-            other => {
-                let reason = format!("protocol error: unexpected {other:?}");
-                self.reply(
-                    ctx,
-                    ToSource::Failed {
-                        reason: reason.clone(),
-                    },
-                );
-                self.discard(ctx, reason);
-            }
+            other => self.fail(ctx, format!("protocol error: unexpected {other:?}")),
         }
     }
 

@@ -30,6 +30,9 @@ pub struct MigrationOptions {
     pub max_rounds: u32,
     /// Allow throttling the guest so the migration converges.
     pub auto_converge: bool,
+    /// Cap on the memory copy, bytes per second on the wire over all streams together
+    /// (`None`: as fast as the link goes).
+    pub max_bandwidth: Option<u64>,
 }
 
 impl Default for MigrationOptions {
@@ -40,6 +43,7 @@ impl Default for MigrationOptions {
             verify: false,
             max_rounds: 30,
             auto_converge: true,
+            max_bandwidth: None,
         }
     }
 }
@@ -69,6 +73,10 @@ pub enum Stage {
     /// The switch-over was sent but its outcome could not be confirmed; the VM stays paused
     /// on the source until the destination answers (it never runs on both).
     InDoubt,
+    /// The destination committed the switch-over and then lost the VM. The source keeps its
+    /// copy paused (`stale`): running it would take the guest back in time, so only the
+    /// operator can (`ferryctl vm recover NAME --from-stale-copy`).
+    LostAfterSwitchOver,
 }
 
 impl Stage {
@@ -76,7 +84,11 @@ impl Stage {
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            Stage::Completed | Stage::RolledBack | Stage::Cancelled | Stage::Refused
+            Stage::Completed
+                | Stage::RolledBack
+                | Stage::Cancelled
+                | Stage::Refused
+                | Stage::LostAfterSwitchOver
         )
     }
 }
@@ -100,7 +112,8 @@ pub struct MigrationReport {
     pub id: String,
     /// VM name.
     pub vm: String,
-    /// `running`, `completed`, `rolled_back`, `cancelled`, `refused` or `in_doubt`.
+    /// `running`, `completed`, `rolled_back`, `cancelled`, `refused`, `in_doubt` or
+    /// `lost_after_switch_over`.
     pub status: String,
     /// Current stage.
     pub stage: Option<Stage>,
@@ -116,6 +129,12 @@ pub struct MigrationReport {
     pub transport_reason: Option<String>,
     /// Data streams in use.
     pub streams: u16,
+    /// Protocol version the two hosts agreed on.
+    pub protocol_version: Option<u16>,
+    /// Round trip of the control channel, measured at verify.
+    pub control_rtt_ms: Option<f64>,
+    /// Bandwidth cap on the memory copy, bytes per second (`None`: uncapped).
+    pub max_bandwidth: Option<u64>,
     /// Pre-copy round in progress or last done (1-based; 0 before the first).
     pub round: u32,
     /// Dirty data left to send, as of the last dirty-log fetch.
@@ -126,7 +145,10 @@ pub struct MigrationReport {
     pub eta_ms: Option<f64>,
     /// Time since the migration started (total when final).
     pub total_ms: f64,
-    /// Guest pause on the source until the destination confirmed it runs the VM.
+    /// How long the guest was stopped: from the pause on the source to its vCPUs running
+    /// again, on the destination (switch-over) or here (rollback); 0 when it was never
+    /// paused. `None` while that is not known yet (or, for a VM lost after the switch-over,
+    /// when the destination cannot say when it resumed it).
     pub downtime_ms: Option<f64>,
     /// Guest pause on the source until all memory and state had been sent and the memory
     /// acknowledged (the part of the downtime the source sees; what QEMU reports as its
@@ -196,10 +218,14 @@ impl MigrationReport {
 pub enum DestinationOutcome {
     /// The VM was resumed (or kept paused) here: the destination owns it.
     Owned,
-    /// The incoming copy was discarded: the source owns the VM.
+    /// The incoming copy was discarded before any commit: the source owns the VM.
     Discarded,
     /// Still in progress.
     InProgress,
-    /// This host knows nothing of that migration (e.g. it restarted): it does not run the VM.
+    /// The commit was recorded here, then the VM was lost (its hostd stopped): it may have
+    /// run here, so the source's paused copy is stale and must not resume on its own.
+    Lost,
+    /// The journal that answers has no record of the migration. It proves the migration
+    /// never reached `Prepared` there only if it is the journal the source talked to.
     Unknown,
 }

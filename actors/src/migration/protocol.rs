@@ -3,6 +3,11 @@
 //! The source speaks [`ToDestination`], the destination answers with [`ToSource`]. A new
 //! control connection starts with either `Hello` (a migration) or `Query` (the source asking
 //! how an earlier migration ended, after losing the connection during switch-over).
+//!
+//! Versions: this message set is the one of the protocol version the control channel agreed
+//! in its greeting (`ferry_transport::wire::PROTOCOL_VERSIONS`), which is frozen and comes
+//! before any of these messages. Postcard is not self-describing, so any change to these
+//! types is a new protocol version, and a host keeps speaking the older versions it lists.
 
 use std::net::SocketAddr;
 
@@ -13,14 +18,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{DestinationOutcome, MigrationId};
 
-/// Version of this message set.
-pub const MIGRATION_PROTOCOL_VERSION: u32 = 1;
-
 /// What the destination must know to decide whether it can take the VM.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Hello {
-    /// Message-set version the source speaks.
-    pub protocol: u32,
     /// Migration ID.
     pub id: MigrationId,
     /// Source host name.
@@ -95,6 +95,12 @@ pub enum ToSource {
     Accepted {
         /// Destination capabilities.
         capabilities: Capabilities,
+        /// Identity of the destination's migration journal: later answers about this
+        /// migration are trusted only from the same journal.
+        journal: uuid::Uuid,
+        /// Microseconds the destination spent deciding, so the source can tell the round
+        /// trip of the link from the time spent thinking.
+        admission_us: u64,
     },
     /// Verify failed; nothing was built.
     Refused {
@@ -117,11 +123,19 @@ pub enum ToSource {
         reason: String,
     },
     /// After commit: the VM runs (or is kept paused) here.
-    Resumed,
+    Resumed {
+        /// From receiving `Commit` to the vCPUs running (recording the commit durably
+        /// included): the destination's share of the guest's pause.
+        resumed_after_commit_ms: f64,
+    },
     /// Answer to `Query`.
     Outcome {
         /// What the destination knows.
         outcome: DestinationOutcome,
+        /// The journal that answered (see `Accepted::journal`).
+        journal: uuid::Uuid,
+        /// As in `Resumed`, when the destination resumed the VM.
+        resumed_after_commit_ms: Option<f64>,
     },
 }
 
@@ -133,7 +147,6 @@ mod tests {
     fn messages_round_trip_through_postcard() {
         let caps = Capabilities::without_rdma(vec!["127.0.0.1:1".parse().unwrap()], 2);
         let hello = ToDestination::Hello(Box::new(Hello {
-            protocol: MIGRATION_PROTOCOL_VERSION,
             id: MigrationId::new_v4(),
             source_host: "a".into(),
             identity: VmIdentity::new("vm"),
@@ -160,12 +173,15 @@ mod tests {
         }
         let answer = ToSource::Outcome {
             outcome: DestinationOutcome::Discarded,
+            journal: uuid::Uuid::new_v4(),
+            resumed_after_commit_ms: None,
         };
         let bytes = postcard::to_stdvec(&answer).unwrap();
         assert!(matches!(
             postcard::from_bytes::<ToSource>(&bytes).unwrap(),
             ToSource::Outcome {
-                outcome: DestinationOutcome::Discarded
+                outcome: DestinationOutcome::Discarded,
+                ..
             }
         ));
     }

@@ -3,8 +3,9 @@
 //! The actor drives the stages with the destination over the control channel; bulk copies
 //! run on the transport's pinned copy workers inside blocking tasks, and their completion
 //! comes back as a message. Rule of the switch-over: before `Commit` is sent, any failure
-//! resumes the VM here (rollback); after it, the VM is never resumed here unless the
-//! destination confirms it discarded its copy.
+//! resumes the VM here (rollback); after it, the VM is resumed here only on the
+//! destination's durable word that it never ran it (see `crate::journal`): a discarded
+//! copy, or no record at all in the very journal that accepted the migration.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,16 +19,16 @@ use ferry_transport::negotiate::{Capabilities, Plan, Transport, choose};
 use ferry_transport::stats::{StatsHandle, TransferStats};
 use ferry_transport::workers::WorkerPlacement;
 
-use super::convergence::{Decision, RoundOutcome, decide};
+use super::convergence::{Decision, RoundOutcome, SWITCH_OVER_OVERHEAD_MS, decide};
 use super::memory::{self, to_transport_ranges};
-use super::protocol::{Hello, MIGRATION_PROTOCOL_VERSION, ToDestination, ToSource};
+use super::protocol::{Hello, ToDestination, ToSource};
 use super::{
     DestinationOutcome, MigrationId, MigrationOptions, MigrationReport, RoundReport, Stage,
 };
 use crate::control_server::control_config;
 use crate::host_actor::{CancelRequest, HostActor, MigrationUpdate, VmStateChanged};
 use crate::settings::{HostSettings, Peer};
-use crate::vm_actor::{DirtyLog, EndMigrateOut, Freeze, OutgoingVm, SetThrottle, VmActor};
+use crate::vm_actor::{DirtyLog, EndMigrateOut, Freeze, Frozen, OutgoingVm, SetThrottle, VmActor};
 
 type Sender = DataSender<GuestRegions>;
 
@@ -35,6 +36,9 @@ type Sender = DataSender<GuestRegions>;
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
 /// Pause between in-doubt queries.
 const QUERY_RETRY: Duration = Duration::from_millis(500);
+/// After a failure seen here (a data stream broke, a timeout), how long the control channel
+/// may still deliver the destination's own reason before the report is final.
+const REASON_GRACE: Duration = Duration::from_secs(2);
 
 /// The source migration actor.
 pub struct SourceMigration {
@@ -53,6 +57,12 @@ pub struct SourceMigration {
     plan: Option<Plan>,
     /// Capabilities offered in the hello, to negotiate with the destination's.
     plan_capabilities: Option<Capabilities>,
+    /// When the hello went out, to measure the round trip.
+    hello_sent: Option<Instant>,
+    /// Round trip of the control channel, without the destination's thinking time.
+    rtt: Duration,
+    /// The destination journal that accepted the migration.
+    journal: Option<uuid::Uuid>,
     data: Option<Sender>,
     data_stats: Option<StatsHandle>,
     /// Totals when the current round started, to report per-round numbers.
@@ -60,9 +70,13 @@ pub struct SourceMigration {
     round_started: Instant,
     throttle: u8,
     paused_at: Option<Instant>,
-    commit_sent: bool,
+    commit_sent_at: Option<Instant>,
     cancel_requested: bool,
+    /// The outcome is decided; nothing but the final report remains.
     done: bool,
+    /// A rollback whose report waits for the destination's reason (see `REASON_GRACE`):
+    /// the final stage and status, and the error seen here.
+    awaiting_reason: Option<(Stage, &'static str, String)>,
 }
 
 impl std::fmt::Debug for SourceMigration {
@@ -91,6 +105,16 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     ferry_transport::report(error)
 }
 
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e3
+}
+
+/// The smallest downtime target a switch-over to a peer `rtt` away can meet: what the
+/// convergence model reserves for the switch-over itself, plus the round trip.
+pub fn downtime_floor_ms(rtt: Duration) -> u64 {
+    (SWITCH_OVER_OVERHEAD_MS + ms(rtt)).ceil() as u64
+}
+
 impl SourceMigration {
     /// A migration of `outgoing` (already marked migrating by its VmActor) to `peer`.
     pub fn new(
@@ -102,13 +126,14 @@ impl SourceMigration {
         outgoing: OutgoingVm,
         host: Addr<HostActor>,
     ) -> Self {
-        let report = MigrationReport::starting(
+        let mut report = MigrationReport::starting(
             id,
             &outgoing.identity.name,
             &settings.name,
             &peer.name,
             options.streams,
         );
+        report.max_bandwidth = options.max_bandwidth;
         SourceMigration {
             id,
             settings,
@@ -123,15 +148,19 @@ impl SourceMigration {
             keepalive: None,
             plan: None,
             plan_capabilities: None,
+            hello_sent: None,
+            rtt: Duration::ZERO,
+            journal: None,
             data: None,
             data_stats: None,
             round_base: TransferStats::default(),
             round_started: Instant::now(),
             throttle: 0,
             paused_at: None,
-            commit_sent: false,
+            commit_sent_at: None,
             cancel_requested: false,
             done: false,
+            awaiting_reason: None,
         }
     }
 
@@ -171,29 +200,45 @@ impl SourceMigration {
         );
     }
 
-    /// Anything failed before commit: undo and report.
+    /// The guest's pause from `paused_at` to its resumption on the destination:
+    /// `Commit` leaves here, crosses the link (half the round trip) and takes the
+    /// destination `resumed_after_commit_ms` to act on.
+    fn switch_over_downtime(&self, resumed_after_commit_ms: Option<f64>) -> Option<f64> {
+        let paused = self.paused_at?;
+        let committed = self.commit_sent_at?;
+        Some(ms(committed.duration_since(paused)) + ms(self.rtt) / 2.0 + resumed_after_commit_ms?)
+    }
+
+    /// Anything failed before commit: undo and report. A failure the destination reported
+    /// (`from_destination`) is final at once; one seen here waits a moment for the
+    /// destination's own reason, which is usually the cause.
     fn fail(&mut self, ctx: &mut Context<Self>, stage: Stage, error: String) {
+        self.fail_with(ctx, stage, error, false);
+    }
+
+    fn fail_with(
+        &mut self,
+        ctx: &mut Context<Self>,
+        stage: Stage,
+        error: String,
+        from_destination: bool,
+    ) {
         if self.done {
             return;
         }
-        if self.commit_sent {
+        if self.commit_sent_at.is_some() {
             // Too late to roll back on our own: find out what the destination did.
             self.in_doubt(ctx, error);
             return;
         }
         self.done = true;
         tracing::warn!(migration = %self.id, vm = %self.report.vm, %error, ?stage, "migration failed, rolling back");
-        self.report.error = Some(error.clone());
-        self.report.stage = Some(match stage {
-            Stage::Cancelled | Stage::Refused => stage,
-            _ => Stage::RolledBack,
-        });
-        self.report.status = match stage {
-            Stage::Cancelled => "cancelled",
-            Stage::Refused => "refused",
-            _ => "rolled_back",
-        }
-        .into();
+        let (final_stage, status) = match stage {
+            Stage::Cancelled => (Stage::Cancelled, "cancelled"),
+            Stage::Refused => (Stage::Refused, "refused"),
+            _ => (Stage::RolledBack, "rolled_back"),
+        };
+        let listening = !from_destination && self.control.is_some();
         if let Some(control) = self.control.take() {
             let reason = error.clone();
             actix_rt::spawn(async move {
@@ -204,6 +249,7 @@ impl SourceMigration {
         if let Some(data) = self.data.take() {
             discard(data);
         }
+        self.awaiting_reason = Some((final_stage, status, error));
         let was_running = self.outgoing.was_running;
         let vm = self.vm.clone();
         let host = self.host.clone();
@@ -212,32 +258,99 @@ impl SourceMigration {
             async move { vm.send(EndMigrateOut::RollBack { was_running }).await }
                 .into_actor(self)
                 .map(move |result, act, ctx| {
-                    match result {
-                        Ok(Ok(info)) => host.do_send(VmStateChanged {
-                            vm: name,
-                            state: info.state,
-                        }),
-                        Ok(Err(e)) => {
-                            act.report.error = Some(format!(
-                                "{}; and rolling back failed: {e}",
-                                act.report.error.clone().unwrap_or_default()
-                            ));
-                            tracing::error!(migration = %act.id, error = %e, "rollback failed");
+                    // The guest runs again (or stays paused as the operator left it).
+                    act.report.downtime_ms = Some(match act.paused_at {
+                        Some(paused) if was_running => ms(paused.elapsed()),
+                        _ => 0.0,
+                    });
+                    let failure = match result {
+                        Ok(Ok(info)) => {
+                            host.do_send(VmStateChanged {
+                                vm: name,
+                                state: info.state,
+                            });
+                            None
                         }
-                        Err(e) => {
-                            tracing::error!(migration = %act.id, error = %e, "rollback failed")
+                        Ok(Err(e)) => Some(e.to_string()),
+                        Err(e) => Some(e.to_string()),
+                    };
+                    if let Some(failure) = failure {
+                        tracing::error!(migration = %act.id, error = %failure, "rollback failed");
+                        if let Some((_, _, error)) = &mut act.awaiting_reason {
+                            error.push_str(&format!("; and rolling back failed: {failure}"));
                         }
                     }
                     act.report.throttle_pct = act.report.throttle_pct.max(act.throttle);
-                    act.publish();
-                    ctx.stop();
+                    if listening {
+                        ctx.run_later(REASON_GRACE, |act, ctx| act.finish_rollback(ctx, None));
+                    } else {
+                        act.finish_rollback(ctx, None);
+                    }
                 }),
         );
+    }
+
+    /// Makes the rollback's report final, with the destination's reason if it sent one.
+    fn finish_rollback(&mut self, ctx: &mut Context<Self>, destination_reason: Option<String>) {
+        let Some((stage, status, error)) = self.awaiting_reason.take() else {
+            return;
+        };
+        self.report.error = Some(match destination_reason {
+            Some(reason) => format!("destination failed: {reason} (seen here: {error})"),
+            None => error,
+        });
+        self.report.stage = Some(stage);
+        self.report.status = status.into();
+        self.publish();
+        ctx.stop();
     }
 
     fn connection_lost(&mut self, ctx: &mut Context<Self>, error: String) {
         let stage = self.report.stage.unwrap_or(Stage::Verify);
         self.fail(ctx, stage, error);
+    }
+
+    /// Verify passed: measure the round trip, check the downtime target can be met, then
+    /// agree on the transport and ask the destination to prepare.
+    fn accepted(
+        &mut self,
+        ctx: &mut Context<Self>,
+        capabilities: Capabilities,
+        journal: uuid::Uuid,
+        admission_us: u64,
+    ) {
+        self.journal = Some(journal);
+        if let Some(sent) = self.hello_sent {
+            self.rtt = sent
+                .elapsed()
+                .saturating_sub(Duration::from_micros(admission_us));
+            self.report.control_rtt_ms = Some(ms(self.rtt));
+        }
+        let floor = downtime_floor_ms(self.rtt);
+        if self.options.downtime_ms < floor {
+            let reason = format!(
+                "downtime target {} ms is below what a switch-over to '{}' can take: at least {floor} ms ({SWITCH_OVER_OVERHEAD_MS} ms for the state and the confirmation, plus the {:.2} ms round trip); use --downtime-ms {floor} or more",
+                self.options.downtime_ms,
+                self.peer.name,
+                ms(self.rtt)
+            );
+            return self.fail(ctx, Stage::Refused, reason);
+        }
+        let ours = self
+            .plan_capabilities
+            .clone()
+            .unwrap_or_else(|| Capabilities::without_rdma(Vec::new(), self.options.streams));
+        match choose(&ours, &capabilities) {
+            Ok(plan) => {
+                self.report.transport = Some(transport_label(&plan));
+                self.report.transport_reason = Some(plan.reason.clone());
+                self.report.streams = plan.streams;
+                self.plan = Some(plan.clone());
+                self.stage(Stage::Prepare);
+                self.send(ctx, ToDestination::Prepare { plan });
+            }
+            Err(e) => self.fail(ctx, Stage::Refused, format!("no common transport: {e}")),
+        }
     }
 
     /// Connects the data streams, starts dirty logging and the first round.
@@ -255,7 +368,8 @@ impl SourceMigration {
         } else {
             WorkerPlacement::pinned(streams, self.settings.copy_cpus.clone())
         };
-        let config = SenderConfig::new(session_of(self.id), placement);
+        let mut config = SenderConfig::new(session_of(self.id), placement);
+        config.max_bandwidth = self.options.max_bandwidth;
         let vm = self.vm.clone();
         let connect = async move {
             let sender =
@@ -396,27 +510,45 @@ impl SourceMigration {
         );
     }
 
-    /// Pauses the guest, sends the last dirty pages and the state.
+    /// Pauses the guest (one step: pause, last dirty pages, state), then sends the last
+    /// pages and the state.
     fn stop_and_copy(&mut self, ctx: &mut Context<Self>, pending: DirtySet) {
         self.stage(Stage::StopAndCopy);
         let vm = self.vm.clone();
+        let verify = self.options.verify;
+        ctx.wait(
+            async move {
+                vm.send(Freeze {
+                    hash_memory: verify,
+                })
+                .await
+            }
+            .into_actor(self)
+            .map(move |result, act, ctx| match result {
+                Ok(Ok(frozen)) => {
+                    act.paused_at = Some(frozen.paused_at);
+                    if act.done {
+                        // Failed meanwhile: the rollback resumes the guest.
+                        return;
+                    }
+                    act.send_last_pages(ctx, pending, frozen);
+                }
+                Ok(Err(e)) => act.fail(ctx, Stage::StopAndCopy, format!("pausing the VM: {e}")),
+                Err(e) => act.fail(ctx, Stage::StopAndCopy, e.to_string()),
+            }),
+        );
+    }
+
+    fn send_last_pages(&mut self, ctx: &mut Context<Self>, pending: DirtySet, frozen: Frozen) {
         let Some(mut sender) = self.data.take() else {
             return self.fail(ctx, Stage::StopAndCopy, "data sender missing".into());
         };
         let Some(control) = self.control.clone() else {
             return self.fail(ctx, Stage::StopAndCopy, "control channel missing".into());
         };
-        let verify = self.options.verify;
         let was_running = self.outgoing.was_running;
         let work = async move {
-            let frozen = vm
-                .send(Freeze {
-                    hash_memory: verify,
-                })
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("pausing the VM: {e}"))?;
-            let frozen_ms = frozen.paused_at.elapsed().as_secs_f64() * 1e3;
+            let frozen_ms = ms(frozen.paused_at.elapsed());
             // What the last round left plus what changed since: each page once.
             let mut all = pending;
             all.union_with(&frozen.dirty).map_err(|e| e.to_string())?;
@@ -444,14 +576,13 @@ impl SourceMigration {
                 .await
                 .map_err(|e| format!("copy task failed: {e}"))?
                 .map_err(|e: SendError| format!("copying the last pages: {}", error_chain(&e)))?;
-            let sent_ms = frozen.paused_at.elapsed().as_secs_f64() * 1e3;
+            let sent_ms = ms(frozen.paused_at.elapsed());
             tracing::info!(pages, frozen_ms, sent_ms, "stop-and-copy done");
-            Ok::<_, String>((frozen.paused_at, pages, totals, state_bytes, sent_ms))
+            Ok::<_, String>((pages, totals, state_bytes, sent_ms))
         };
         ctx.wait(work.into_actor(self).map(|result, act, ctx| match result {
             Ok(_) if act.done => {}
-            Ok((paused_at, pages, totals, state_bytes, sent_ms)) => {
-                act.paused_at = Some(paused_at);
+            Ok((pages, totals, state_bytes, sent_ms)) => {
                 act.report.final_pages = pages;
                 act.report.remaining_bytes = 0;
                 act.report.guest_bytes = totals.total.guest_bytes;
@@ -467,14 +598,12 @@ impl SourceMigration {
     }
 
     /// The destination runs the VM: release it here.
-    fn complete(&mut self, ctx: &mut Context<Self>) {
+    fn complete(&mut self, ctx: &mut Context<Self>, resumed_after_commit_ms: Option<f64>) {
         if self.done {
             return;
         }
         self.done = true;
-        if let Some(paused_at) = self.paused_at {
-            self.report.downtime_ms = Some(paused_at.elapsed().as_secs_f64() * 1000.0);
-        }
+        self.report.downtime_ms = self.switch_over_downtime(resumed_after_commit_ms);
         self.report.stage = Some(Stage::Completed);
         self.report.status = "completed".into();
         self.report.error = None;
@@ -509,6 +638,48 @@ impl SourceMigration {
         );
     }
 
+    /// The destination committed and then lost the VM (or can no longer say whether it ran
+    /// it): this copy is older than what the guest did there. It stays paused, marked stale;
+    /// only the operator can run it.
+    fn lost(&mut self, ctx: &mut Context<Self>, why: String, resumed_after_commit_ms: Option<f64>) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        self.report.downtime_ms = self.switch_over_downtime(resumed_after_commit_ms);
+        let message = format!(
+            "{why}. The VM's copy on '{}' is stale and stays paused; `ferryctl vm recover {} --from-stale-copy` runs it, and its guest then goes back to the moment of the switch-over",
+            self.settings.name, self.report.vm
+        );
+        tracing::error!(migration = %self.id, vm = %self.report.vm, "{message}");
+        self.report.error = Some(message);
+        self.report.stage = Some(Stage::LostAfterSwitchOver);
+        self.report.status = "lost_after_switch_over".into();
+        let vm = self.vm.clone();
+        let host = self.host.clone();
+        let name = self.report.vm.clone();
+        ctx.wait(
+            async move { vm.send(EndMigrateOut::Stale).await }
+                .into_actor(self)
+                .map(move |result, act, ctx| {
+                    match result {
+                        Ok(Ok(info)) => host.do_send(VmStateChanged {
+                            vm: name,
+                            state: info.state,
+                        }),
+                        Ok(Err(e)) => {
+                            tracing::error!(migration = %act.id, error = %e, "marking the copy stale failed")
+                        }
+                        Err(e) => {
+                            tracing::error!(migration = %act.id, error = %e, "marking the copy stale failed")
+                        }
+                    }
+                    act.publish();
+                    ctx.stop();
+                }),
+        );
+    }
+
     /// The commit went out but its confirmation did not come back: ask the destination
     /// until it says whether it runs the VM. Meanwhile the VM stays paused here.
     fn in_doubt(&mut self, ctx: &mut Context<Self>, error: String) {
@@ -534,13 +705,14 @@ impl SourceMigration {
                     channel.recv::<ToSource>().await
                 }
                 .await;
-                match asked {
-                    Ok(ToSource::Outcome {
-                        outcome: DestinationOutcome::InProgress,
-                    })
-                    | Err(_) => {}
-                    Ok(ToSource::Outcome { outcome }) => return Some(outcome),
-                    Ok(_) => {}
+                if let Ok(ToSource::Outcome {
+                    outcome,
+                    journal,
+                    resumed_after_commit_ms,
+                }) = asked
+                    && outcome != DestinationOutcome::InProgress
+                {
+                    return Some((outcome, journal, resumed_after_commit_ms));
                 }
                 if Instant::now() >= deadline {
                     return None;
@@ -548,27 +720,55 @@ impl SourceMigration {
                 actix_rt::time::sleep(QUERY_RETRY).await;
             }
         };
-        ctx.spawn(query.into_actor(self).map(|answer, act, ctx| match answer {
-            Some(DestinationOutcome::Owned) => act.complete(ctx),
-            Some(outcome) => {
-                // The destination does not run the VM and never will: it is ours again.
-                act.commit_sent = false;
-                let why = format!(
-                    "switch-over not completed: destination reports {outcome:?}"
-                );
-                act.fail(ctx, Stage::SwitchOver, why);
-            }
-            None => {
-                let message = format!(
-                    "destination unreachable for {:?} after the switch-over was sent; the VM stays paused on '{}' and is not resumed anywhere by Ferry until '{}' answers (query migration {})",
-                    act.settings.migration.in_doubt_timeout, act.settings.name, act.peer.name, act.id
-                );
-                tracing::error!(migration = %act.id, "{message}");
-                act.report.error = Some(message);
-                act.publish();
-                // Keep asking in the background at a slower pace.
-                act.report.stage = Some(Stage::SwitchOver);
-                ctx.run_later(Duration::from_secs(5), |act, ctx| act.in_doubt(ctx, "still in doubt".into()));
+        ctx.spawn(query.into_actor(self).map(|answer, act, ctx| {
+            let peer = act.peer.name.clone();
+            let same_journal = |journal| act.journal == Some(journal);
+            match answer {
+                Some((DestinationOutcome::Owned, _, resumed)) => act.complete(ctx, resumed),
+                Some((DestinationOutcome::Discarded, journal, _)) if same_journal(journal) => {
+                    // Durably discarded before it ever ran: the VM is ours again.
+                    act.commit_sent_at = None;
+                    let why = format!(
+                        "switch-over not completed: '{peer}' discarded its copy before running it"
+                    );
+                    act.fail(ctx, Stage::SwitchOver, why);
+                }
+                Some((DestinationOutcome::Unknown, journal, _)) if same_journal(journal) => {
+                    // The journal that accepted the migration records every migration before
+                    // it can commit: no record, no commit.
+                    act.commit_sent_at = None;
+                    let why = format!(
+                        "switch-over not completed: '{peer}' has no record of the migration, so it never prepared the VM"
+                    );
+                    act.fail(ctx, Stage::SwitchOver, why);
+                }
+                Some((DestinationOutcome::Lost, _, resumed)) => act.lost(
+                    ctx,
+                    format!(
+                        "'{peer}' committed the switch-over and then lost the VM (its hostd stopped); the guest may have run there"
+                    ),
+                    resumed,
+                ),
+                Some((outcome, journal, _)) => act.lost(
+                    ctx,
+                    format!(
+                        "'{peer}' answers {outcome:?} from journal {journal}, but journal {} accepted the migration: its records were replaced, so whether the guest ran there cannot be known",
+                        act.journal.map_or_else(|| "none".to_string(), |j| j.to_string())
+                    ),
+                    None,
+                ),
+                None => {
+                    let message = format!(
+                        "destination unreachable for {:?} after the switch-over was sent; the VM stays paused on '{}' and is not resumed anywhere by Ferry until '{peer}' answers (query migration {})",
+                        act.settings.migration.in_doubt_timeout, act.settings.name, act.id
+                    );
+                    tracing::error!(migration = %act.id, "{message}");
+                    act.report.error = Some(message);
+                    act.publish();
+                    // Keep asking in the background at a slower pace.
+                    act.report.stage = Some(Stage::SwitchOver);
+                    ctx.run_later(Duration::from_secs(5), |act, ctx| act.in_doubt(ctx, "still in doubt".into()));
+                }
             }
         }));
     }
@@ -603,7 +803,6 @@ impl Actor for SourceMigration {
                 Capabilities::without_rdma(Vec::new(), self.options.streams)
             });
         let hello = Hello {
-            protocol: MIGRATION_PROTOCOL_VERSION,
             id: self.id,
             source_host: self.settings.name.clone(),
             identity: self.outgoing.identity.clone(),
@@ -621,6 +820,7 @@ impl Actor for SourceMigration {
                 .into_actor(self)
                 .map(move |result, act, ctx| match result {
                     Ok(channel) => {
+                        act.report.protocol_version = Some(channel.version());
                         let (sender, receiver, keepalive) = channel.into_split();
                         act.control = Some(sender);
                         act.keepalive = Some(keepalive);
@@ -634,8 +834,16 @@ impl Actor for SourceMigration {
                             },
                         ));
                         act.plan_capabilities = Some(capabilities);
+                        act.hello_sent = Some(Instant::now());
                         act.send(ctx, ToDestination::Hello(Box::new(hello)));
                     }
+                    // The destination turned the connection down and said why (no protocol
+                    // version in common, say): nothing was started, so it is a refusal.
+                    Err(ControlError::PeerAbandoned { reason }) => act.fail(
+                        ctx,
+                        Stage::Refused,
+                        format!("host '{peer}' refused the connection: {reason}"),
+                    ),
                     Err(e) => act.fail(
                         ctx,
                         Stage::Verify,
@@ -649,6 +857,15 @@ impl Actor for SourceMigration {
 impl StreamHandler<Result<ToSource, ControlError>> for SourceMigration {
     fn handle(&mut self, message: Result<ToSource, ControlError>, ctx: &mut Self::Context) {
         if self.done {
+            // Rolled back on a failure seen here: the destination's reason, if it comes now,
+            // is what the operator should read.
+            if self.awaiting_reason.is_some() {
+                match message {
+                    Ok(ToSource::Failed { reason }) => self.finish_rollback(ctx, Some(reason)),
+                    Ok(_) => {}
+                    Err(_) => self.finish_rollback(ctx, None),
+                }
+            }
             return;
         }
         let message = match message {
@@ -665,26 +882,19 @@ impl StreamHandler<Result<ToSource, ControlError>> for SourceMigration {
             }
         };
         match (self.report.stage, message) {
-            (Some(Stage::Verify), ToSource::Accepted { capabilities }) => {
-                let ours = self.plan_capabilities.clone().unwrap_or_else(|| {
-                    Capabilities::without_rdma(Vec::new(), self.options.streams)
-                });
-                match choose(&ours, &capabilities) {
-                    Ok(plan) => {
-                        self.report.transport = Some(transport_label(&plan));
-                        self.report.transport_reason = Some(plan.reason.clone());
-                        self.report.streams = plan.streams;
-                        self.plan = Some(plan.clone());
-                        self.stage(Stage::Prepare);
-                        self.send(ctx, ToDestination::Prepare { plan });
-                    }
-                    Err(e) => self.fail(ctx, Stage::Refused, format!("no common transport: {e}")),
-                }
-            }
-            (Some(Stage::Verify), ToSource::Refused { reason }) => self.fail(
+            (
+                Some(Stage::Verify),
+                ToSource::Accepted {
+                    capabilities,
+                    journal,
+                    admission_us,
+                },
+            ) => self.accepted(ctx, capabilities, journal, admission_us),
+            (Some(Stage::Verify), ToSource::Refused { reason }) => self.fail_with(
                 ctx,
                 Stage::Refused,
                 format!("destination refused: {reason}"),
+                true,
             ),
             (Some(Stage::Prepare), ToSource::Prepared { data_addrs }) => {
                 self.start_copy(ctx, data_addrs)
@@ -696,13 +906,18 @@ impl StreamHandler<Result<ToSource, ControlError>> for SourceMigration {
                 }
                 // Point of no return: from here the destination may run the VM.
                 tracing::info!(migration = %self.id, "destination ready; committing the switch-over");
-                self.commit_sent = true;
+                self.commit_sent_at = Some(Instant::now());
                 self.send(ctx, ToDestination::Commit);
             }
-            (Some(Stage::SwitchOver), ToSource::Resumed) if self.commit_sent => self.complete(ctx),
+            (
+                Some(Stage::SwitchOver),
+                ToSource::Resumed {
+                    resumed_after_commit_ms,
+                },
+            ) if self.commit_sent_at.is_some() => self.complete(ctx, Some(resumed_after_commit_ms)),
             (stage, ToSource::Failed { reason }) => {
                 let stage = stage.unwrap_or(Stage::Verify);
-                self.fail(ctx, stage, format!("destination failed: {reason}"))
+                self.fail_with(ctx, stage, format!("destination failed: {reason}"), true)
             }
             (stage, other) => {
                 let stage = stage.unwrap_or(Stage::Verify);
@@ -716,6 +931,9 @@ impl StreamHandler<Result<ToSource, ControlError>> for SourceMigration {
     }
 
     fn finished(&mut self, ctx: &mut Self::Context) {
+        if self.awaiting_reason.is_some() {
+            return self.finish_rollback(ctx, None);
+        }
         if !self.done {
             self.connection_lost(
                 ctx,
@@ -729,7 +947,7 @@ impl Handler<CancelRequest> for SourceMigration {
     type Result = Result<(), String>;
 
     fn handle(&mut self, _: CancelRequest, ctx: &mut Self::Context) -> Self::Result {
-        if self.commit_sent || self.done {
+        if self.commit_sent_at.is_some() || self.done {
             return Err("too late to cancel: the switch-over has begun".into());
         }
         self.cancel_requested = true;

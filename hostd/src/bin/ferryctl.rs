@@ -74,6 +74,16 @@ enum VmCommand {
         /// VM name.
         name: String,
     },
+    /// Run the stale copy a lost switch-over left paused on its source host. Its guest goes
+    /// back in time to the moment of the switch-over: whatever it did on the destination
+    /// afterwards is gone.
+    Recover {
+        /// VM name.
+        name: String,
+        /// Required: confirms that running the stale copy is intended.
+        #[arg(long)]
+        from_stale_copy: bool,
+    },
     /// Show the VM's serial console, following new output.
     Console {
         /// VM name.
@@ -160,6 +170,10 @@ struct MigrateArgs {
     /// Never throttle the guest.
     #[arg(long)]
     no_auto_converge: bool,
+    /// Bandwidth cap on the memory copy over all streams, e.g. 200M (= 200 MB/s), 1.5G,
+    /// 64MiB/s, or `none` (default from the configuration: uncapped).
+    #[arg(long)]
+    max_bandwidth: Option<String>,
     /// Print one JSON object when done instead of progress and a report.
     #[arg(long)]
     json: bool,
@@ -269,6 +283,22 @@ fn run(client: Client, command: Command) -> Result<i32> {
         Command::Vm(VmCommand::Pause { name }) => operate(&client, &name, "pause"),
         Command::Vm(VmCommand::Resume { name }) => operate(&client, &name, "resume"),
         Command::Vm(VmCommand::Stop { name }) => operate(&client, &name, "stop"),
+        Command::Vm(VmCommand::Recover {
+            name,
+            from_stale_copy,
+        }) => {
+            if !from_stale_copy {
+                bail!(
+                    "`vm recover` runs the stale copy a lost switch-over left paused, and its guest goes back to the moment of that switch-over; add --from-stale-copy to do it"
+                );
+            }
+            eprintln!(
+                "ferryctl: warning: running the stale copy of {name}: its guest goes back to the moment of the lost switch-over, and whatever it did on the destination since is gone"
+            );
+            let info = client.recover_from_stale_copy(&name)?;
+            println!("{} on {}: {}", info.name, info.host, info.state);
+            Ok(0)
+        }
         Command::Vm(VmCommand::Console { name, no_follow }) => {
             if no_follow {
                 let history = client.console_history(&name)?;
@@ -333,6 +363,7 @@ fn migrate(client: &Client, args: &MigrateArgs) -> Result<i32> {
         verify: args.verify,
         max_rounds: args.max_rounds,
         auto_converge: args.no_auto_converge.then_some(false),
+        max_bandwidth: args.max_bandwidth.clone(),
     };
     let (source, started) = client.migrate(&args.name, &request)?;
     let view = (!args.json).then(|| ProgressView::new(&args.name, &source.name, &args.to));

@@ -35,11 +35,6 @@ impl Pacer {
         }
     }
 
-    /// The rate, bytes per second.
-    pub fn rate(&self) -> u64 {
-        self.rate as u64
-    }
-
     /// How long a frame of `bytes` must wait if it is ready at `now`; books its slot.
     pub fn reserve(&self, bytes: usize, now: Instant) -> Duration {
         let mut next_free = self
