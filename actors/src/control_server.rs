@@ -80,7 +80,7 @@ async fn handle(
             Ok(())
         }
         ToDestination::Query { id } => {
-            if settings.fault == Some(Fault::PartitionAfterCommit) {
+            if settings.fault.is_some_and(Fault::blocks_queries) {
                 tracing::warn!(migration = %id, "fault injection: leaving a query unanswered");
                 return Ok(());
             }

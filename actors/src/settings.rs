@@ -32,8 +32,12 @@ pub enum Fault {
     /// source must find out by asking, and must not resume meanwhile).
     DropControlOnCommit,
     /// Destination: as `DropControlOnCommit`, and answer no query either, as if a partition
-    /// cut the hosts apart right after the commit.
-    PartitionAfterCommit,
+    /// cut the hosts apart right after the commit; with `heals`, queries are answered again
+    /// [`PARTITION_HEALS_AFTER`] after the commit.
+    PartitionAfterCommit {
+        /// Whether the partition ends.
+        heals: bool,
+    },
     /// Destination: change one byte of the arrived memory before comparing hashes.
     CorruptArrivingMemory,
     /// Destination: fail to build the arriving VM, as when the host runs out of memory.
@@ -43,10 +47,17 @@ pub enum Fault {
 }
 
 impl Fault {
-    const ALL: [(&'static str, Fault); 6] = [
+    const ALL: [(&'static str, Fault); 7] = [
         ("drop-control-on-state", Fault::DropControlOnState),
         ("drop-control-on-commit", Fault::DropControlOnCommit),
-        ("partition-after-commit", Fault::PartitionAfterCommit),
+        (
+            "partition-after-commit",
+            Fault::PartitionAfterCommit { heals: false },
+        ),
+        (
+            "partition-after-commit-healing",
+            Fault::PartitionAfterCommit { heals: true },
+        ),
         ("corrupt-arriving-memory", Fault::CorruptArrivingMemory),
         ("fail-prepare", Fault::FailPrepare),
         ("reject-state", Fault::RejectState),
@@ -62,6 +73,34 @@ impl Fault {
                 let known: Vec<&str> = Self::ALL.iter().map(|(name, _)| *name).collect();
                 format!("unknown FERRY_FAULT '{text}' (known: {})", known.join(", "))
             })
+    }
+}
+
+/// How long a healing `PartitionAfterCommit` lasts.
+pub const PARTITION_HEALS_AFTER: Duration = Duration::from_secs(3);
+
+/// When the partition of a `PartitionAfterCommit` fault began (process-wide: fault
+/// injection only).
+static PARTITIONED_AT: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+
+impl Fault {
+    /// Records that the injected partition begins now.
+    pub fn partition_begins() {
+        *PARTITIONED_AT
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(std::time::Instant::now());
+    }
+
+    /// Whether the injected partition (if this fault is one) keeps queries from arriving.
+    pub fn blocks_queries(self) -> bool {
+        match self {
+            Fault::PartitionAfterCommit { heals: false } => true,
+            Fault::PartitionAfterCommit { heals: true } => PARTITIONED_AT
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .is_some_and(|at| at.elapsed() < PARTITION_HEALS_AFTER),
+            _ => false,
+        }
     }
 }
 

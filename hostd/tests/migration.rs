@@ -78,7 +78,17 @@ fn counter_migrates_there_and_back_without_gap_or_repeat() {
             .unwrap()
             .contains("no RDMA device")
     );
-    assert!(there["downtime_ms"].as_f64().unwrap() < 300.0, "{there:#}");
+    // The pause is real and no longer than the migration; it covers at least the time the
+    // last pages and the state took to go out.
+    let downtime = there["downtime_ms"].as_f64().unwrap();
+    assert!(
+        downtime > 0.0 && downtime <= there["total_ms"].as_f64().unwrap(),
+        "{there:#}"
+    );
+    assert!(
+        downtime >= there["source_downtime_ms"].as_f64().unwrap(),
+        "{there:#}"
+    );
     assert_eq!(
         cluster.vms_on("alpha"),
         Vec::<String>::new(),
@@ -189,20 +199,13 @@ fn verify_guest_migrated_while_filling_its_memory_arrives_whole() {
     }
 }
 
+/// A bandwidth cap far below what the guest dirties makes throttling certain on any
+/// machine: the cap bounds how fast a round can go (a slow machine only makes rounds
+/// slower), and the guest re-dirties its whole working set within a round however slowly
+/// it runs. The cap holds over every round, and the memory arrives intact.
 #[test]
-fn dirty_guest_at_unlimited_rate_converges_by_throttling() {
+fn a_bandwidth_cap_below_the_dirty_rate_makes_throttling_certain() {
     let cluster = cluster(vec![HostSpec::new("alpha"), HostSpec::new("beta")]);
-    // Random content under the working set keeps every dirtied page incompressible, so the
-    // link, not lz4, sets the pace, and the guest outruns it.
-    let content = cluster.dir().join("random.bin");
-    ferry_runtime::content::write_file(
-        &content,
-        ferry_runtime::content::Content::Random,
-        768 << 20,
-        5,
-    )
-    .unwrap();
-    let preload = format!("{}@2M", content.display());
     cluster.ferryctl_ok(&[
         "vm",
         "create",
@@ -212,27 +215,52 @@ fn dirty_guest_at_unlimited_rate_converges_by_throttling() {
         "--guest",
         "dirty",
         "--memory",
-        "1G",
+        "64M",
         "--working-set",
-        "768M",
-        "--vcpus",
-        "2",
-        "--preload",
-        &preload,
+        "4M",
+        "--rate",
+        "10000",
     ]);
-    std::thread::sleep(Duration::from_millis(500));
-    // Two vCPUs dirtying 768 MiB of incompressible pages outrun the loopback link here.
-    let report = migrate(&cluster, "d1", "beta", &["--downtime-ms", "300"]);
-    let throttle = report["throttle_pct"].as_u64().unwrap();
-    let downtime = report["downtime_ms"].as_f64().unwrap();
-    assert!(throttle > 0, "expected throttling to converge: {report:#}");
-    assert!(
-        downtime <= 300.0,
-        "downtime {downtime} ms over the 300 ms target: {report:#}"
+    std::thread::sleep(Duration::from_millis(300));
+    let cap = 4_000_000.0; // 4 MB/s: a 4 MiB working set takes about a second a round
+    let report = migrate(
+        &cluster,
+        "d1",
+        "beta",
+        &["--max-bandwidth", "4M", "--max-rounds", "4", "--verify"],
     );
+    assert_eq!(report["max_bandwidth"], 4_000_000, "{report:#}");
+    assert_eq!(report["memory_verified"], true, "{report:#}");
+    let throttle = report["throttle_pct"].as_u64().unwrap();
     assert!(
-        report["rounds"].as_array().unwrap().len() >= 2,
-        "{report:#}"
+        throttle >= 20,
+        "expected the guest to be throttled: {report:#}"
+    );
+    let rounds = report["rounds"].as_array().unwrap();
+    assert_eq!(
+        rounds.len(),
+        4,
+        "the round limit ended pre-copy: {report:#}"
+    );
+    // Each round starts unpaced by at most one frame (512 KiB) and a 20 ms burst.
+    let slack = 600_000.0;
+    for round in rounds {
+        let bytes = round["bytes"].as_f64().unwrap();
+        let seconds = round["duration_ms"].as_f64().unwrap() / 1e3;
+        assert!(
+            bytes <= cap * seconds + slack,
+            "a round moved {bytes} bytes in {seconds:.3} s, over the 4 MB/s cap: {report:#}"
+        );
+    }
+    let copying: f64 = rounds
+        .iter()
+        .map(|r| r["duration_ms"].as_f64().unwrap() / 1e3)
+        .sum::<f64>()
+        + report["source_downtime_ms"].as_f64().unwrap() / 1e3;
+    let wire = report["wire_bytes"].as_f64().unwrap();
+    assert!(
+        wire <= cap * copying + slack * (rounds.len() + 1) as f64,
+        "{wire} bytes on the wire in {copying:.3} s of copying: {report:#}"
     );
     let vm = cluster.vm("d1").unwrap();
     assert_eq!(vm["host"], "beta");
@@ -241,6 +269,77 @@ fn dirty_guest_at_unlimited_rate_converges_by_throttling() {
         vm["throttle_pct"], 0,
         "throttle is not carried to the destination"
     );
+}
+
+/// Hosts upgraded one at a time: a host that also speaks a newer version agrees with an
+/// older one on the version both speak; one that shares none refuses at verify, naming both
+/// version lists, and the VM stays where it was.
+#[test]
+fn hosts_of_different_versions_agree_or_refuse_naming_both() {
+    let cluster = cluster(vec![
+        HostSpec::new("alpha"),
+        HostSpec::new("newer").protocol_versions("1,2"),
+        HostSpec::new("future").protocol_versions("2"),
+    ]);
+    for name in ["u1", "u2"] {
+        cluster.ferryctl_ok(&[
+            "vm", "create", name, "--host", "alpha", "--guest", "counter", "--memory", "64M",
+        ]);
+    }
+    let report = migrate(&cluster, "u1", "newer", &[]);
+    assert_eq!(report["protocol_version"], 1, "{report:#}");
+
+    let refused = cluster.ferryctl(&["migrate", "u2", "--to", "future", "--json"]);
+    assert_eq!(refused.code, Some(1), "{refused:?}");
+    let report = refused.json();
+    assert_eq!(report["status"], "refused", "{report:#}");
+    let error = report["error"].as_str().unwrap();
+    assert!(
+        error.contains("'future' refused")
+            && error.contains("accepting host speaks [2]")
+            && error.contains("connecting host speaks [1]"),
+        "both version lists named: {error}"
+    );
+    let vm = cluster.vm("u2").unwrap();
+    assert_eq!(vm["host"], "alpha");
+    assert_eq!(vm["state"], "running");
+}
+
+/// A downtime target no switch-over can meet is refused at verify with the smallest one
+/// this pair of hosts can reach, instead of spinning through every round.
+#[test]
+fn a_downtime_target_below_the_switch_over_floor_is_refused_with_the_floor() {
+    let cluster = cluster(vec![HostSpec::new("alpha"), HostSpec::new("beta")]);
+    cluster.ferryctl_ok(&[
+        "vm", "create", "t1", "--host", "alpha", "--guest", "counter", "--memory", "64M",
+    ]);
+    let result = cluster.ferryctl(&[
+        "migrate",
+        "t1",
+        "--to",
+        "beta",
+        "--downtime-ms",
+        "5",
+        "--json",
+    ]);
+    assert_eq!(result.code, Some(1), "{result:?}");
+    let report = result.json();
+    assert_eq!(report["status"], "refused", "{report:#}");
+    assert_eq!(report["rounds"].as_array().unwrap().len(), 0, "{report:#}");
+    let error = report["error"].as_str().unwrap();
+    let floor: u64 = error
+        .split("--downtime-ms ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the floor is named: {error}"));
+    assert!(floor >= 15, "{error}");
+    let vm = cluster.vm("t1").unwrap();
+    assert_eq!(vm["host"], "alpha");
+    assert_eq!(vm["state"], "running");
+    // The floor it names is accepted.
+    let floor = floor.to_string();
+    migrate(&cluster, "t1", "beta", &["--downtime-ms", &floor]);
 }
 
 #[test]

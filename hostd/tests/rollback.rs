@@ -84,8 +84,14 @@ fn wait_final(cluster: &TestCluster, id: &str) -> serde_json::Value {
     let mut report = serde_json::Value::Null;
     cluster.wait_for("migration to end", Duration::from_secs(60), |c| {
         report = migration(c, id);
-        ["completed", "rolled_back", "cancelled", "refused"]
-            .contains(&report["status"].as_str().unwrap_or(""))
+        [
+            "completed",
+            "rolled_back",
+            "cancelled",
+            "refused",
+            "lost_after_switch_over",
+        ]
+        .contains(&report["status"].as_str().unwrap_or(""))
     });
     report
 }
@@ -123,6 +129,7 @@ fn control_connection_dropped_during_stop_and_copy_rolls_back() {
         "the fault fired"
     );
     assert_back_on_source(&cluster, "s1", true);
+    assert_nothing_left_on(&cluster, "beta", "s1");
 }
 
 #[test]
@@ -208,4 +215,277 @@ fn lost_switch_over_confirmation_is_resolved_by_asking_never_by_guessing() {
         c.ticks("q1").len() >= before + 10
     });
     assert_consecutive_from_one(&cluster.ticks("q1"));
+}
+
+/// Nothing of a discarded arriving VM is left in beta's state directory.
+fn assert_nothing_left_on(cluster: &TestCluster, host: &str, vm: &str) {
+    let leftovers: Vec<String> = std::fs::read_dir(cluster.state_dir(host))
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with(vm))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        leftovers.is_empty(),
+        "{host} kept files of the discarded VM: {leftovers:?}"
+    );
+}
+
+/// Every way the destination can fail before the switch-over: the source rolls back, and
+/// the report carries the destination's own reason, not "the peer closed the channel".
+/// The guest's pause is reported as it was: none when it never stopped, at least until all
+/// memory was sent when it did.
+#[test]
+fn destination_failures_reach_the_operator_with_their_reason() {
+    struct Case {
+        fault: Option<&'static str>,
+        extra: &'static [&'static str],
+        expect: &'static [&'static str],
+        paused: bool,
+    }
+    let cases = [
+        // Out of resources while building the arriving VM.
+        Case {
+            fault: Some("fail-prepare"),
+            extra: &[],
+            expect: &["host 'beta' cannot build the VM", "Cannot allocate memory"],
+            paused: false,
+        },
+        // The state does not load.
+        Case {
+            fault: Some("reject-state"),
+            extra: &[],
+            expect: &["incoming VM state rejected"],
+            paused: true,
+        },
+        // The memory that arrived is not what was sent.
+        Case {
+            fault: Some("corrupt-arriving-memory"),
+            extra: &["--verify"],
+            expect: &["memory hash mismatch"],
+            paused: true,
+        },
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        let beta = match case.fault {
+            Some(fault) => HostSpec::new("beta").fault(fault),
+            None => HostSpec::new("beta"),
+        };
+        let cluster = cluster(vec![HostSpec::new("alpha"), beta]);
+        let name = format!("r{i}");
+        counter_vm(&cluster, &name, "64M", 0);
+        let mut args = vec!["migrate", name.as_str(), "--to", "beta", "--json"];
+        args.extend_from_slice(case.extra);
+        let result = cluster.ferryctl(&args);
+        assert_eq!(result.code, Some(1), "{result:?}");
+        let report = result.json();
+        assert_eq!(report["status"], "rolled_back", "{report:#}");
+        let error = report["error"].as_str().unwrap_or("");
+        for text in case.expect {
+            assert!(
+                error.contains(text),
+                "{:?}: '{text}' not in: {error}",
+                case.fault
+            );
+        }
+        assert!(!error.contains("closed the control channel"), "{error}");
+        let downtime = report["downtime_ms"].as_f64().expect("downtime reported");
+        if case.paused {
+            let sent = report["source_downtime_ms"].as_f64().unwrap_or(0.0);
+            assert!(
+                downtime > 0.0 && downtime >= sent,
+                "the guest was paused until at least all memory was sent ({sent} ms): {report:#}"
+            );
+            assert!(
+                downtime <= report["total_ms"].as_f64().unwrap(),
+                "{report:#}"
+            );
+        } else {
+            assert_eq!(downtime, 0.0, "the guest never stopped: {report:#}");
+        }
+        assert_back_on_source(&cluster, &name, true);
+        assert_nothing_left_on(&cluster, "beta", &name);
+    }
+}
+
+/// The console log cannot be created on the destination (a directory sits where it goes):
+/// the reason reaches the operator, and what was there stays untouched.
+#[test]
+fn destination_that_cannot_create_the_console_log_says_so() {
+    let cluster = cluster(vec![HostSpec::new("alpha"), HostSpec::new("beta")]);
+    counter_vm(&cluster, "c9", "64M", 0);
+    let blocker = cluster.state_dir("beta").join("c9.console.log");
+    std::fs::create_dir_all(&blocker).unwrap();
+    let result = cluster.ferryctl(&["migrate", "c9", "--to", "beta", "--json"]);
+    let report = result.json();
+    assert_eq!(report["status"], "rolled_back", "{report:#}");
+    let error = report["error"].as_str().unwrap_or("");
+    assert!(
+        error.contains("cannot build the VM") && error.contains("console"),
+        "{error}"
+    );
+    assert!(
+        blocker.is_dir(),
+        "the directory in the way was left as it was"
+    );
+    assert_back_on_source(&cluster, "c9", true);
+}
+
+/// A VM that lived on beta before comes back: the migration fails at the last step, and its
+/// old console log on beta is left exactly as it was.
+#[test]
+fn a_discarded_return_leaves_the_old_console_log_as_it_was() {
+    let cluster = cluster(vec![
+        HostSpec::new("alpha"),
+        HostSpec::new("beta").fault("reject-state"),
+    ]);
+    counter_vm(&cluster, "back", "64M", 0);
+    let old = cluster.state_dir("beta").join("back.console.log");
+    std::fs::write(&old, b"an earlier life\n").unwrap();
+    let result = cluster.ferryctl(&["migrate", "back", "--to", "beta", "--json"]);
+    assert_eq!(result.json()["status"], "rolled_back");
+    assert_eq!(std::fs::read(&old).unwrap(), b"an earlier life\n");
+    assert_back_on_source(&cluster, "back", true);
+}
+
+/// Cancelling while a migration switches over or has just ended is refused as a conflict
+/// (409, "too late"), never as an internal error.
+#[test]
+fn cancel_racing_the_switch_over_is_a_conflict_never_an_internal_error() {
+    let cluster = cluster(vec![HostSpec::new("alpha"), HostSpec::new("beta")]);
+    for round in 0..3 {
+        let name = format!("race{round}");
+        counter_vm(&cluster, &name, "128M", 0);
+        let id = start_migration(&cluster, &name, "beta");
+        let mut answers = std::collections::BTreeMap::new();
+        loop {
+            let (status, body) =
+                cluster.api_post("alpha", &format!("/v1/vms/{name}/migrate/cancel"), "{}");
+            assert_ne!(status, 500, "cancel answered an internal error: {body}");
+            if status == 409 {
+                let message = body["error"].as_str().unwrap_or("");
+                assert!(message.contains("too late"), "{body}");
+            }
+            *answers.entry(status).or_insert(0) += 1;
+            let report = migration(&cluster, &id);
+            if ["completed", "rolled_back", "cancelled"]
+                .contains(&report["status"].as_str().unwrap_or(""))
+            {
+                break;
+            }
+        }
+        // After the end, nothing is in progress to cancel.
+        let (status, body) =
+            cluster.api_post("alpha", &format!("/v1/vms/{name}/migrate/cancel"), "{}");
+        assert_eq!(status, 404, "{body}");
+        cluster.ferryctl_ok(&["vm", "stop", &name]);
+        eprintln!("round {round}: cancel answers {answers:?}");
+    }
+}
+
+/// The confirmation is lost and beta answers no query for a few seconds (a partition that
+/// heals). Alpha keeps its copy paused, then learns that beta runs the VM and completes.
+/// The reported downtime is the guest's real pause, which ended on beta long before alpha
+/// heard of it: not the time alpha spent asking.
+#[test]
+fn an_in_doubt_switch_over_that_completes_reports_the_real_pause() {
+    let cluster = cluster(vec![
+        HostSpec::new("alpha"),
+        HostSpec::new("beta").fault("partition-after-commit-healing"),
+    ]);
+    counter_vm(&cluster, "h1", "64M", 0);
+    let result = cluster.ferryctl(&["migrate", "h1", "--to", "beta", "--json"]);
+    let report = result.json();
+    assert_eq!(report["status"], "completed", "{report:#}");
+    assert!(cluster.log("beta").contains("leaving a query unanswered"));
+    let downtime = report["downtime_ms"].as_f64().unwrap();
+    let total = report["total_ms"].as_f64().unwrap();
+    // Beta ignored queries for 3 s after running the VM: all of that is after the pause
+    // ended, so it is in the total and not in the downtime.
+    assert!(
+        downtime > 0.0 && downtime + 3000.0 <= total,
+        "downtime {downtime} ms, total {total} ms: {report:#}"
+    );
+    assert!(downtime >= report["source_downtime_ms"].as_f64().unwrap());
+    let vm = cluster.vm("h1").unwrap();
+    assert_eq!(vm["host"], "beta");
+    assert_eq!(vm["state"], "running");
+    assert!(cluster.vms_on("alpha").is_empty());
+}
+
+/// The exact scenario that once sent a guest back in time: beta runs the VM on commit, the
+/// confirmation is lost in a partition, beta's hostd is killed and restarted while still
+/// cut off. When alpha finally gets an answer, it comes from beta's journal: committed
+/// here, then lost. Alpha keeps its copy paused and stale, so no tick is ever printed
+/// twice; only the operator's explicit recovery runs it again.
+#[test]
+fn partition_after_commit_and_destination_restart_never_rewinds_the_guest() {
+    let mut cluster = cluster(vec![
+        HostSpec::new("alpha"),
+        HostSpec::new("beta").fault("partition-after-commit"),
+    ]);
+    counter_vm(&cluster, "p1", "64M", 0);
+    let id = start_migration(&cluster, "p1", "beta");
+    cluster.wait_for("the VM to run on beta", Duration::from_secs(30), |c| {
+        c.log("beta").contains("VM taken over")
+    });
+    cluster.wait_for("alpha to be in doubt", Duration::from_secs(30), |c| {
+        migration(c, &id)["status"] == "in_doubt"
+    });
+    // Let the guest run on beta for a while: those ticks exist only there.
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.kill("beta");
+    let printed_on_beta =
+        std::fs::read_to_string(cluster.state_dir("beta").join("p1.console.log")).unwrap();
+    let beta_ticks: Vec<u64> = printed_on_beta
+        .lines()
+        .filter_map(|l| l.strip_prefix("tick ")?.trim().parse().ok())
+        .collect();
+    cluster.restart("beta");
+    assert!(
+        cluster
+            .log("beta")
+            .contains("lost when the previous hostd stopped"),
+        "beta's restart settled the committed record"
+    );
+
+    let report = wait_final(&cluster, &id);
+    assert_eq!(report["status"], "lost_after_switch_over", "{report:#}");
+    let error = report["error"].as_str().unwrap();
+    assert!(
+        error.contains("committed the switch-over and then lost the VM")
+            && error.contains("--from-stale-copy"),
+        "{error}"
+    );
+    let vm = cluster.vm("p1").expect("the stale copy is still on alpha");
+    assert_eq!(vm["host"], "alpha");
+    assert_eq!(vm["state"], "stale");
+
+    // The stale copy does not run: its console stops where the switch-over paused it,
+    // behind what the guest printed on beta.
+    let on_alpha = cluster.ticks("p1");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(cluster.ticks("p1"), on_alpha, "the stale copy ran");
+    assert_consecutive_from_one(&on_alpha);
+    let last_alpha = *on_alpha.last().unwrap();
+    assert!(
+        beta_ticks.iter().any(|&t| t > last_alpha),
+        "beta ran the guest past alpha's last tick {last_alpha}: {:?}",
+        &beta_ticks[beta_ticks.len().saturating_sub(3)..]
+    );
+    // Resuming it the ordinary way is refused; recovery needs the explicit flag.
+    let resume = cluster.ferryctl(&["vm", "resume", "p1"]);
+    assert_eq!(resume.code, Some(2), "{resume:?}");
+    let refused = cluster.ferryctl(&["vm", "recover", "p1"]);
+    assert_eq!(refused.code, Some(2), "{refused:?}");
+    assert!(refused.stderr.contains("--from-stale-copy"), "{refused:?}");
+    let recovered = cluster.ferryctl(&["vm", "recover", "p1", "--from-stale-copy"]);
+    assert_eq!(recovered.code, Some(0), "{recovered:?}");
+    assert!(recovered.stderr.contains("goes back"), "{recovered:?}");
+    cluster.wait_for("the recovered copy to run", Duration::from_secs(10), |c| {
+        c.ticks("p1").len() > on_alpha.len() + 5
+    });
+    assert_eq!(cluster.vm("p1").unwrap()["state"], "running");
 }

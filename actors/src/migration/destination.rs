@@ -169,18 +169,23 @@ impl DestinationMigration {
 
     /// Tells the source why this side fails, then drops the copy.
     fn fail(&mut self, ctx: &mut Context<Self>, reason: String) {
-        self.reply(
-            ctx,
-            ToSource::Failed {
-                reason: reason.clone(),
-            },
-        );
-        self.discard(ctx, reason);
+        let last_word = ToSource::Failed {
+            reason: reason.clone(),
+        };
+        self.drop_copy(ctx, reason, Some(last_word));
     }
 
-    /// Drops the arriving copy (before commit) and ends the actor: the VM, its console log
-    /// as it was before, the data receivers; the journal says `Discarded`.
+    /// Drops the arriving copy (before commit) and ends the actor, after a failure the
+    /// source told us about or that ended the connection.
     fn discard(&mut self, ctx: &mut Context<Self>, reason: String) {
+        self.drop_copy(ctx, reason, None);
+    }
+
+    /// Drops the arriving copy: first `last_word` to the source (so its operator reads the
+    /// reason before anything else breaks), then the data receivers, the VM, its console log
+    /// as it was before; the journal says `Discarded`. One future, so the steps keep their
+    /// order (actix runs the newest `ctx.wait` future first).
+    fn drop_copy(&mut self, ctx: &mut Context<Self>, reason: String, last_word: Option<ToSource>) {
         if self.done {
             return;
         }
@@ -192,16 +197,12 @@ impl DestinationMigration {
             return;
         }
         tracing::warn!(migration = %self.id, vm = %self.report.vm, %reason, "discarding the incoming VM");
-        if let Some(data) = self.data.take() {
-            // The reason travels on the data streams too, in case the source reads those
-            // before the control channel.
-            data.abort(&format!("destination '{}': {reason}", self.settings.name));
-            actix_rt::task::spawn_blocking(move || drop(data.wait()));
-        }
+        let data = self.data.take();
+        let data_reason = format!("destination '{}': {reason}", self.settings.name);
         self.report.error = Some(reason);
         self.report.stage = Some(Stage::RolledBack);
         self.report.status = "rolled_back".into();
-        self.control = None;
+        let control = self.control.take();
         self.ram = None;
         let vm = self.vm.take();
         let host = self.host.clone();
@@ -212,6 +213,16 @@ impl DestinationMigration {
         let journal = Arc::clone(&self.journal);
         ctx.wait(
             async move {
+                if let (Some(control), Some(message)) = (&control, last_word) {
+                    let _ = control.send(&message).await;
+                }
+                drop(control);
+                if let Some(data) = data {
+                    // The reason travels on the data streams too, in case the source reads
+                    // those before the control channel.
+                    data.abort(&data_reason);
+                    actix_rt::task::spawn_blocking(move || drop(data.wait()));
+                }
                 if let Some(vm) = vm {
                     let _ = vm.send(EndMigrateIn::Discard).await;
                 }
@@ -472,9 +483,10 @@ impl DestinationMigration {
                     act.publish();
                     if matches!(
                         act.settings.fault,
-                        Some(Fault::DropControlOnCommit | Fault::PartitionAfterCommit)
+                        Some(Fault::DropControlOnCommit | Fault::PartitionAfterCommit { .. })
                     ) {
                         tracing::warn!(migration = %act.id, "fault injection: dropping the control channel after commit");
+                        Fault::partition_begins();
                         act.control = None;
                         act.done = true;
                         ctx.stop();

@@ -456,20 +456,33 @@ impl SourceMigration {
         } else {
             0.0
         };
-        let round = self.report.round;
-        self.send(ctx, ToDestination::RoundDone { round, pages });
         if self.cancel_requested {
             return self.fail(ctx, Stage::Cancelled, "cancelled by the operator".into());
         }
+        let round = self.report.round;
+        let control = self.control.clone();
         let vm = self.vm.clone();
+        // One future: the progress message leaves before anything that follows the fetch
+        // (actix runs the newest `ctx.wait` future first, so two would run backwards).
+        let work = async move {
+            if let Some(control) = control {
+                control
+                    .send(&ToDestination::RoundDone { round, pages })
+                    .await
+                    .map_err(|e| format!("control channel: {}", error_chain(&e)))?;
+            }
+            vm.send(DirtyLog::Fetch)
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("fetching dirty pages: {e}"))
+        };
         ctx.wait(
-            async move { vm.send(DirtyLog::Fetch).await }
+            work
                 .into_actor(self)
                 .map(move |result, act, ctx| {
                     let dirty = match result {
-                        Ok(Ok(dirty)) => dirty,
-                        Ok(Err(e)) => return act.fail(ctx, Stage::PreCopy, format!("fetching dirty pages: {e}")),
-                        Err(e) => return act.fail(ctx, Stage::PreCopy, e.to_string()),
+                        Ok(dirty) => dirty,
+                        Err(e) => return act.fail(ctx, Stage::PreCopy, e),
                     };
                     act.report.remaining_bytes = dirty.bytes();
                     let decision = decide(
