@@ -81,6 +81,16 @@ fn malformed_configs_are_refused_at_start_naming_file_key_and_problem() {
             &["hosts[0].cpus", "CPU 999 does not exist"],
         ),
         ("not TOML", "[cluster\nname = ", &["cluster.toml"]),
+        (
+            "bad bandwidth",
+            &format!("{GOOD}\n[migration]\nmax_bandwidth = \"fast\"\n"),
+            &["migration.max_bandwidth", "not a rate"],
+        ),
+        (
+            "bandwidth below the smallest cap",
+            &format!("{GOOD}\n[migration]\nmax_bandwidth = \"10k\"\n"),
+            &["migration.max_bandwidth", "below the smallest cap"],
+        ),
     ];
     for (what, config, needles) in cases {
         let (code, stderr) = hostd_with(config, "alpha");
@@ -245,6 +255,23 @@ fn unknown_names_and_invalid_values_get_clear_errors() {
         "at least 1",
     );
     expect_error(&["migrate-cancel", "v"], "no migration");
+    expect_error(
+        &["migrate", "v", "--to", "beta", "--max-bandwidth", "fast"],
+        "max_bandwidth: 'fast' is not a rate",
+    );
+    expect_error(
+        &["migrate", "v", "--to", "beta", "--max-bandwidth", "100k"],
+        "below the smallest cap",
+    );
+    // Recovery is only for a stale copy, and only when asked for explicitly.
+    expect_error(&["vm", "recover", "v"], "--from-stale-copy");
+    expect_error(
+        &["vm", "recover", "v", "--from-stale-copy"],
+        "cannot recover from a stale copy a VM that is running",
+    );
+    let (status, body) = cluster.api_post("alpha", "/v1/vms/v/recover", "{}");
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("from_stale_copy"));
 
     // The API itself: JSON errors with the right status, never a crash.
     let (status, body) = cluster.api_get("alpha", "/v1/vms/ghost");

@@ -372,7 +372,7 @@ fn hosts_in_network_namespaces_joined_by_veth() {
     });
     let pair = cluster.netns().expect("namespaces");
     // Listen on east's side of the veth: west's announcement crosses the link.
-    let capture = Capture::start(&pair.names[0], &pair.interfaces[0], Duration::from_secs(8));
+    let capture = Capture::start(&pair.names[0], &pair.interfaces[0]);
     let report = migrate(&cluster, "n1", "west", &[]);
     assert_eq!(report["destination"], "west");
     let before = cluster.ticks("n1").len();
@@ -387,23 +387,23 @@ fn hosts_in_network_namespaces_joined_by_veth() {
         .split(':')
         .map(|b| u8::from_str_radix(b, 16).unwrap())
         .collect();
-    let frames = capture.frames();
-    let rarp = frames
-        .iter()
-        .any(|f| f.len() >= 14 && f[6..12] == mac[..] && f[12..14] == [0x80, 0x35]);
-    let garp = frames.iter().any(|f| {
+    let rarp = |f: &Vec<u8>| f.len() >= 14 && f[6..12] == mac[..] && f[12..14] == [0x80, 0x35];
+    let garp = |f: &Vec<u8>| {
         f.len() >= 42
             && f[6..12] == mac[..]
             && f[12..14] == [0x08, 0x06]
             && f[28..32] == [10, 77, 99, 9]
+    };
+    let frames = capture.frames_when(Duration::from_secs(30), |frames| {
+        frames.iter().any(rarp) && frames.iter().any(garp)
     });
     assert!(
-        rarp,
+        frames.iter().any(rarp),
         "no RARP announcement with the VM's MAC arrived over the veth ({} frames)",
         frames.len()
     );
     assert!(
-        garp,
+        frames.iter().any(garp),
         "no gratuitous ARP for the VM's IP arrived over the veth"
     );
 }

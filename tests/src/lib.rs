@@ -13,7 +13,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -180,84 +181,121 @@ impl Drop for NetnsPair {
 /// Frames seen on an interface inside a namespace, captured by a thread that joined it.
 #[derive(Debug)]
 pub struct Capture {
-    handle: std::thread::JoinHandle<Vec<Vec<u8>>>,
+    frames: Arc<Mutex<Vec<Vec<u8>>>>,
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Capture {
-    /// Starts capturing every frame on `interface` in namespace `ns` for `duration`.
-    pub fn start(ns: &str, interface: &str, duration: Duration) -> Capture {
+    /// Starts capturing every frame on `interface` in namespace `ns`, until dropped.
+    pub fn start(ns: &str, interface: &str) -> Capture {
         let ns_path = PathBuf::from("/var/run/netns").join(ns);
         let interface = interface.to_string();
+        let frames = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let handle = std::thread::spawn(move || {
-            let ns_file = File::open(&ns_path).expect("namespace file");
-            // SAFETY: setns on this thread only, with a valid namespace fd.
-            let joined = unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(joined, 0, "setns: {}", std::io::Error::last_os_error());
-            let name = std::ffi::CString::new(interface).expect("interface name");
-            // SAFETY: valid NUL-terminated name.
-            let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-            assert_ne!(index, 0, "interface not found in namespace");
-            let all = (libc::ETH_P_ALL as u16).to_be();
-            // SAFETY: plain socket(2) call, checked below.
-            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(all)) };
-            assert!(
-                fd >= 0,
-                "packet socket: {}",
-                std::io::Error::last_os_error()
-            );
-            // SAFETY: fd is ours.
-            let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-            // SAFETY: zeroed sockaddr_ll is valid; fields set below.
-            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            addr.sll_family = libc::AF_PACKET as u16;
-            addr.sll_protocol = all;
-            addr.sll_ifindex = index as i32;
-            // SAFETY: addr is a valid sockaddr_ll of the given size.
-            let bound = unsafe {
-                libc::bind(
-                    socket.as_raw_fd(),
-                    (&raw const addr).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                )
-            };
-            assert_eq!(bound, 0, "bind: {}", std::io::Error::last_os_error());
-            let timeout = libc::timeval {
-                tv_sec: 0,
-                tv_usec: 100_000,
-            };
-            // SAFETY: valid option value and size.
-            unsafe {
-                libc::setsockopt(
-                    socket.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVTIMEO,
-                    (&raw const timeout).cast(),
-                    std::mem::size_of::<libc::timeval>() as u32,
-                )
-            };
-            let _ = ready_tx.send(());
-            let deadline = Instant::now() + duration;
-            let mut frames = Vec::new();
-            let mut buf = [0u8; 2048];
-            while Instant::now() < deadline {
-                // SAFETY: buf is valid for its length.
-                let n = unsafe {
-                    libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
+        let handle = {
+            let frames = Arc::clone(&frames);
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let ns_file = File::open(&ns_path).expect("namespace file");
+                // SAFETY: setns on this thread only, with a valid namespace fd.
+                let joined = unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(joined, 0, "setns: {}", std::io::Error::last_os_error());
+                let name = std::ffi::CString::new(interface).expect("interface name");
+                // SAFETY: valid NUL-terminated name.
+                let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+                assert_ne!(index, 0, "interface not found in namespace");
+                let all = (libc::ETH_P_ALL as u16).to_be();
+                // SAFETY: plain socket(2) call, checked below.
+                let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(all)) };
+                assert!(
+                    fd >= 0,
+                    "packet socket: {}",
+                    std::io::Error::last_os_error()
+                );
+                // SAFETY: fd is ours.
+                let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+                // SAFETY: zeroed sockaddr_ll is valid; fields set below.
+                let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+                addr.sll_family = libc::AF_PACKET as u16;
+                addr.sll_protocol = all;
+                addr.sll_ifindex = index as i32;
+                // SAFETY: addr is a valid sockaddr_ll of the given size.
+                let bound = unsafe {
+                    libc::bind(
+                        socket.as_raw_fd(),
+                        (&raw const addr).cast(),
+                        std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                    )
                 };
-                if n > 0 {
-                    frames.push(buf[..n as usize].to_vec());
+                assert_eq!(bound, 0, "bind: {}", std::io::Error::last_os_error());
+                let timeout = libc::timeval {
+                    tv_sec: 0,
+                    tv_usec: 100_000,
+                };
+                // SAFETY: valid option value and size.
+                unsafe {
+                    libc::setsockopt(
+                        socket.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_RCVTIMEO,
+                        (&raw const timeout).cast(),
+                        std::mem::size_of::<libc::timeval>() as u32,
+                    )
+                };
+                let _ = ready_tx.send(());
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    // SAFETY: buf is valid for its length.
+                    let n = unsafe {
+                        libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
+                    };
+                    if n > 0 {
+                        frames
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .push(buf[..n as usize].to_vec());
+                    }
                 }
-            }
-            frames
-        });
+            })
+        };
         let _ = ready_rx.recv_timeout(Duration::from_secs(5));
-        Capture { handle }
+        Capture {
+            frames,
+            stop,
+            handle: Some(handle),
+        }
     }
 
-    /// The frames captured.
-    pub fn frames(self) -> Vec<Vec<u8>> {
-        self.handle.join().unwrap_or_default()
+    /// Waits until the frames captured so far satisfy `done`, or `timeout` passes; returns
+    /// them either way.
+    pub fn frames_when(
+        &self,
+        timeout: Duration,
+        mut done: impl FnMut(&[Vec<u8>]) -> bool,
+    ) -> Vec<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let frames = self
+                .frames
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            if done(&frames) || Instant::now() >= deadline {
+                return frames;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
     }
 }
 
