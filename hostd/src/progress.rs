@@ -126,8 +126,10 @@ pub fn describe(report: &MigrationReport) -> String {
                 out.push_str(&format!("; all data sent after {source:.1} ms"));
             }
             out.push_str(")\n");
-        } else {
+        } else if downtime > 0.0 {
             out.push_str(&format!("  downtime:    {downtime:.1} ms (guest paused)\n"));
+        } else {
+            out.push_str("  downtime:    none (the guest kept running)\n");
         }
     }
     for (i, round) in report.rounds.iter().enumerate() {
@@ -139,7 +141,7 @@ pub fn describe(report: &MigrationReport) -> String {
             round.duration_ms
         ));
     }
-    if report.final_pages > 0 || report.downtime_ms.is_some() {
+    if report.final_pages > 0 || report.status == "completed" {
         out.push_str(&format!(
             "  final copy:  {:>8} pages (guest paused)\n",
             report.final_pages

@@ -483,7 +483,7 @@ fn partition_after_commit_and_destination_restart_never_rewinds_the_guest() {
     assert!(refused.stderr.contains("--from-stale-copy"), "{refused:?}");
     let recovered = cluster.ferryctl(&["vm", "recover", "p1", "--from-stale-copy"]);
     assert_eq!(recovered.code, Some(0), "{recovered:?}");
-    assert!(recovered.stderr.contains("goes back"), "{recovered:?}");
+    assert!(recovered.stderr.contains("went back"), "{recovered:?}");
     cluster.wait_for("the recovered copy to run", Duration::from_secs(10), |c| {
         c.ticks("p1").len() > on_alpha.len() + 5
     });

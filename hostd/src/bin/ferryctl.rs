@@ -292,10 +292,10 @@ fn run(client: Client, command: Command) -> Result<i32> {
                     "`vm recover` runs the stale copy a lost switch-over left paused, and its guest goes back to the moment of that switch-over; add --from-stale-copy to do it"
                 );
             }
-            eprintln!(
-                "ferryctl: warning: running the stale copy of {name}: its guest goes back to the moment of the lost switch-over, and whatever it did on the destination since is gone"
-            );
             let info = client.recover_from_stale_copy(&name)?;
+            eprintln!(
+                "ferryctl: warning: {name} runs from its stale copy: its guest went back to the moment of the lost switch-over, and whatever it did on the destination since is gone"
+            );
             println!("{} on {}: {}", info.name, info.host, info.state);
             Ok(0)
         }
