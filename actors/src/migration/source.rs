@@ -960,8 +960,11 @@ impl Handler<CancelRequest> for SourceMigration {
     type Result = Result<(), String>;
 
     fn handle(&mut self, _: CancelRequest, ctx: &mut Self::Context) -> Self::Result {
-        if self.commit_sent_at.is_some() || self.done {
+        if self.commit_sent_at.is_some() {
             return Err("too late to cancel: the switch-over has begun".into());
+        }
+        if self.done {
+            return Err("too late to cancel: the migration is already ending".into());
         }
         self.cancel_requested = true;
         // Between messages (verify, prepare) cancel at once; a running round finishes first.
