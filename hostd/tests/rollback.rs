@@ -108,7 +108,14 @@ fn destination_killed_during_precopy_rolls_back() {
     cluster.kill("beta");
     let report = wait_final(&cluster, &id);
     assert_eq!(report["status"], "rolled_back", "{report:#}");
-    assert!(report["error"].as_str().is_some_and(|e| !e.is_empty()));
+    // A dead host cannot say why: the report says what was seen, naming it.
+    let error = report["error"].as_str().unwrap_or("");
+    assert!(error.contains("beta") || error.contains("data"), "{error}");
+    let downtime = report["downtime_ms"].as_f64().unwrap();
+    assert_eq!(
+        downtime, 0.0,
+        "killed in pre-copy: the guest never stopped: {report:#}"
+    );
     assert_back_on_source(&cluster, "k1", false);
     assert!(!cluster.is_running("beta"));
 }
@@ -124,6 +131,14 @@ fn control_connection_dropped_during_stop_and_copy_rolls_back() {
     assert_eq!(result.code, Some(1), "{result:?}");
     let report = result.json();
     assert_eq!(report["status"], "rolled_back", "{report:#}");
+    // The connection broke with no word from beta: that is what the report says.
+    let error = report["error"].as_str().unwrap_or("");
+    assert!(
+        error.contains("'beta'") && error.contains("closed the control channel"),
+        "{error}"
+    );
+    // The guest was paused in stop-and-copy until the rollback resumed it.
+    assert!(report["downtime_ms"].as_f64().unwrap() > 0.0, "{report:#}");
     assert!(
         cluster.log("beta").contains("fault injection"),
         "the fault fired"
@@ -180,6 +195,13 @@ fn cancel_during_precopy_rolls_back() {
     assert_eq!(cancelled.code, Some(0), "{cancelled:?}");
     let report = wait_final(&cluster, &id);
     assert_eq!(report["status"], "cancelled", "{report:#}");
+    assert!(
+        report["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("cancelled by the operator"),
+        "{report:#}"
+    );
     assert_back_on_source(&cluster, "x1", true);
     // Nothing to cancel any more.
     let again = cluster.ferryctl(&["migrate-cancel", "x1"]);
