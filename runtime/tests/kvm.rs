@@ -448,7 +448,10 @@ fn verify_saved_while_running_reports_no_mismatch_after_restore() {
         "--save",
         path(&snap),
         "--save-after",
-        "1.5",
+        "0.5",
+        // Saved while it checks, however long the fill takes on this machine.
+        "--save-at-progress",
+        "1",
         "--console",
         path(&dir.path().join("a.log")),
         "--json",
@@ -459,11 +462,14 @@ fn verify_saved_while_running_reports_no_mismatch_after_restore() {
         saved["save"]["rounds"].as_array().unwrap().len() >= 2,
         "live pre-copy ran: {saved}"
     );
+    let wanted = (progress_at_save + 2).to_string();
     let restored = ferry_vm(&[
         "restore",
         path(&snap),
         "--run-for",
-        "2",
+        "0.5",
+        "--until-progress",
+        &wanted,
         "--console",
         path(&dir.path().join("b.log")),
         "--json",

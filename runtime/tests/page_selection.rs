@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use ferry_runtime::layout::{DATA_START, PAGE_SIZE};
@@ -207,9 +207,11 @@ fn a_concurrent_writer_loses_nothing() {
         let mut vm = Vm::create(&VmConfig::new("racing", 1, memory), &boot, &[]).expect("VM");
         let ram = vm.ram_handle();
         let stop = Arc::new(AtomicBool::new(false));
+        let written = Arc::new(AtomicU64::new(0));
         let writer = {
             let ram = Arc::clone(&ram);
             let stop = Arc::clone(&stop);
+            let written = Arc::clone(&written);
             std::thread::spawn(move || {
                 let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
                 let mut writes = 0u64;
@@ -232,6 +234,7 @@ fn a_concurrent_writer_loses_nothing() {
                     };
                     write.apply(&ram);
                     writes += 1;
+                    written.store(writes, Ordering::Relaxed);
                     if writes.is_multiple_of(64) {
                         // About a fresh page every few microseconds: the front is still
                         // moving while the rounds run.
@@ -241,13 +244,29 @@ fn a_concurrent_writer_loses_nothing() {
                 writes
             })
         };
+        // However the machine schedules the two threads: tracking starts with the writer
+        // under way, and rounds go on until it has written a good deal during them.
+        let wait_for_writes = |at_least: u64| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while written.load(Ordering::Relaxed) < at_least {
+                assert!(std::time::Instant::now() < deadline, "the writer never ran");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        wait_for_writes(100);
         let mut destination = Destination::default();
         let mut set = vm.begin_tracking().expect("tracking");
-        for _ in 0..6 {
+        let during = written.load(Ordering::Relaxed) + 5000;
+        let mut rounds = 0;
+        while rounds < 6 || written.load(Ordering::Relaxed) < during {
             for gpa in set.pages() {
                 destination.receive(&ram, gpa);
             }
             set = vm.fetch_dirty().expect("fetch");
+            rounds += 1;
+            if rounds >= 6 {
+                wait_for_writes(during);
+            }
         }
         stop.store(true, Ordering::Relaxed);
         let writes = writer.join().expect("writer");
@@ -256,7 +275,7 @@ fn a_concurrent_writer_loses_nothing() {
         for gpa in set.pages() {
             destination.receive(&ram, gpa);
         }
-        assert!(writes > 0);
+        assert!(writes >= during);
         let wrong = destination.differences(&ram);
         assert!(wrong.is_empty(), "seed {seed}: pages lost: {wrong:x?}");
     }

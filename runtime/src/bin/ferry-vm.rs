@@ -121,6 +121,10 @@ struct RunArgs {
     /// Seconds to run before saving.
     #[arg(long, requires = "save")]
     save_after: Option<f64>,
+    /// Save only once the guest has also reported this much progress (built-in guests:
+    /// passes), so a slow or loaded machine changes when, not what.
+    #[arg(long, requires = "save")]
+    save_at_progress: Option<u32>,
     /// Keep the VM running after the save (a checkpoint) instead of stopping it.
     #[arg(long)]
     keep_running: bool,
@@ -142,6 +146,9 @@ struct RestoreArgs {
     /// Stop after this many seconds (default: when the guest exits).
     #[arg(long)]
     run_for: Option<f64>,
+    /// Stop only once the guest has also reported this much progress.
+    #[arg(long)]
+    until_progress: Option<u32>,
     /// Dirty logging mode.
     #[arg(long, value_enum, default_value_t = DirtyMode::Bitmap)]
     dirty_log: DirtyMode,
@@ -201,15 +208,35 @@ fn stream_console(vm: &Vm) -> std::thread::JoinHandle<()> {
     })
 }
 
-/// Runs until `deadline` or until no vCPU is running guest code any more.
-fn run_until(vm: &Vm, deadline: Option<Instant>) {
+/// The longest a run waits for the guest to reach a progress it was asked to reach.
+const PROGRESS_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Runs until no vCPU is running guest code any more, or until `deadline` has passed and
+/// the guest has reported at least `progress` (each only if given); fails if the guest
+/// does not reach `progress` within [`PROGRESS_TIMEOUT`].
+fn run_until(vm: &Vm, deadline: Option<Instant>, progress: Option<u32>) -> Result<()> {
+    let started = Instant::now();
     loop {
         let all_done = vm
             .vcpu_states()
             .iter()
             .all(|s| matches!(s, VcpuRunState::Finished(_)));
-        if all_done || deadline.is_some_and(|d| Instant::now() >= d) {
-            return;
+        let reported = vm.test_device().state().progress;
+        let time_up = deadline.map(|d| Instant::now() >= d);
+        let far_enough = progress.map(|p| reported >= p);
+        let conditions_met = match (time_up, far_enough) {
+            (None, None) => false,
+            (time, far) => time.unwrap_or(true) && far.unwrap_or(true),
+        };
+        if all_done || conditions_met {
+            return Ok(());
+        }
+        if let Some(wanted) = progress
+            && started.elapsed() > PROGRESS_TIMEOUT
+        {
+            anyhow::bail!(
+                "the guest reported progress {reported} in {PROGRESS_TIMEOUT:?}, not the {wanted} asked for"
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -255,7 +282,11 @@ fn run(args: RunArgs) -> Result<i32> {
     vm.resume()?;
     let mut report = json!({});
     if let (Some(path), Some(after)) = (&args.save, args.save_after) {
-        run_until(&vm, Some(started + Duration::from_secs_f64(after)));
+        run_until(
+            &vm,
+            Some(started + Duration::from_secs_f64(after)),
+            args.save_at_progress,
+        )?;
         let options = SaveOptions {
             keep_running: args.keep_running,
             ..SaveOptions::default()
@@ -288,7 +319,8 @@ fn run(args: RunArgs) -> Result<i32> {
         &vm,
         args.run_for
             .map(|secs| started + Duration::from_secs_f64(secs)),
-    );
+        None,
+    )?;
     vm.pause()?;
     report["result"] = finish_report(&vm);
     let code = exit_code(&vm);
@@ -320,7 +352,8 @@ fn restore(args: RestoreArgs) -> Result<i32> {
         &vm,
         args.run_for
             .map(|secs| started + Duration::from_secs_f64(secs)),
-    );
+        args.until_progress,
+    )?;
     vm.pause()?;
     let report = json!({
         "restore": restore_report,
