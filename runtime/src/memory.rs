@@ -93,14 +93,44 @@ pub struct GuestRam {
 impl GuestRam {
     /// Creates `size` bytes of zeroed guest RAM laid out by [`layout::ram_ranges`].
     pub fn new(size: u64) -> Result<Self, MemoryError> {
+        Self::check_size(size)?;
+        let memfd =
+            create_memfd(size).map_err(|source| MemoryError::CreateMemfd { size, source })?;
+        Self::map(memfd, size)
+    }
+
+    /// Maps the guest RAM another process created, from its memfd (the VMM process shares
+    /// it with hostd, which copies pages in and out during a migration). The memfd must be
+    /// `size` bytes, laid out as [`GuestRam::new`] lays it out.
+    pub fn from_memfd(memfd: File, size: u64) -> Result<Self, MemoryError> {
+        Self::check_size(size)?;
+        let actual = memfd
+            .metadata()
+            .map_err(|source| MemoryError::CreateMemfd { size, source })?
+            .len();
+        if actual != size {
+            return Err(MemoryError::CreateMemfd {
+                size,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("the memfd holds {actual} bytes"),
+                ),
+            });
+        }
+        Self::map(memfd, size)
+    }
+
+    fn check_size(size: u64) -> Result<(), MemoryError> {
         if size < MIN_MEMORY || !size.is_multiple_of(PAGE_SIZE) || size > layout::MAX_IDENTITY_MAP {
             return Err(MemoryError::InvalidSize {
                 size,
                 min: MIN_MEMORY >> 20,
             });
         }
-        let memfd =
-            create_memfd(size).map_err(|source| MemoryError::CreateMemfd { size, source })?;
+        Ok(())
+    }
+
+    fn map(memfd: File, size: u64) -> Result<Self, MemoryError> {
         let mut file_offset = 0u64;
         let mut regions = Vec::new();
         for (gpa, len) in layout::ram_ranges(size) {
@@ -363,6 +393,22 @@ mod tests {
         page[4000] = 0;
         page[4098] = 1;
         assert!(is_zero(&page[..4096]) && !is_zero(&page));
+    }
+
+    #[test]
+    fn a_second_mapping_of_the_memfd_sees_the_same_memory() {
+        let ram = GuestRam::new(8 << 20).unwrap();
+        ram.write(0x3000, b"shared").unwrap();
+        let other = GuestRam::from_memfd(ram.memfd().try_clone().unwrap(), 8 << 20).unwrap();
+        let mut back = [0u8; 6];
+        other.read(0x3000, &mut back).unwrap();
+        assert_eq!(&back, b"shared");
+        other.write(0x4000, b"back").unwrap();
+        let mut seen = [0u8; 4];
+        ram.read(0x4000, &mut seen).unwrap();
+        assert_eq!(&seen, b"back");
+        assert_eq!(other.hash(), ram.hash());
+        assert!(GuestRam::from_memfd(ram.memfd().try_clone().unwrap(), 16 << 20).is_err());
     }
 
     #[test]

@@ -1,0 +1,158 @@
+//! Starting a VMM process that does not die with its parent: its own session (no signal to
+//! hostd's process group reaches it, no parent-death signal is set), standard output and
+//! error to a log file, and hostd's answer only once its socket answers.
+
+use std::ffi::OsString;
+use std::fs::OpenOptions;
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::client::{VmmClient, VmmClientError};
+
+/// How long a new VMM may take to answer on its socket.
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How to start a VMM: a program and the arguments that make it one (`hostd vmm`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmmProgram {
+    /// The executable.
+    pub program: PathBuf,
+    /// Arguments before `--socket PATH`.
+    pub args: Vec<OsString>,
+}
+
+impl VmmProgram {
+    /// This very executable, run as a VMM (every Ferry binary that starts VMs serves as
+    /// one when its first argument is `vmm`).
+    pub fn this_executable() -> io::Result<Self> {
+        Ok(VmmProgram {
+            program: std::env::current_exe()?,
+            args: vec![OsString::from("vmm")],
+        })
+    }
+}
+
+/// Starting a VMM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// The log file cannot be opened.
+    #[error("cannot open the VMM log {path}")]
+    Log {
+        /// The log.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The process cannot be started.
+    #[error("cannot start the VMM process {program}")]
+    Start {
+        /// The program.
+        program: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// It exited before answering.
+    #[error("the VMM process exited ({status}) before it answered; its log {log} says: {tail}")]
+    Exited {
+        /// How it ended.
+        status: std::process::ExitStatus,
+        /// Its log.
+        log: PathBuf,
+        /// The end of its log.
+        tail: String,
+    },
+    /// It did not answer in time.
+    #[error("the VMM process did not answer on {socket} within {START_TIMEOUT:?}")]
+    Timeout {
+        /// The socket.
+        socket: PathBuf,
+    },
+    /// It answered, but not as a VMM should.
+    #[error(transparent)]
+    Greeting(VmmClientError),
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(3).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}
+
+/// Starts a VMM serving `socket`, logging to `log`; returns the child and a connection.
+pub fn spawn(
+    program: &VmmProgram,
+    socket: &Path,
+    log: &Path,
+) -> Result<(Child, VmmClient), SpawnError> {
+    let log_file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|source| SpawnError::Log {
+            path: log.to_path_buf(),
+            source,
+        })?;
+    let stderr = log_file.try_clone().map_err(|source| SpawnError::Log {
+        path: log.to_path_buf(),
+        source,
+    })?;
+    let mut command = Command::new(&program.program);
+    command
+        .args(&program.args)
+        .arg("--socket")
+        .arg(socket)
+        .stdin(Stdio::null())
+        .stdout(log_file)
+        .stderr(stderr);
+    let new_session = || {
+        // SAFETY: setsid is async-signal-safe, takes no arguments and affects only the
+        // calling (new) process.
+        if unsafe { libc::setsid() } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: the hook only calls setsid, which is safe between fork and exec.
+    unsafe {
+        command.pre_exec(new_session);
+    }
+    let mut child = command.spawn().map_err(|source| SpawnError::Start {
+        program: program.program.clone(),
+        source,
+    })?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(SpawnError::Exited {
+                status,
+                log: log.to_path_buf(),
+                tail: log_tail(log),
+            });
+        }
+        match VmmClient::connect(socket) {
+            // Another process answering on that path is not the one just started.
+            Ok(client) if client.process().pid == child.id() => return Ok((child, client)),
+            Ok(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Err(VmmClientError::Connect { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(_) | Err(VmmClientError::Connect { .. }) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(SpawnError::Timeout {
+                    socket: socket.to_path_buf(),
+                });
+            }
+            Err(other) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(SpawnError::Greeting(other));
+            }
+        }
+    }
+}
