@@ -6,12 +6,14 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::mpsc::Receiver;
 
 use actix::prelude::*;
 use ferry_runtime::cpu::{CpuFeatures, check_compatible};
-use ferry_runtime::{Boot, DirtyLogMode, Preload, Vm, VmConfig, VmIdentity};
+use ferry_runtime::{Boot, DirtyLogMode, Preload, VmIdentity};
+use ferry_vmm::{CreateSpec, EmptySpec, VmmClient};
 use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +25,7 @@ use crate::migration::{DestinationOutcome, MigrationId, MigrationOptions, Migrat
 use crate::settings::{Fault, HostSettings};
 use crate::vm_actor::{
     BeginMigrateOut, FollowConsole, GetInfo, Operate, VmActor, VmActorError, VmAttachments, VmInfo,
+    VmmProcess,
 };
 
 /// Outcomes remembered for in-doubt queries.
@@ -73,7 +76,7 @@ impl HostError {
 impl From<VmActorError> for HostError {
     fn from(e: VmActorError) -> Self {
         let kind = match e {
-            VmActorError::InvalidTransition(_) | VmActorError::Gone(_) => ErrorKind::Conflict,
+            VmActorError::InvalidTransition(_) | VmActorError::Gone(..) => ErrorKind::Conflict,
             _ => ErrorKind::Internal,
         };
         HostError::new(kind, e.to_string())
@@ -222,6 +225,30 @@ impl ConsoleLogClaim {
     }
 }
 
+/// Starts the VMM process of VM `name` (its socket and log in the state directory).
+pub fn start_vmm(settings: &HostSettings, name: &str) -> Result<(Child, VmmClient), String> {
+    let dir = settings.vmm_dir();
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| format!("creating the VMM directory {}: {e}", dir.display()))?;
+    let program = settings
+        .vmm_program()
+        .map_err(|e| format!("finding the VMM program: {e}"))?;
+    ferry_vmm::spawn(
+        &program,
+        &settings.vmm_socket(name),
+        &settings.vmm_log(name),
+    )
+    .map_err(|e| ferry_transport::report(&e))
+}
+
+/// Ends a VMM that holds nothing worth keeping (its VM failed to build).
+fn stop_vmm(mut child: Child, vmm: VmmClient) {
+    if vmm.shutdown().is_err() {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+}
+
 impl HostActor {
     /// A host with these settings, CPU features (the host's, less hidden ones) and journal.
     pub fn new(settings: HostSettings, features: CpuFeatures, journal: Arc<Journal>) -> Self {
@@ -238,7 +265,7 @@ impl HostActor {
     fn memory_used(&self) -> u64 {
         self.vms
             .values()
-            .filter(|e| e.state != Lifecycle::Stopped)
+            .filter(|e| !matches!(e.state, Lifecycle::Stopped | Lifecycle::Crashed))
             .map(|e| e.memory)
             .sum()
     }
@@ -400,39 +427,57 @@ impl Handler<CreateVm> for HostActor {
                 migration: None,
             },
         );
-        let mut config = VmConfig::new(&spec.name, spec.vcpus, spec.memory);
-        config.identity = VmIdentity::new(&spec.name);
-        config.console_log = Some(console_log_path(&self.settings.state_dir, &spec.name));
-        config.dirty_log = DirtyLogMode::Bitmap;
-        config.hidden_cpu_features = self.settings.hidden_cpu_features.clone();
+        let create = CreateSpec {
+            identity: VmIdentity::new(&spec.name),
+            vcpus: spec.vcpus,
+            memory: spec.memory,
+            boot: spec.boot.clone(),
+            preloads: spec.preloads.clone(),
+            dirty_log: DirtyLogMode::Bitmap,
+            console_log: Some(console_log_path(&self.settings.state_dir, &spec.name)),
+            hidden_cpu_features: self.settings.hidden_cpu_features.clone(),
+            start: spec.start,
+        };
         let host = self.settings.name.clone();
         let attachments = VmAttachments {
             network,
             ip: spec.ip,
         };
         let name = spec.name.clone();
+        let settings = Arc::clone(&self.settings);
         let build = async move {
-            // Building loads preloads and boots: blocking work, off the actor's thread.
+            // Starting a process, loading preloads and booting: blocking work, off the
+            // actor's thread.
             let built = actix_rt::task::spawn_blocking(move || {
-                let mut vm = Vm::create(&config, &spec.boot, &spec.preloads)?;
-                if spec.start {
-                    vm.resume()?;
+                let (child, mut vmm) = start_vmm(&settings, &create.identity.name)?;
+                match vmm.create(create) {
+                    Ok(_) => Ok((child, vmm)),
+                    Err(e) => {
+                        let message = ferry_transport::report(&e);
+                        stop_vmm(child, vmm);
+                        Err(message)
+                    }
                 }
-                Ok::<_, ferry_runtime::VmError>((vm, spec.start))
             })
             .await;
             match built {
-                Ok(Ok((vm, started))) => {
-                    let mut actor = VmActor::new(vm, &host, attachments);
-                    if started {
-                        // Already resumed above; record it.
+                Ok(Ok((child, vmm))) => {
+                    let mut actor = VmActor::new(
+                        vmm,
+                        VmmProcess::Child(child),
+                        &host,
+                        attachments,
+                        (spec.name.clone(), Lifecycle::Created),
+                    );
+                    if spec.start {
+                        // Already resumed by the VMM; record it.
                         actor.mark_started();
                     }
                     Ok(actor.spawn())
                 }
-                Ok(Err(e)) => Err(HostError::new(
+                Ok(Err(message)) => Err(HostError::new(
                     ErrorKind::BadRequest,
-                    format!("cannot create VM: {e}"),
+                    format!("cannot create VM: {message}"),
                 )),
                 Err(e) => Err(HostError::new(
                     ErrorKind::Internal,
@@ -907,41 +952,57 @@ impl Handler<PrepareIncoming> for HostActor {
         let host = self.settings.name.clone();
         let console = console_log_path(&self.settings.state_dir, &name);
         let claim = ConsoleLogClaim::take(console.clone());
+        let name_for_build = name.clone();
         let attachments = VmAttachments {
             network: hello.networks.first().cloned(),
             ip: hello.ip,
         };
         let fault = self.settings.fault;
+        let settings = Arc::clone(&self.settings);
         let build = async move {
             let built = actix_rt::task::spawn_blocking(move || {
                 if fault == Some(Fault::FailPrepare) {
                     tracing::warn!("fault injection: failing to build the arriving VM");
-                    return Err(ferry_runtime::VmError::Memory(
-                        ferry_runtime::memory::MemoryError::CreateMemfd {
-                            size: hello.shape.memory,
-                            source: std::io::Error::from_raw_os_error(libc::ENOMEM),
-                        },
-                    ));
+                    let error = ferry_runtime::memory::MemoryError::CreateMemfd {
+                        size: hello.shape.memory,
+                        source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+                    };
+                    return Err(ferry_transport::report(&error));
                 }
-                Vm::create_empty(
-                    &hello.identity,
-                    &hello.shape,
-                    &hello.boot,
-                    DirtyLogMode::Bitmap,
-                    Some(console),
-                )
+                let (child, mut vmm) = start_vmm(&settings, &hello.identity.name)?;
+                let empty = EmptySpec {
+                    identity: hello.identity.clone(),
+                    shape: hello.shape.clone(),
+                    boot: hello.boot.clone(),
+                    dirty_log: DirtyLogMode::Bitmap,
+                    console_log: Some(console),
+                };
+                match vmm.create_empty(empty) {
+                    Ok(_) => Ok((child, vmm)),
+                    Err(e) => {
+                        let message = ferry_transport::report(&e);
+                        stop_vmm(child, vmm);
+                        Err(message)
+                    }
+                }
             })
             .await;
             match built {
-                Ok(Ok(vm)) => Ok((VmActor::incoming(vm, &host, attachments).spawn(), claim)),
-                Ok(Err(e)) => {
+                Ok(Ok((child, vmm))) => {
+                    let actor = VmActor::new(
+                        vmm,
+                        VmmProcess::Child(child),
+                        &host,
+                        attachments,
+                        (name_for_build, Lifecycle::MigratingIn),
+                    );
+                    Ok((actor.spawn(), claim))
+                }
+                Ok(Err(message)) => {
                     if let Err(error) = claim.release() {
                         tracing::warn!(%error, "restoring the console log failed");
                     }
-                    Err(format!(
-                        "host '{host}' cannot build the VM: {}",
-                        ferry_transport::report(&e)
-                    ))
+                    Err(format!("host '{host}' cannot build the VM: {message}"))
                 }
                 Err(e) => Err(format!("VM build task failed: {e}")),
             }

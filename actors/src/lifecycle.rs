@@ -28,6 +28,9 @@ pub enum Lifecycle {
     /// The copy paused at a switch-over whose destination then lost the VM. Older than what
     /// the guest last did there; runs only through an explicit recovery.
     Stale,
+    /// Its VMM process ended without being asked to: the VM is gone. Kept, with how the
+    /// process ended, until the operator stops (removes) it.
+    Crashed,
 }
 
 /// Something that changes a VM's lifecycle.
@@ -58,6 +61,8 @@ pub enum Event {
     MigrateOutLost,
     /// The operator runs the stale copy anyway, accepting that its guest goes back in time.
     RecoverStale,
+    /// The VMM process ended on its own (killed, or it failed).
+    VmmExited,
 }
 
 /// An event that is not allowed in a state.
@@ -80,6 +85,7 @@ impl std::fmt::Display for Lifecycle {
             Lifecycle::MigratingOut => "migrating out",
             Lifecycle::MigratingIn => "migrating in",
             Lifecycle::Stale => "stale",
+            Lifecycle::Crashed => "crashed",
         })
     }
 }
@@ -98,6 +104,7 @@ impl std::fmt::Display for Event {
             Event::MigrateInDiscard => "discard the arriving",
             Event::MigrateOutLost => "mark stale",
             Event::RecoverStale => "recover from a stale copy",
+            Event::VmmExited => "lose the VMM process of",
         })
     }
 }
@@ -119,7 +126,11 @@ pub fn next(state: Lifecycle, event: Event) -> Result<Lifecycle, InvalidTransiti
         (L::MigratingIn, E::MigrateInDiscard) => L::Stopped,
         (L::MigratingOut, E::MigrateOutLost) => L::Stale,
         (L::Stale, E::RecoverStale) => L::Running,
-        (L::Stale, E::Stop) => L::Stopped,
+        (L::Stale | L::Crashed, E::Stop) => L::Stopped,
+        (
+            L::Created | L::Running | L::Paused | L::MigratingOut | L::MigratingIn | L::Stale,
+            E::VmmExited,
+        ) => L::Crashed,
         _ => return Err(InvalidTransition { state, event }),
     };
     Ok(to)
@@ -129,7 +140,7 @@ pub fn next(state: Lifecycle, event: Event) -> Result<Lifecycle, InvalidTransiti
 mod tests {
     use super::*;
 
-    const STATES: [Lifecycle; 7] = [
+    const STATES: [Lifecycle; 8] = [
         Lifecycle::Created,
         Lifecycle::Running,
         Lifecycle::Paused,
@@ -137,8 +148,9 @@ mod tests {
         Lifecycle::MigratingOut,
         Lifecycle::MigratingIn,
         Lifecycle::Stale,
+        Lifecycle::Crashed,
     ];
-    const EVENTS: [Event; 12] = [
+    const EVENTS: [Event; 13] = [
         Event::Resume,
         Event::Pause,
         Event::Stop,
@@ -151,6 +163,7 @@ mod tests {
         Event::MigrateInDiscard,
         Event::MigrateOutLost,
         Event::RecoverStale,
+        Event::VmmExited,
     ];
 
     /// The whole table, written out: every (state, event) pair not listed is refused.
@@ -186,6 +199,13 @@ mod tests {
             (L::MigratingOut, E::MigrateOutLost, L::Stale),
             (L::Stale, E::RecoverStale, L::Running),
             (L::Stale, E::Stop, L::Stopped),
+            (L::Crashed, E::Stop, L::Stopped),
+            (L::Created, E::VmmExited, L::Crashed),
+            (L::Running, E::VmmExited, L::Crashed),
+            (L::Paused, E::VmmExited, L::Crashed),
+            (L::MigratingOut, E::VmmExited, L::Crashed),
+            (L::MigratingIn, E::VmmExited, L::Crashed),
+            (L::Stale, E::VmmExited, L::Crashed),
         ];
         for state in STATES {
             for event in EVENTS {

@@ -164,4 +164,31 @@ pub struct HostSettings {
     /// Host-to-host protocol versions this host speaks (normally all this build has; a test
     /// narrows or widens them to stand in for another Ferry version).
     pub protocol_versions: &'static [u16],
+    /// How to start a VM's VMM process (`None`: this executable, as `EXE vmm`).
+    pub vmm_program: Option<ferry_vmm::VmmProgram>,
+}
+
+impl HostSettings {
+    /// Where VMM sockets and VMM logs live.
+    pub fn vmm_dir(&self) -> PathBuf {
+        self.state_dir.join("vmm")
+    }
+
+    /// The socket of VM `name`'s VMM.
+    pub fn vmm_socket(&self, name: &str) -> PathBuf {
+        self.vmm_dir().join(format!("{name}.sock"))
+    }
+
+    /// The log of VM `name`'s VMM.
+    pub fn vmm_log(&self, name: &str) -> PathBuf {
+        self.vmm_dir().join(format!("{name}.log"))
+    }
+
+    /// The program that starts VMMs.
+    pub fn vmm_program(&self) -> std::io::Result<ferry_vmm::VmmProgram> {
+        match &self.vmm_program {
+            Some(program) => Ok(program.clone()),
+            None => ferry_vmm::VmmProgram::this_executable(),
+        }
+    }
 }

@@ -1,16 +1,23 @@
-//! VmActor: owns one runtime VM and its lifecycle. It runs on its own arbiter (thread), so
-//! the few milliseconds a dirty-log fetch or state capture take never stall the host's API.
+//! VmActor: one per VM, the VM's actor in hostd and the proxy of its VMM process
+//! (`ferry_vmm`). The VM itself — KVM, vCPUs, devices, memory — lives in that process and
+//! outlives hostd; this actor drives it over its socket, maps its memory when a migration
+//! needs it, and notices when the process ends. It runs on its own arbiter (thread), so the
+//! few milliseconds a dirty-log fetch or a state capture take never stall the host's API.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
 use actix::prelude::*;
 use ferry_runtime::cpu::CpuFeatures;
-use ferry_runtime::state::blob;
-use ferry_runtime::{DirtySet, GuestRam, Vm, VmError, VmIdentity, VmShape, VmState};
+use ferry_runtime::vm::RunState;
+use ferry_runtime::{DirtySet, GuestRam, VmIdentity, VmShape};
+use ferry_vmm::protocol::{ProcessInfo, VmmErrorKind};
+use ferry_vmm::{IncomingState, VmmClient, VmmClientError, VmmInfo};
 use serde::{Deserialize, Serialize};
 
 use crate::lifecycle::{Event, InvalidTransition, Lifecycle, next};
@@ -21,14 +28,14 @@ pub enum VmActorError {
     /// Not allowed in the VM's current state.
     #[error(transparent)]
     InvalidTransition(#[from] InvalidTransition),
-    /// The runtime refused or failed.
+    /// The VMM refused or failed.
     #[error(transparent)]
-    Runtime(#[from] VmError),
-    /// The VM's runtime is gone (stopped).
-    #[error("VM '{0}' is stopped")]
-    Gone(String),
+    Vmm(#[from] VmmClientError),
+    /// The VM is gone (stopped, or its VMM process ended).
+    #[error("VM '{0}' is {1}")]
+    Gone(String, Lifecycle),
     /// Incoming state could not be decoded or did not match.
-    #[error("incoming VM state rejected: {0}")]
+    #[error("{0}")]
     BadState(String),
 }
 
@@ -65,6 +72,12 @@ pub struct VmInfo {
     pub guest_exits: BTreeMap<u32, u32>,
     /// Bytes of console output.
     pub console_bytes: u64,
+    /// Process ID of its VMM process (while it has one).
+    pub vmm_pid: Option<u32>,
+    /// When that process started, milliseconds since the Unix epoch.
+    pub vmm_started_unix_ms: Option<u64>,
+    /// How the VMM process ended, when the VM crashed.
+    pub crash: Option<String>,
 }
 
 /// Host-side facts about a VM that are not part of the runtime VM.
@@ -76,42 +89,81 @@ pub struct VmAttachments {
     pub ip: Option<Ipv4Addr>,
 }
 
-/// Owns a VM.
+/// How this hostd knows the VMM process: it started it (and can reap it), or found it
+/// running (started by an earlier hostd).
+#[derive(Debug)]
+pub enum VmmProcess {
+    /// Started by this hostd.
+    Child(Child),
+    /// Started by an earlier hostd; watched through a connection of its own.
+    Adopted,
+}
+
+/// The VM's actor.
 #[derive(Debug)]
 pub struct VmActor {
     name: String,
     host: String,
-    vm: Option<Vm>,
+    vmm: Option<VmmClient>,
+    socket: PathBuf,
+    process: ProcessInfo,
+    /// Until `started` hands it to the watcher thread.
+    watch: Option<VmmProcess>,
+    /// Guest memory mapped here, for migrations.
+    ram: Option<Arc<GuestRam>>,
     lifecycle: Lifecycle,
     attachments: VmAttachments,
-    /// Info kept after the runtime VM is gone.
+    /// Info kept after the VMM is gone.
     last_info: Option<VmInfo>,
+    crash: Option<String>,
 }
 
 impl VmActor {
-    /// A freshly created VM (lifecycle `Created`).
-    pub fn new(vm: Vm, host: &str, attachments: VmAttachments) -> Self {
-        Self::with_lifecycle(vm, host, attachments, Lifecycle::Created)
-    }
-
-    /// The empty copy of an arriving VM (lifecycle `MigratingIn`).
-    pub fn incoming(vm: Vm, host: &str, attachments: VmAttachments) -> Self {
-        Self::with_lifecycle(vm, host, attachments, Lifecycle::MigratingIn)
-    }
-
-    fn with_lifecycle(
-        vm: Vm,
+    /// The actor of the VM served by `vmm`, in `lifecycle` (`Created` for a new VM,
+    /// `MigratingIn` for an arriving copy, what it was for a reattached one).
+    pub fn new(
+        vmm: VmmClient,
+        watch: VmmProcess,
         host: &str,
         attachments: VmAttachments,
-        lifecycle: Lifecycle,
+        (name, lifecycle): (String, Lifecycle),
     ) -> Self {
         VmActor {
-            name: vm.identity().name.clone(),
+            name,
             host: host.to_string(),
-            vm: Some(vm),
+            socket: vmm.socket().to_path_buf(),
+            process: vmm.process().clone(),
+            vmm: Some(vmm),
+            watch: Some(watch),
+            ram: None,
             lifecycle,
             attachments,
             last_info: None,
+            crash: None,
+        }
+    }
+
+    /// The actor of a VM whose VMM is gone: it shows as `crashed`, with `why`.
+    pub fn crashed(last: VmInfo, why: String) -> Self {
+        VmActor {
+            name: last.name.clone(),
+            host: last.host.clone(),
+            vmm: None,
+            socket: PathBuf::new(),
+            process: ProcessInfo {
+                pid: last.vmm_pid.unwrap_or(0),
+                started_unix_ms: last.vmm_started_unix_ms.unwrap_or(0),
+                has_vm: false,
+            },
+            watch: None,
+            ram: None,
+            lifecycle: Lifecycle::Crashed,
+            attachments: VmAttachments {
+                network: last.network.clone(),
+                ip: last.ip,
+            },
+            last_info: Some(last),
+            crash: Some(why),
         }
     }
 
@@ -128,10 +180,9 @@ impl VmActor {
         VmActor::start_in_arbiter(&arbiter.handle(), move |_| self)
     }
 
-    fn vm(&mut self) -> Result<&mut Vm, VmActorError> {
-        self.vm
-            .as_mut()
-            .ok_or_else(|| VmActorError::Gone(self.name.clone()))
+    fn vmm(&mut self) -> Result<&mut VmmClient, VmActorError> {
+        let (name, state) = (self.name.clone(), self.lifecycle);
+        self.vmm.as_mut().ok_or(VmActorError::Gone(name, state))
     }
 
     fn transition(&mut self, event: Event) -> Result<Lifecycle, VmActorError> {
@@ -143,72 +194,170 @@ impl VmActor {
         Ok(to)
     }
 
-    fn info(&self) -> VmInfo {
-        match &self.vm {
-            Some(vm) => {
-                let reports = vm.test_device().state();
-                VmInfo {
-                    name: self.name.clone(),
-                    uuid: vm.identity().uuid.to_string(),
-                    mac: vm.identity().mac_string(),
-                    host: self.host.clone(),
-                    state: self.lifecycle,
-                    vcpus: vm.shape().vcpus,
-                    memory: vm.shape().memory,
-                    guest: vm.boot_description().to_string(),
-                    network: self.attachments.network.clone(),
-                    ip: self.attachments.ip,
-                    throttle_pct: vm.throttle(),
-                    guest_progress: reports.progress,
-                    guest_failures: reports.failure_count,
-                    guest_exits: reports.exits,
-                    console_bytes: vm.console().total_bytes(),
-                }
-            }
-            None => {
-                let mut info = self.last_info.clone().unwrap_or(VmInfo {
-                    name: self.name.clone(),
-                    uuid: String::new(),
-                    mac: String::new(),
-                    host: self.host.clone(),
-                    state: self.lifecycle,
-                    vcpus: 0,
-                    memory: 0,
-                    guest: String::new(),
-                    network: None,
-                    ip: None,
-                    throttle_pct: 0,
-                    guest_progress: 0,
-                    guest_failures: 0,
-                    guest_exits: BTreeMap::new(),
-                    console_bytes: 0,
-                });
-                info.state = self.lifecycle;
-                info
-            }
+    fn describe(&self, info: &VmmInfo) -> VmInfo {
+        VmInfo {
+            name: self.name.clone(),
+            uuid: info.identity.uuid.to_string(),
+            mac: info.identity.mac_string(),
+            host: self.host.clone(),
+            state: self.lifecycle,
+            vcpus: info.shape.vcpus,
+            memory: info.shape.memory,
+            guest: info.boot.clone(),
+            network: self.attachments.network.clone(),
+            ip: self.attachments.ip,
+            throttle_pct: info.throttle,
+            guest_progress: info.test.progress,
+            guest_failures: info.test.failure_count,
+            guest_exits: info.test.exits.clone(),
+            console_bytes: info.console_bytes,
+            vmm_pid: Some(self.process.pid),
+            vmm_started_unix_ms: Some(self.process.started_unix_ms),
+            crash: None,
         }
     }
 
-    /// Stops the runtime VM and frees its memory, keeping the last info for display.
-    fn release(&mut self) {
-        if self.vm.is_some() {
-            let mut info = self.info();
+    fn info(&mut self) -> VmInfo {
+        let live = match self.vmm.as_mut() {
+            Some(vmm) => vmm.info().ok(),
+            None => None,
+        };
+        let mut info = match live {
+            Some(live) => {
+                let info = self.describe(&live);
+                self.last_info = Some(info.clone());
+                info
+            }
+            None => self.last_info.clone().unwrap_or(VmInfo {
+                name: self.name.clone(),
+                uuid: String::new(),
+                mac: String::new(),
+                host: self.host.clone(),
+                state: self.lifecycle,
+                vcpus: 0,
+                memory: 0,
+                guest: String::new(),
+                network: self.attachments.network.clone(),
+                ip: self.attachments.ip,
+                throttle_pct: 0,
+                guest_progress: 0,
+                guest_failures: 0,
+                guest_exits: BTreeMap::new(),
+                console_bytes: 0,
+                vmm_pid: None,
+                vmm_started_unix_ms: None,
+                crash: None,
+            }),
+        };
+        info.state = self.lifecycle;
+        info.crash = self.crash.clone();
+        if self.vmm.is_none() {
+            info.vmm_pid = None;
             info.throttle_pct = 0;
-            self.last_info = Some(info);
         }
-        if let Some(mut vm) = self.vm.take() {
-            vm.stop();
+        info
+    }
+
+    /// Stops the VM for good: its VMM stops it and ends. Keeps the last info for display.
+    fn release(&mut self) {
+        let _ = self.info();
+        self.ram = None;
+        if let Some(vmm) = self.vmm.take()
+            && let Err(error) = vmm.shutdown()
+        {
+            tracing::warn!(vm = %self.name, error = %ferry_transport::report(&error), "stopping the VMM failed");
         }
+    }
+
+    /// Guest memory, mapped here once and kept for the copy workers.
+    fn ram(&mut self) -> Result<Arc<GuestRam>, VmActorError> {
+        if let Some(ram) = &self.ram {
+            return Ok(Arc::clone(ram));
+        }
+        let ram = Arc::new(self.vmm()?.memory()?);
+        self.ram = Some(Arc::clone(&ram));
+        Ok(ram)
+    }
+
+    /// Watches the VMM process and tells this actor when it ends.
+    fn watch(&mut self, ctx: &mut Context<Self>) {
+        let Some(process) = self.watch.take() else {
+            return;
+        };
+        let addr = ctx.address();
+        let socket = self.socket.clone();
+        let name = self.name.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("vmm-watch-{name}"))
+            .spawn(move || {
+                let how = match process {
+                    VmmProcess::Child(mut child) => match child.wait() {
+                        Ok(status) => describe_exit(status),
+                        Err(e) => format!("its status could not be read: {e}"),
+                    },
+                    VmmProcess::Adopted => {
+                        // An idle connection of our own ends when the process does.
+                        if let Ok(client) = VmmClient::connect(&socket) {
+                            client.wait_closed();
+                        }
+                        "exited (how is unknown: an earlier hostd started it)".to_string()
+                    }
+                };
+                addr.do_send(VmmExited(how));
+            });
+        if let Err(error) = spawned {
+            tracing::error!(vm = %self.name, %error, "cannot watch the VMM process");
+        }
+    }
+}
+
+/// How a process ended, in words.
+pub fn describe_exit(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(signal)) => format!("killed by signal {signal}"),
+        _ => format!("ended ({status})"),
     }
 }
 
 impl Actor for VmActor {
     type Context = Context<Self>;
 
+    fn started(&mut self, ctx: &mut Self::Context) {
+        self.watch(ctx);
+    }
+
     fn stopped(&mut self, _: &mut Self::Context) {
-        self.release();
+        // hostd stopping (a restart, an upgrade) leaves the VM running in its VMM process;
+        // only an explicit stop, a completed migration or a discarded copy ends it.
+        self.ram = None;
+        self.vmm = None;
         // The arbiter was created for this actor alone.
         Arbiter::current().stop();
+    }
+}
+
+/// The VMM process ended.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+struct VmmExited(String);
+
+impl Handler<VmmExited> for VmActor {
+    type Result = ();
+
+    fn handle(&mut self, VmmExited(how): VmmExited, _: &mut Self::Context) {
+        if self.vmm.is_none() {
+            // Asked to end (stop, migrated away, discarded): nothing crashed.
+            return;
+        }
+        tracing::error!(vm = %self.name, pid = self.process.pid, %how, "the VM's VMM process ended; the VM crashed");
+        self.vmm = None;
+        self.ram = None;
+        self.crash = Some(format!("VMM process {} {how}", self.process.pid));
+        if self.transition(Event::VmmExited).is_err() {
+            self.lifecycle = Lifecycle::Crashed;
+        }
     }
 }
 
@@ -225,7 +374,7 @@ impl Handler<GetInfo> for VmActor {
     }
 }
 
-/// An operator lifecycle operation: `Resume`, `Pause` or `Stop`.
+/// An operator lifecycle operation: `Resume`, `Pause`, `Stop` or `RecoverStale`.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<VmInfo, VmActorError>")]
 pub struct Operate(pub Event);
@@ -234,12 +383,10 @@ impl Handler<Operate> for VmActor {
     type Result = Result<VmInfo, VmActorError>;
 
     fn handle(&mut self, Operate(event): Operate, _: &mut Self::Context) -> Self::Result {
-        let to = next(self.lifecycle, event)?;
+        next(self.lifecycle, event)?;
         match event {
-            Event::Resume | Event::RecoverStale => self.vm()?.resume()?,
-            Event::Pause => {
-                self.vm()?.pause()?;
-            }
+            Event::Resume | Event::RecoverStale => self.vmm()?.resume()?,
+            Event::Pause => self.vmm()?.pause()?,
             Event::Stop => self.release(),
             _ => {
                 return Err(InvalidTransition {
@@ -250,7 +397,6 @@ impl Handler<Operate> for VmActor {
             }
         }
         self.transition(event)?;
-        debug_assert_eq!(self.lifecycle, to);
         Ok(self.info())
     }
 }
@@ -267,14 +413,15 @@ impl Handler<FollowConsole> for VmActor {
     type Result = Result<(u64, Vec<u8>, Receiver<Vec<u8>>), VmActorError>;
 
     fn handle(&mut self, msg: FollowConsole, _: &mut Self::Context) -> Self::Result {
-        Ok(self.vm()?.console().follow_from(msg.offset))
+        self.vmm()?;
+        Ok(VmmClient::follow_console(&self.socket, msg.offset)?)
     }
 }
 
 /// What the source side of a migration needs from the VM.
 #[derive(Debug, Clone)]
 pub struct OutgoingVm {
-    /// Guest RAM, kept mapped for the copy workers.
+    /// Guest RAM, mapped here for the copy workers.
     pub ram: Arc<GuestRam>,
     /// Identity.
     pub identity: VmIdentity,
@@ -301,16 +448,16 @@ impl Handler<BeginMigrateOut> for VmActor {
     fn handle(&mut self, _: BeginMigrateOut, _: &mut Self::Context) -> Self::Result {
         let was_running = self.lifecycle == Lifecycle::Running;
         next(self.lifecycle, Event::MigrateOutBegin)?;
-        let attachments = self.attachments.clone();
-        let vm = self.vm()?;
+        let info = self.vmm()?.info()?;
+        let ram = self.ram()?;
         let outgoing = OutgoingVm {
-            ram: vm.ram_handle(),
-            identity: vm.identity().clone(),
-            shape: vm.shape().clone(),
-            cpu_features: vm.cpu_features(),
-            boot: vm.boot_description().to_string(),
+            ram,
+            identity: info.identity,
+            shape: info.shape,
+            cpu_features: info.cpu_features,
+            boot: info.boot,
             was_running,
-            attachments,
+            attachments: self.attachments.clone(),
         };
         self.transition(Event::MigrateOutBegin)?;
         Ok(outgoing)
@@ -333,10 +480,10 @@ impl Handler<DirtyLog> for VmActor {
     type Result = Result<DirtySet, VmActorError>;
 
     fn handle(&mut self, op: DirtyLog, _: &mut Self::Context) -> Self::Result {
-        let vm = self.vm()?;
+        let vmm = self.vmm()?;
         Ok(match op {
-            DirtyLog::Start => vm.begin_tracking()?,
-            DirtyLog::Fetch => vm.fetch_dirty()?,
+            DirtyLog::Start => vmm.begin_tracking()?,
+            DirtyLog::Fetch => vmm.fetch_dirty()?,
         })
     }
 }
@@ -350,8 +497,7 @@ impl Handler<SetThrottle> for VmActor {
     type Result = Result<(), VmActorError>;
 
     fn handle(&mut self, SetThrottle(percent): SetThrottle, _: &mut Self::Context) -> Self::Result {
-        self.vm()?.set_throttle(percent);
-        Ok(())
+        Ok(self.vmm()?.set_throttle(percent)?)
     }
 }
 
@@ -380,8 +526,8 @@ pub struct Frozen {
 }
 
 /// Stop-and-copy on the source: pauses the vCPUs (lifecycle stays `MigratingOut`), takes the
-/// last dirty pages and captures the state — one message, so the guest's pause is not
-/// stretched by round trips between actors.
+/// last dirty pages and captures the state — one request to the VMM, so the guest's pause is
+/// not stretched by round trips.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<Frozen, VmActorError>")]
 pub struct Freeze {
@@ -394,20 +540,15 @@ impl Handler<Freeze> for VmActor {
 
     fn handle(&mut self, msg: Freeze, _: &mut Self::Context) -> Self::Result {
         let paused_at = Instant::now();
-        let vm = self.vm()?;
-        vm.pause()?;
-        vm.set_throttle(0);
-        let dirty = vm.fetch_dirty()?;
-        let state = vm.capture_state()?;
-        let blob = blob::encode(&state).map_err(|e| VmActorError::BadState(e.to_string()))?;
+        let frozen = self.vmm()?.freeze(msg.hash_memory)?;
         Ok(Frozen {
             paused_at,
-            dirty,
+            dirty: frozen.dirty,
             state: CapturedState {
-                blob,
-                console: vm.console().history(),
-                console_total: vm.console().total_bytes(),
-                memory_hash: msg.hash_memory.then(|| vm.ram().hash()),
+                blob: frozen.blob,
+                console: frozen.console,
+                console_total: frozen.console_total,
+                memory_hash: frozen.memory_hash.map(u128::from_le_bytes),
             },
         })
     }
@@ -436,16 +577,15 @@ impl Handler<EndMigrateOut> for VmActor {
             EndMigrateOut::RollBack { was_running } => {
                 let event = Event::MigrateOutRollback { was_running };
                 next(self.lifecycle, event)?;
-                let vm = self.vm()?;
-                vm.set_throttle(0);
-                if vm.dirty_log_enabled() {
-                    vm.stop_dirty_log()?;
-                }
+                let vmm = self.vmm()?;
+                vmm.set_throttle(0)?;
+                vmm.stop_tracking()?;
                 if was_running {
-                    vm.resume()?;
+                    vmm.resume()?;
                 } else {
-                    vm.pause()?;
+                    vmm.pause()?;
                 }
+                self.ram = None;
                 self.transition(event)?;
             }
             EndMigrateOut::Complete => {
@@ -455,11 +595,10 @@ impl Handler<EndMigrateOut> for VmActor {
             }
             EndMigrateOut::Stale => {
                 next(self.lifecycle, Event::MigrateOutLost)?;
-                let vm = self.vm()?;
-                vm.set_throttle(0);
-                if vm.dirty_log_enabled() {
-                    vm.stop_dirty_log()?;
-                }
+                let vmm = self.vmm()?;
+                vmm.set_throttle(0)?;
+                vmm.stop_tracking()?;
+                self.ram = None;
                 self.transition(Event::MigrateOutLost)?;
             }
         }
@@ -482,7 +621,7 @@ impl Handler<IncomingRam> for VmActor {
                 self.name, self.lifecycle
             )));
         }
-        Ok(self.vm()?.ram_handle())
+        self.ram()
     }
 }
 
@@ -504,31 +643,19 @@ impl Handler<LoadIncomingState> for VmActor {
     type Result = Result<Option<bool>, VmActorError>;
 
     fn handle(&mut self, msg: LoadIncomingState, _: &mut Self::Context) -> Self::Result {
-        let name = self.name.clone();
-        let vm = self.vm()?;
-        let state: VmState =
-            blob::decode(&msg.blob).map_err(|e| VmActorError::BadState(e.to_string()))?;
-        if state.identity != *vm.identity() {
-            return Err(VmActorError::BadState(format!(
-                "state is for VM '{}' ({}), this is '{name}'",
-                state.identity.name, state.identity.uuid
-            )));
-        }
-        let verified = match msg.memory_hash {
-            Some(expected) => {
-                let local = vm.ram().hash();
-                if local != expected {
-                    return Err(VmActorError::BadState(format!(
-                        "memory hash mismatch: destination {local:032x}, source {expected:032x}"
-                    )));
-                }
-                Some(true)
-            }
-            None => None,
+        let state = IncomingState {
+            blob: msg.blob,
+            console: msg.console,
+            console_total: msg.console_total,
+            memory_hash: msg.memory_hash.map(u128::to_le_bytes),
         };
-        vm.restore_state(&state)?;
-        vm.console().seed_history(&msg.console, msg.console_total);
-        Ok(verified)
+        match self.vmm()?.load_state(state) {
+            Ok(verified) => Ok(verified),
+            Err(VmmClientError::Refused(error)) if error.kind == VmmErrorKind::BadState => {
+                Err(VmActorError::BadState(error.message))
+            }
+            Err(other) => Err(other.into()),
+        }
     }
 }
 
@@ -558,8 +685,10 @@ impl Handler<EndMigrateIn> for VmActor {
                 };
                 next(self.lifecycle, event)?;
                 if run {
-                    self.vm()?.resume()?;
+                    self.vmm()?.resume()?;
                 }
+                // The receivers are done with it.
+                self.ram = None;
                 self.transition(event)?;
             }
             EndMigrateIn::Discard => {
@@ -570,5 +699,15 @@ impl Handler<EndMigrateIn> for VmActor {
             }
         }
         Ok(self.info())
+    }
+}
+
+/// The run state the VMM reports, as a lifecycle for a VM found running after a restart.
+pub fn lifecycle_of(run_state: RunState) -> Lifecycle {
+    match run_state {
+        RunState::Created => Lifecycle::Created,
+        RunState::Running => Lifecycle::Running,
+        RunState::Paused => Lifecycle::Paused,
+        RunState::Stopped => Lifecycle::Stopped,
     }
 }

@@ -252,7 +252,12 @@ fn run() -> Result<(), Box<dyn Error>> {
     ]);
     let client = start_ferry_cluster(dir.path())?;
     for (label, guest) in &workloads {
-        let reports = ferry_runs(&client, &module, guest, runs)?;
+        let reports = ferry_runs(&client, &module, guest, runs);
+        if reports.is_err() {
+            // VMM processes outlive the hostd threads: take them down before giving up.
+            ferry_vmm::spawn::kill_vmms_under(dir.path());
+        }
+        let reports = reports?;
         let totals: Vec<f64> = reports.iter().map(|r| r.total_ms).collect();
         table.row([
             label.clone(),
@@ -345,6 +350,8 @@ fn run() -> Result<(), Box<dyn Error>> {
 }
 
 fn main() -> ExitCode {
+    // The hostd threads below start VMM processes as this executable with `vmm`.
+    ferry_vmm::run_if_vmm();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

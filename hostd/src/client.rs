@@ -76,7 +76,7 @@ fn unreachable(host: &HostConfig, source: reqwest::Error) -> ClientError {
 fn rank(state: Lifecycle) -> u8 {
     match state {
         Lifecycle::Running | Lifecycle::Paused | Lifecycle::MigratingOut | Lifecycle::Created => 2,
-        Lifecycle::MigratingIn | Lifecycle::Stale => 1,
+        Lifecycle::MigratingIn | Lifecycle::Stale | Lifecycle::Crashed => 1,
         Lifecycle::Stopped => 0,
     }
 }

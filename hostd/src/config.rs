@@ -269,6 +269,7 @@ impl Cluster {
             peers,
             fault,
             protocol_versions: ferry_transport::wire::PROTOCOL_VERSIONS,
+            vmm_program: None,
         })
     }
 }

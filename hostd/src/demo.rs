@@ -60,8 +60,9 @@ state_dir = "{dir}/beta"
 const VM: &str = "demo-vm";
 const TICKS_PER_SEC: u32 = 20;
 
-/// hostd children, stopped (SIGTERM, then SIGKILL) when dropped.
-struct Daemons(Vec<(String, Child)>);
+/// hostd children, stopped (SIGTERM, then SIGKILL) when dropped, and then whatever VMM
+/// processes of theirs the demo left (they outlive hostd by design).
+struct Daemons(Vec<(String, Child)>, PathBuf);
 
 impl Drop for Daemons {
     fn drop(&mut self) {
@@ -86,6 +87,7 @@ impl Drop for Daemons {
                 }
             }
         }
+        ferry_vmm::spawn::kill_vmms_under(&self.1);
     }
 }
 
@@ -108,7 +110,7 @@ fn config_text(dir: &Path) -> Result<String> {
 
 fn start_daemons(config: &Path, dir: &Path, cluster: &Cluster) -> Result<Daemons> {
     let exe = std::env::current_exe().context("locating the hostd binary")?;
-    let mut daemons = Daemons(Vec::new());
+    let mut daemons = Daemons(Vec::new(), dir.to_path_buf());
     for host in &cluster.hosts {
         let log = File::create(dir.join(format!("hostd-{}.log", host.name)))?;
         let child = Command::new(&exe)

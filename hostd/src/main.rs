@@ -36,9 +36,18 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Run one VM's VMM process. hostd starts these itself, one per VM, in a session of
+    /// their own so that they outlive it; there is no need to run this by hand.
+    Vmm {
+        /// The unix socket to serve the VM on.
+        #[arg(long)]
+        socket: std::path::PathBuf,
+    },
 }
 
 fn main() {
+    // hostd starts each VM's VMM process as `hostd vmm --socket PATH`.
+    ferry_vmm::run_if_vmm();
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Demo {
@@ -49,6 +58,7 @@ fn main() {
             hostd::init_logging("warn");
             hostd::demo::run(&memory, &content, keep)
         }
+        Some(Command::Vmm { socket }) => ferry_vmm::run(&socket),
         None => {
             hostd::init_logging("info");
             match (cli.config, cli.host) {

@@ -732,6 +732,8 @@ impl Drop for TestCluster {
                 let _ = child.wait();
             }
         }
+        // VMM processes outlive hostd on purpose; a finished test takes them down.
+        ferry_vmm::spawn::kill_vmms_under(self.dir.path());
         if std::thread::panicking() {
             for host in &self.hosts {
                 eprintln!(

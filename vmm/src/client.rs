@@ -251,6 +251,19 @@ impl VmmClient {
         })
     }
 
+    /// Blocks until the VMM closes this connection, which it does only by ending: a watch on
+    /// a process this one did not start (and so cannot wait for).
+    pub fn wait_closed(mut self) {
+        use std::io::Read;
+        let _ = self.stream.set_read_timeout(None);
+        let mut buf = [0u8; 64];
+        while let Ok(n) = self.stream.read(&mut buf) {
+            if n == 0 {
+                return;
+            }
+        }
+    }
+
     /// Stops the VM for good; the process ends.
     pub fn shutdown(mut self) -> Result<(), VmmClientError> {
         match self.call(&Request::Shutdown) {

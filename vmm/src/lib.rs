@@ -42,6 +42,11 @@ pub fn run_if_vmm() {
             std::process::exit(2);
         }
     };
+    run(&socket)
+}
+
+/// Serves one VM on `socket` until it is shut down, then ends the process.
+pub fn run(socket: &std::path::Path) -> ! {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -49,7 +54,7 @@ pub fn run_if_vmm() {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
-    match server::serve(&socket) {
+    match server::serve(socket) {
         Ok(()) => std::process::exit(0),
         Err(error) => {
             eprintln!("vmm: error: {}", ferry_transport::report(&error));

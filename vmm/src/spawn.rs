@@ -156,3 +156,31 @@ pub fn spawn(
         }
     }
 }
+
+/// SIGKILLs every VMM process serving a socket under `dir` (a test cluster's or the demo's
+/// directory): they outlive hostd by design, so whoever made the directory takes them down.
+pub fn kill_vmms_under(dir: &Path) {
+    let needle = dir.to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        let is_vmm = args.iter().any(|a| *a == b"vmm");
+        let serves_under = args
+            .windows(2)
+            .any(|w| w[0] == b"--socket" && String::from_utf8_lossy(w[1]).starts_with(&needle));
+        if is_vmm && serves_under && pid != std::process::id() as i32 {
+            // SAFETY: kill(2) with a valid signal on a VMM process under our directory.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}

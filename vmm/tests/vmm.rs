@@ -10,6 +10,27 @@ use ferry_vmm::{CreateSpec, EmptySpec, IncomingState, VmmClient, VmmClientError,
 
 const MIB: u64 = 1 << 20;
 
+/// A VMM process that is killed when the test lets go of it, however the test ends.
+#[derive(Debug)]
+struct Reaped(std::process::Child);
+
+impl Reaped {
+    fn wait(&mut self) -> std::process::ExitStatus {
+        self.0.wait().unwrap()
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(socket: &Path, log: &Path) -> Result<(Reaped, VmmClient), ferry_vmm::spawn::SpawnError> {
+    ferry_vmm::spawn(&program(), socket, log).map(|(child, client)| (Reaped(child), client))
+}
+
 fn program() -> VmmProgram {
     VmmProgram {
         program: PathBuf::from(env!("CARGO_BIN_EXE_ferry-vmm")),
@@ -56,9 +77,8 @@ fn a_vm_in_its_own_process_is_driven_over_its_socket() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("c1.sock");
     let console = dir.path().join("c1.console.log");
-    let (mut child, mut client) =
-        ferry_vmm::spawn(&program(), &socket, &dir.path().join("c1.log")).unwrap();
-    assert_eq!(client.process().pid, child.id());
+    let (mut child, mut client) = spawn(&socket, &dir.path().join("c1.log")).unwrap();
+    assert_eq!(client.process().pid, child.0.id());
     assert!(!client.process().has_vm);
     let info = client.create(counter_spec("c1", &console)).unwrap();
     assert_eq!(info.identity.name, "c1");
@@ -101,7 +121,7 @@ fn a_vm_in_its_own_process_is_driven_over_its_socket() {
     client.resume().unwrap();
 
     // Let go of the child and the connection: the VMM runs on; a new client finds it.
-    let pid = child.id();
+    let pid = child.0.id();
     drop(client);
     let count = ticks(&std::fs::read(&console).unwrap()).len();
     wait_until("ticks with nobody connected", || {
@@ -113,7 +133,7 @@ fn a_vm_in_its_own_process_is_driven_over_its_socket() {
     assert_eq!(client.info().unwrap().run_state, RunState::Running);
 
     client.shutdown().unwrap();
-    let status = child.wait().unwrap();
+    let status = child.wait();
     assert!(status.success(), "{status}");
     assert!(!socket.exists(), "the socket goes with the process");
     assert!(VmmClient::connect(&socket).is_err());
@@ -136,12 +156,8 @@ fn a_vm_in_its_own_process_is_driven_over_its_socket() {
 #[test]
 fn an_empty_vm_takes_memory_and_state_from_outside() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut source_child, mut source) = ferry_vmm::spawn(
-        &program(),
-        &dir.path().join("s.sock"),
-        &dir.path().join("s.log"),
-    )
-    .unwrap();
+    let (mut source_child, mut source) =
+        spawn(&dir.path().join("s.sock"), &dir.path().join("s.log")).unwrap();
     let info = source
         .create(counter_spec("m1", &dir.path().join("s.console.log")))
         .unwrap();
@@ -150,12 +166,8 @@ fn an_empty_vm_takes_memory_and_state_from_outside() {
     source.begin_tracking().unwrap();
     let frozen = source.freeze(true).unwrap();
 
-    let (mut target_child, mut target) = ferry_vmm::spawn(
-        &program(),
-        &dir.path().join("t.sock"),
-        &dir.path().join("t.log"),
-    )
-    .unwrap();
+    let (mut target_child, mut target) =
+        spawn(&dir.path().join("t.sock"), &dir.path().join("t.log")).unwrap();
     target
         .create_empty(EmptySpec {
             identity: info.identity.clone(),
@@ -186,7 +198,7 @@ fn an_empty_vm_takes_memory_and_state_from_outside() {
         Some(true)
     );
     source.shutdown().unwrap();
-    assert!(source_child.wait().unwrap().success());
+    assert!(source_child.wait().success());
     target.resume().unwrap();
     let before = ticks(&frozen.console).len();
     wait_until("the moved VM to tick", || {
@@ -194,7 +206,7 @@ fn an_empty_vm_takes_memory_and_state_from_outside() {
         ticks(&console).len() > before + 10
     });
     target.shutdown().unwrap();
-    assert!(target_child.wait().unwrap().success());
+    assert!(target_child.wait().success());
 }
 
 /// A second VMM on a socket a live one serves is refused; a dead one's socket is reused.
@@ -202,16 +214,14 @@ fn an_empty_vm_takes_memory_and_state_from_outside() {
 fn a_socket_belongs_to_one_live_vmm() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("one.sock");
-    let (mut first, client) =
-        ferry_vmm::spawn(&program(), &socket, &dir.path().join("a.log")).unwrap();
-    let refused = ferry_vmm::spawn(&program(), &socket, &dir.path().join("b.log")).unwrap_err();
+    let (mut first, client) = spawn(&socket, &dir.path().join("a.log")).unwrap();
+    let refused = spawn(&socket, &dir.path().join("b.log")).unwrap_err();
     assert!(refused.to_string().contains("already serves"), "{refused}");
-    first.kill().unwrap();
-    first.wait().unwrap();
+    first.0.kill().unwrap();
+    first.wait();
     drop(client);
     assert!(socket.exists(), "a killed VMM leaves its socket file");
-    let (mut second, client) =
-        ferry_vmm::spawn(&program(), &socket, &dir.path().join("c.log")).unwrap();
+    let (mut second, client) = spawn(&socket, &dir.path().join("c.log")).unwrap();
     client.shutdown().unwrap();
-    assert!(second.wait().unwrap().success());
+    assert!(second.wait().success());
 }
