@@ -12,20 +12,22 @@ use std::sync::mpsc::Receiver;
 
 use actix::prelude::*;
 use ferry_runtime::cpu::{CpuFeatures, check_compatible};
+use ferry_runtime::vm::RunState;
 use ferry_runtime::{Boot, DirtyLogMode, Preload, VmIdentity};
 use ferry_vmm::{CreateSpec, EmptySpec, VmmClient};
 use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
 
-use crate::journal::{Journal, Phase};
+use crate::journal::{Journal, Phase, Role, VmRecord};
 use crate::lifecycle::{Event, Lifecycle};
 use crate::migration::protocol::Hello;
 use crate::migration::source::SourceMigration;
 use crate::migration::{DestinationOutcome, MigrationId, MigrationOptions, MigrationReport, Stage};
+use crate::reattach;
 use crate::settings::{Fault, HostSettings};
 use crate::vm_actor::{
     BeginMigrateOut, FollowConsole, GetInfo, Operate, VmActor, VmActorError, VmAttachments, VmInfo,
-    VmmProcess,
+    VmmProcess, lifecycle_of,
 };
 
 /// Outcomes remembered for in-doubt queries.
@@ -115,6 +117,11 @@ pub struct VmSpec {
 pub struct HostInfo {
     /// Name.
     pub name: String,
+    /// hostd's process ID.
+    pub pid: u32,
+    /// When this hostd started, milliseconds since the Unix epoch (VMs may be older: they
+    /// outlive hostd).
+    pub started_unix_ms: u64,
     /// Datacenter.
     pub datacenter: Option<String>,
     /// Memory for VMs, bytes.
@@ -172,6 +179,8 @@ pub struct HostActor {
     migrations: BTreeMap<MigrationId, MigrationEntry>,
     /// Outcomes of this process's life (older ones and earlier lives: the journal).
     outcomes: BTreeMap<MigrationId, Outcome>,
+    /// When this hostd started, milliseconds since the Unix epoch.
+    started_unix_ms: u64,
 }
 
 /// The path of a VM's console log in a state directory.
@@ -259,6 +268,9 @@ impl HostActor {
             vms: BTreeMap::new(),
             migrations: BTreeMap::new(),
             outcomes: BTreeMap::new(),
+            started_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
         }
     }
 
@@ -369,8 +381,144 @@ impl HostActor {
 impl Actor for HostActor {
     type Context = Context<Self>;
 
-    fn started(&mut self, _: &mut Self::Context) {
+    fn started(&mut self, ctx: &mut Self::Context) {
         tracing::info!(host = %self.settings.name, "host actor started");
+        // Find the VMs that outlived the last hostd before answering anything: requests wait
+        // in the mailbox meanwhile.
+        let settings = Arc::clone(&self.settings);
+        let journal = Arc::clone(&self.journal);
+        ctx.wait(
+            actix_rt::task::spawn_blocking(move || reattach::discover(&settings, &journal))
+                .into_actor(self)
+                .map(|result, act, ctx| match result {
+                    Ok(Ok(found)) => act.reattach(found, ctx),
+                    Ok(Err(error)) => {
+                        tracing::error!(%error, "reading the journal at start failed")
+                    }
+                    Err(error) => tracing::error!(%error, "reattaching VMs failed"),
+                }),
+        );
+    }
+}
+
+impl HostActor {
+    /// Takes over what [`reattach::discover`] found.
+    fn reattach(&mut self, found: reattach::Found, ctx: &mut Context<Self>) {
+        for note in &found.notes {
+            tracing::warn!(host = %self.settings.name, "{note}");
+        }
+        for record in &found.settled {
+            tracing::warn!(migration = %record.id, vm = %record.vm, role = ?record.role, phase = ?record.phase, "migration left open by the previous hostd, settled");
+        }
+        for live in found.live {
+            let name = live.info.identity.name.clone();
+            let (attachments, stale) = match &live.record {
+                Some(record) => (
+                    VmAttachments {
+                        network: record.info.network.clone(),
+                        ip: record.info.ip,
+                    },
+                    record.stale,
+                ),
+                None => {
+                    tracing::warn!(vm = %name, pid = live.client.process().pid, "VMM process with no record: reattached all the same");
+                    (
+                        VmAttachments {
+                            network: None,
+                            ip: None,
+                        },
+                        false,
+                    )
+                }
+            };
+            let mut client = live.client;
+            if found.resume.contains(&name) && live.info.run_state == RunState::Paused {
+                tracing::info!(vm = %name, "resuming an arrived VM whose commit is on record");
+                if let Err(error) = client.resume() {
+                    tracing::error!(vm = %name, error = %ferry_transport::report(&error), "resuming failed");
+                }
+            }
+            let state = if stale {
+                Lifecycle::Stale
+            } else if found.resume.contains(&name) {
+                Lifecycle::Running
+            } else {
+                lifecycle_of(live.info.run_state)
+            };
+            tracing::info!(vm = %name, pid = client.process().pid, %state, "VM reattached");
+            let actor = VmActor::new(
+                client,
+                VmmProcess::Adopted,
+                &self.settings.name,
+                attachments,
+                (name.clone(), state),
+            );
+            let addr = actor.observed_by(ctx.address().recipient()).spawn();
+            self.vms.insert(
+                name.clone(),
+                VmEntry {
+                    addr: Some(addr.clone()),
+                    memory: live.info.shape.memory,
+                    state,
+                    migration: None,
+                },
+            );
+            if live.record.is_none() || found.resume.contains(&name) {
+                self.record_vm_later(addr, stale);
+            }
+        }
+        for record in found.crashed {
+            let name = record.info.name.clone();
+            let why = format!(
+                "VMM process {} was gone when hostd started: it ended while hostd was down, how is unknown",
+                record.info.vmm_pid.unwrap_or(0)
+            );
+            tracing::error!(vm = %name, "{why}");
+            let addr = VmActor::crashed(record.info.clone(), why).spawn();
+            self.vms.insert(
+                name,
+                VmEntry {
+                    addr: Some(addr),
+                    memory: record.info.memory,
+                    state: Lifecycle::Crashed,
+                    migration: None,
+                },
+            );
+        }
+        if let Err(error) = self.journal.prune() {
+            tracing::warn!(error = %ferry_transport::report(&error), "pruning the journal failed");
+        }
+    }
+
+    /// Records a VM in the inventory once its actor can say what it is.
+    fn record_vm_later(&self, addr: Addr<VmActor>, stale: bool) {
+        let journal = Arc::clone(&self.journal);
+        actix_rt::spawn(async move {
+            if let Ok(info) = addr.send(GetInfo).await {
+                let name = info.name.clone();
+                let record = VmRecord { info, stale };
+                let written = actix_rt::task::spawn_blocking(move || journal.put_vm(&record)).await;
+                if let Ok(Err(error)) = written {
+                    tracing::error!(vm = %name, error = %ferry_transport::report(&error), "recording the VM failed");
+                }
+            }
+        });
+    }
+
+    /// Forgets a VM in the inventory (stopped, or gone to another host).
+    fn forget_vm(&self, name: &str) {
+        let journal = Arc::clone(&self.journal);
+        let name = name.to_string();
+        actix_rt::spawn(async move {
+            let written = actix_rt::task::spawn_blocking({
+                let name = name.clone();
+                move || journal.remove_vm(&name)
+            })
+            .await;
+            if let Ok(Err(error)) = written {
+                tracing::error!(vm = %name, error = %ferry_transport::report(&error), "removing the VM's record failed");
+            }
+        });
     }
 }
 
@@ -382,7 +530,7 @@ pub struct CreateVm(pub VmSpec);
 impl Handler<CreateVm> for HostActor {
     type Result = ResponseActFuture<Self, Result<VmInfo, HostError>>;
 
-    fn handle(&mut self, CreateVm(spec): CreateVm, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, CreateVm(spec): CreateVm, ctx: &mut Self::Context) -> Self::Result {
         let checked = (|| {
             self.check_name(&spec.name)?;
             if spec.vcpus == 0 {
@@ -445,6 +593,7 @@ impl Handler<CreateVm> for HostActor {
         };
         let name = spec.name.clone();
         let settings = Arc::clone(&self.settings);
+        let observer = ctx.address().recipient();
         let build = async move {
             // Starting a process, loading preloads and booting: blocking work, off the
             // actor's thread.
@@ -473,7 +622,7 @@ impl Handler<CreateVm> for HostActor {
                         // Already resumed by the VMM; record it.
                         actor.mark_started();
                     }
-                    Ok(actor.spawn())
+                    Ok(actor.observed_by(observer).spawn())
                 }
                 Ok(Err(message)) => Err(HostError::new(
                     ErrorKind::BadRequest,
@@ -497,6 +646,7 @@ impl Handler<CreateVm> for HostActor {
                             Lifecycle::Created
                         };
                     }
+                    act.record_vm_later(addr.clone(), false);
                     Ok(addr)
                 }
                 Err(e) => {
@@ -559,12 +709,23 @@ impl Handler<OperateVm> for HostActor {
     fn handle(&mut self, msg: OperateVm, _: &mut Self::Context) -> Self::Result {
         let addr = self.vm_addr(&msg.name);
         let name = msg.name.clone();
+        let event = msg.event;
         Box::pin(
-            async move { Ok(addr?.send(Operate(msg.event)).await??) }
+            async move { Ok(addr?.send(Operate(event)).await??) }
                 .into_actor(self)
                 .map(move |result: Result<VmInfo, HostError>, act, _| {
                     if let (Ok(info), Some(entry)) = (&result, act.vms.get_mut(&name)) {
                         entry.state = info.state;
+                        match info.state {
+                            Lifecycle::Stopped => act.forget_vm(&name),
+                            // Recovered from a stale copy: an ordinary VM again.
+                            Lifecycle::Running if event == Event::RecoverStale => {
+                                if let Some(addr) = entry.addr.clone() {
+                                    act.record_vm_later(addr, false);
+                                }
+                            }
+                            _ => {}
+                        }
                     }
                     result
                 }),
@@ -604,6 +765,8 @@ impl Handler<GetHostInfo> for HostActor {
         let s = &self.settings;
         let mut info = HostInfo {
             name: s.name.clone(),
+            pid: std::process::id(),
+            started_unix_ms: self.started_unix_ms,
             datacenter: s.datacenter.clone(),
             memory_total: s.memory,
             memory_used: self.memory_used(),
@@ -768,9 +931,18 @@ impl Handler<MigrationUpdate> for HostActor {
             if let Some(entry) = self.vms.get_mut(&report.vm) {
                 entry.migration = None;
             }
-            if report.stage == Some(Stage::Completed) {
-                // The VM lives on the destination now.
-                self.vms.remove(&report.vm);
+            match report.stage {
+                Some(Stage::Completed) => {
+                    // The VM lives on the destination now.
+                    self.vms.remove(&report.vm);
+                    self.forget_vm(&report.vm);
+                }
+                Some(Stage::LostAfterSwitchOver) => {
+                    if let Some(addr) = self.vms.get(&report.vm).and_then(|e| e.addr.clone()) {
+                        self.record_vm_later(addr, true);
+                    }
+                }
+                _ => {}
             }
         }
         let entry = self.migrations.entry(id).or_insert(MigrationEntry {
@@ -925,7 +1097,7 @@ pub struct PrepareIncoming {
 impl Handler<PrepareIncoming> for HostActor {
     type Result = ResponseActFuture<Self, Result<(Addr<VmActor>, ConsoleLogClaim), String>>;
 
-    fn handle(&mut self, msg: PrepareIncoming, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: PrepareIncoming, ctx: &mut Self::Context) -> Self::Result {
         let hello = msg.hello;
         if let Err(reason) = self.admit(&hello) {
             return Box::pin(fut::ready(Err(reason)));
@@ -959,6 +1131,7 @@ impl Handler<PrepareIncoming> for HostActor {
         };
         let fault = self.settings.fault;
         let settings = Arc::clone(&self.settings);
+        let observer = ctx.address().recipient();
         let build = async move {
             let built = actix_rt::task::spawn_blocking(move || {
                 if fault == Some(Fault::FailPrepare) {
@@ -996,7 +1169,7 @@ impl Handler<PrepareIncoming> for HostActor {
                         attachments,
                         (name_for_build, Lifecycle::MigratingIn),
                     );
-                    Ok((actor.spawn(), claim))
+                    Ok((actor.observed_by(observer).spawn(), claim))
                 }
                 Ok(Err(message)) => {
                     if let Err(error) = claim.release() {
@@ -1085,6 +1258,9 @@ impl Handler<IncomingFinished> for HostActor {
                 if let Some(entry) = self.vms.get_mut(&msg.vm) {
                     entry.state = msg.state;
                     entry.migration = None;
+                    if let Some(addr) = entry.addr.clone() {
+                        self.record_vm_later(addr, false);
+                    }
                 }
             }
             _ => {
@@ -1131,6 +1307,8 @@ impl Handler<QueryOutcome> for HostActor {
         }
         let (outcome, resumed_after_commit_ms) = match self.journal.get(id) {
             Ok(None) => (DestinationOutcome::Unknown, None),
+            // Asked about a migration out of here: this host is no destination of it.
+            Ok(Some(record)) if record.role == Role::Source => (DestinationOutcome::Unknown, None),
             Ok(Some(record)) => (
                 match record.phase {
                     Phase::Preparing | Phase::Committed => DestinationOutcome::InProgress,

@@ -1,57 +1,82 @@
-//! The host's durable record of the migrations it took part in, in an embedded
-//! transactional store (redb: pure Rust, ACID, every commit fsynced).
+//! hostd's durable records, in an embedded transactional store (redb: pure Rust, ACID, every
+//! commit fsynced): the migrations this host took part in, and the inventory of its VMs.
 //!
-//! What it is for: a destination answers "did you commit migration X?" from here, after a
+//! Migrations. A destination answers "did you commit migration X?" from here, after a
 //! restart too, so a source never resumes its paused copy of a VM that may have run on the
 //! destination. The rules that make that safe:
 //! - the destination writes `Preparing` before it answers `Prepared` (so any migration that
 //!   could reach `Commit` has a record), and `Committed` before it runs the VM;
-//! - after a restart, a record still `Preparing` becomes `Discarded` (that copy never ran:
-//!   running needs `Committed` first), and `Committed`/`Resumed` become `Lost` (the VM lived
-//!   in the hostd that died; it may have run, so the source's copy is stale);
+//! - after a restart, [`settle`] decides what every open record means, by whether the VM's
+//!   VMM process is still there (table in `docs/design.md`);
 //! - the store has an identity (a UUID made when it is created). A source that hears
 //!   "unknown migration" trusts it only from the store it talked to during the migration:
 //!   from a replaced or wiped store it proves nothing.
+//!
+//! Inventory. Every VM this host holds, with what only hostd knows (network, IP, a stale
+//! copy): a restarted hostd finds each VM's VMM process again, and reports a VM whose
+//! process is gone as crashed rather than forgetting it.
+//!
+//! Records are JSON, so a newer hostd reads an older one's records (fields it added take
+//! their defaults).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::migration::MigrationId;
+use crate::vm_actor::VmInfo;
 
-/// Migration records by ID: postcard-encoded [`MigrationRecord`]s.
+/// Migration records by ID.
 const MIGRATIONS: TableDefinition<u128, &[u8]> = TableDefinition::new("migrations");
+/// VM records by name.
+const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 /// Store metadata: the identity and the record format version.
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const META_ID: &str = "id";
 const META_FORMAT: &str = "format";
-/// Version of the record encoding (postcard is not self-describing: every change bumps it).
+/// Version of the store's layout (tables and keys); records themselves are JSON.
 const FORMAT: u32 = 1;
-/// Finished records are dropped this long after their last change.
+/// Finished migration records are dropped this long after their last change.
 const RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
-/// Where a migration this host received stands.
+/// Which side of a migration this host was.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// The VM came here.
+    #[default]
+    Destination,
+    /// The VM left from here.
+    Source,
+}
+
+/// Where a migration stands, as this host recorded it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Phase {
-    /// The empty VM is built and memory arrives; the VM has never run here.
+    /// Destination: the empty VM is built and memory arrives; the VM has never run here.
+    /// Source: copying, before `Commit` was sent.
     Preparing,
-    /// `Commit` arrived: from now on the VM may run here and only here.
+    /// Destination: `Commit` arrived: from now on the VM may run here and only here.
+    /// Source: `Commit` was sent: the VM must not resume here without a durable "not
+    /// committed" from the destination.
     Committed,
-    /// The VM runs (or is kept paused) here.
+    /// Destination: the VM runs (or is kept paused) here. Source: the destination has it.
     Resumed,
-    /// The copy was dropped before any commit; it never ran here.
+    /// The copy was dropped before any commit (destination), or the VM stayed (source).
     Discarded,
-    /// Committed here, then lost with the hostd process that held it: it may have run, so
-    /// the source's paused copy is stale.
+    /// Destination: committed here, then lost with its VMM process: it may have run, so the
+    /// source's paused copy is stale. Source: the paused copy left here is stale.
     Lost,
 }
 
 impl Phase {
-    /// Whether the record can still change in this process's life.
-    fn is_open(self) -> bool {
+    /// Whether the record can still change.
+    pub fn is_open(self) -> bool {
         matches!(self, Phase::Preparing | Phase::Committed)
     }
 }
@@ -63,25 +88,43 @@ pub struct MigrationRecord {
     pub id: MigrationId,
     /// The VM.
     pub vm: String,
-    /// The source host.
-    pub source: String,
+    /// Which side this host was.
+    #[serde(default)]
+    pub role: Role,
+    /// The other host.
+    pub peer: String,
     /// Where it stands.
     pub phase: Phase,
+    /// Whether the VM was running when the migration began (it is resumed after a commit,
+    /// or after a rollback, only then).
+    #[serde(default = "yes")]
+    pub was_running: bool,
+    /// Source: the destination journal that accepted the migration.
+    #[serde(default)]
+    pub peer_journal: Option<Uuid>,
     /// From receiving `Commit` to the vCPUs running, once resumed (the destination's share
     /// of the guest's pause).
+    #[serde(default)]
     pub resumed_after_commit_ms: Option<f64>,
     /// Last change, milliseconds since the Unix epoch.
     pub updated_unix_ms: u64,
 }
 
+fn yes() -> bool {
+    true
+}
+
 impl MigrationRecord {
     /// A new record in `phase`, stamped now.
-    pub fn new(id: MigrationId, vm: &str, source: &str, phase: Phase) -> Self {
+    pub fn new(id: MigrationId, vm: &str, (role, peer): (Role, &str), phase: Phase) -> Self {
         MigrationRecord {
             id,
             vm: vm.to_string(),
-            source: source.to_string(),
+            role,
+            peer: peer.to_string(),
             phase,
+            was_running: true,
+            peer_journal: None,
             resumed_after_commit_ms: None,
             updated_unix_ms: now_unix_ms(),
         }
@@ -97,6 +140,35 @@ impl MigrationRecord {
     }
 }
 
+/// What an open record means after a restart, given whether the VM's VMM process is still
+/// running here. `None`: it stays as it is, for the caller to resolve (a source whose
+/// commit went out must still ask the destination).
+pub fn settle(record: &MigrationRecord, vmm_alive: bool) -> Option<Phase> {
+    match (record.role, record.phase, vmm_alive) {
+        // Never committed here: it never ran here, and it never will.
+        (Role::Destination, Phase::Preparing, _) => Some(Phase::Discarded),
+        // Committed: the VM is ours. Still running (or ready to): keep it; gone: it may
+        // have run before it went, so the source's copy is stale.
+        (Role::Destination, Phase::Committed | Phase::Resumed, true) => Some(Phase::Resumed),
+        (Role::Destination, Phase::Committed | Phase::Resumed, false) => Some(Phase::Lost),
+        // Source before the commit: the migration is over, the VM stays here.
+        (Role::Source, Phase::Preparing, _) => Some(Phase::Discarded),
+        // Source after the commit: only the destination can say.
+        (Role::Source, Phase::Committed, _) => None,
+        (_, Phase::Discarded | Phase::Lost, _) | (Role::Source, Phase::Resumed, _) => None,
+    }
+}
+
+/// A VM this host holds, as hostd knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// The VM as last seen (identity, shape, network, IP, VMM process).
+    pub info: VmInfo,
+    /// The paused copy a lost switch-over left: it must not be resumed as usual.
+    #[serde(default)]
+    pub stale: bool,
+}
+
 fn now_unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -108,7 +180,7 @@ fn now_unix_ms() -> u64 {
 pub enum JournalError {
     /// The store cannot be opened (missing directory, no permission, another hostd has it).
     #[error(
-        "cannot open the migration journal {path}; check the state directory, and that no other hostd uses it"
+        "cannot open the host journal {path}; check the state directory, and that no other hostd uses it"
     )]
     Open {
         /// The store file.
@@ -118,7 +190,7 @@ pub enum JournalError {
         source: redb::DatabaseError,
     },
     /// A transaction failed.
-    #[error("migration journal {path}: {operation} failed")]
+    #[error("host journal {path}: {operation} failed")]
     Store {
         /// The store file.
         path: PathBuf,
@@ -129,19 +201,19 @@ pub enum JournalError {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A record cannot be decoded.
-    #[error("migration journal {path}: record {id} is damaged")]
+    #[error("host journal {path}: record {key} is damaged")]
     Damaged {
         /// The store file.
         path: PathBuf,
         /// The record's key.
-        id: MigrationId,
+        key: String,
         /// Cause.
         #[source]
-        source: postcard::Error,
+        source: serde_json::Error,
     },
     /// The store was written by an incompatible version of Ferry.
     #[error(
-        "migration journal {path} has record format {found}, this hostd reads format {FORMAT}; upgrade hostd or move the file away"
+        "host journal {path} has format {found}, this hostd reads format {FORMAT}; upgrade hostd or move the file away"
     )]
     Format {
         /// The store file.
@@ -232,13 +304,25 @@ impl Journal {
         Ok(id)
     }
 
-    /// Writes `record` durably: when this returns, it survives a crash.
-    pub fn record(&self, record: &MigrationRecord) -> Result<(), JournalError> {
-        let bytes = postcard::to_stdvec(record).map_err(|source| JournalError::Store {
+    fn encode<T: Serialize>(&self, value: &T) -> Result<Vec<u8>, JournalError> {
+        serde_json::to_vec(value).map_err(|source| JournalError::Store {
             path: self.path.clone(),
             operation: "encode",
             source: Box::new(source),
-        })?;
+        })
+    }
+
+    fn decode<T: DeserializeOwned>(&self, key: String, bytes: &[u8]) -> Result<T, JournalError> {
+        serde_json::from_slice(bytes).map_err(|source| JournalError::Damaged {
+            path: self.path.clone(),
+            key,
+            source,
+        })
+    }
+
+    /// Writes `record` durably: when this returns, it survives a crash.
+    pub fn record(&self, record: &MigrationRecord) -> Result<(), JournalError> {
+        let bytes = self.encode(record)?;
         let txn = self.db.begin_write().map_err(self.store_error("begin"))?;
         {
             let mut table = txn
@@ -262,19 +346,11 @@ impl Journal {
         let Some(value) = table.get(id.as_u128()).map_err(self.store_error("read"))? else {
             return Ok(None);
         };
-        self.decode(id, value.value()).map(Some)
+        self.decode(id.to_string(), value.value()).map(Some)
     }
 
-    fn decode(&self, id: MigrationId, bytes: &[u8]) -> Result<MigrationRecord, JournalError> {
-        postcard::from_bytes(bytes).map_err(|source| JournalError::Damaged {
-            path: self.path.clone(),
-            id,
-            source,
-        })
-    }
-
-    /// Every record, oldest key first.
-    pub fn all(&self) -> Result<Vec<MigrationRecord>, JournalError> {
+    /// Every migration record, oldest key first.
+    pub fn migrations(&self) -> Result<Vec<MigrationRecord>, JournalError> {
         let txn = self.db.begin_read().map_err(self.store_error("begin"))?;
         let table = match txn.open_table(MIGRATIONS) {
             Ok(table) => table,
@@ -284,61 +360,84 @@ impl Journal {
         let mut records = Vec::new();
         for entry in table.iter().map_err(self.store_error("read"))? {
             let (key, value) = entry.map_err(self.store_error("read"))?;
-            records.push(self.decode(Uuid::from_u128(key.value()), value.value())?);
+            records.push(self.decode(Uuid::from_u128(key.value()).to_string(), value.value())?);
         }
         Ok(records)
     }
 
-    /// After a hostd start: settles every record the previous process left open (see the
-    /// module docs) and drops finished records past the retention time, in one transaction.
-    /// Returns the records it changed.
-    pub fn recover(&self) -> Result<Vec<MigrationRecord>, JournalError> {
-        let records = self.all()?;
+    /// Drops finished migration records older than the retention time.
+    pub fn prune(&self) -> Result<usize, JournalError> {
         let now = now_unix_ms();
+        let old: Vec<u128> = self
+            .migrations()?
+            .into_iter()
+            .filter(|r| {
+                !r.phase.is_open()
+                    && now.saturating_sub(r.updated_unix_ms) > RETENTION.as_millis() as u64
+            })
+            .map(|r| r.id.as_u128())
+            .collect();
         let txn = self.db.begin_write().map_err(self.store_error("begin"))?;
-        let mut changed = Vec::new();
         {
             let mut table = txn
                 .open_table(MIGRATIONS)
                 .map_err(self.store_error("open"))?;
-            for record in records {
-                let settled = match record.phase {
-                    Phase::Preparing => Some(Phase::Discarded),
-                    Phase::Committed | Phase::Resumed => Some(Phase::Lost),
-                    Phase::Discarded | Phase::Lost => None,
-                };
-                let key = record.id.as_u128();
-                match settled {
-                    Some(phase) => {
-                        let next = record.with_phase(phase);
-                        let bytes =
-                            postcard::to_stdvec(&next).map_err(|source| JournalError::Store {
-                                path: self.path.clone(),
-                                operation: "encode",
-                                source: Box::new(source),
-                            })?;
-                        table
-                            .insert(key, bytes.as_slice())
-                            .map_err(self.store_error("write"))?;
-                        changed.push(next);
-                    }
-                    None => {
-                        let age = now.saturating_sub(record.updated_unix_ms);
-                        if !record.phase.is_open() && age > RETENTION.as_millis() as u64 {
-                            table.remove(key).map_err(self.store_error("remove"))?;
-                        }
-                    }
-                }
+            for key in &old {
+                table.remove(*key).map_err(self.store_error("remove"))?;
             }
         }
         txn.commit().map_err(self.store_error("commit"))?;
-        Ok(changed)
+        Ok(old.len())
+    }
+
+    /// Writes (or replaces) the record of a VM, durably.
+    pub fn put_vm(&self, record: &VmRecord) -> Result<(), JournalError> {
+        let bytes = self.encode(record)?;
+        let txn = self.db.begin_write().map_err(self.store_error("begin"))?;
+        {
+            let mut table = txn.open_table(VMS).map_err(self.store_error("open"))?;
+            table
+                .insert(record.info.name.as_str(), bytes.as_slice())
+                .map_err(self.store_error("write"))?;
+        }
+        txn.commit().map_err(self.store_error("commit"))
+    }
+
+    /// Forgets a VM (stopped, or gone to another host).
+    pub fn remove_vm(&self, name: &str) -> Result<(), JournalError> {
+        let txn = self.db.begin_write().map_err(self.store_error("begin"))?;
+        {
+            let mut table = txn.open_table(VMS).map_err(self.store_error("open"))?;
+            table.remove(name).map_err(self.store_error("remove"))?;
+        }
+        txn.commit().map_err(self.store_error("commit"))
+    }
+
+    /// Every VM record.
+    pub fn vms(&self) -> Result<Vec<VmRecord>, JournalError> {
+        let txn = self.db.begin_read().map_err(self.store_error("begin"))?;
+        let table = match txn.open_table(VMS) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.store_error("open")(e)),
+        };
+        let mut records = Vec::new();
+        for entry in table.iter().map_err(self.store_error("read"))? {
+            let (key, value) = entry.map_err(self.store_error("read"))?;
+            records.push(self.decode(key.value().to_string(), value.value())?);
+        }
+        Ok(records)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lifecycle::Lifecycle;
+
+    fn record(role: Role, phase: Phase) -> MigrationRecord {
+        MigrationRecord::new(MigrationId::new_v4(), "vm", (role, "peer"), phase)
+    }
 
     #[test]
     fn records_survive_reopening_and_the_identity_is_stable() {
@@ -346,7 +445,8 @@ mod tests {
         let id = MigrationId::new_v4();
         let first = {
             let journal = Journal::open(dir.path()).unwrap();
-            let record = MigrationRecord::new(id, "vm1", "alpha", Phase::Committed);
+            let record =
+                MigrationRecord::new(id, "vm1", (Role::Destination, "alpha"), Phase::Committed);
             journal.record(&record).unwrap();
             assert_eq!(journal.get(id).unwrap(), Some(record));
             journal.id()
@@ -359,51 +459,87 @@ mod tests {
         assert_ne!(Journal::open(other.path()).unwrap().id(), first);
     }
 
-    /// The recovery table: open phases are settled as the module docs say, settled ones
-    /// stay, and only finished records past the retention time are dropped.
+    /// The whole table of what an open record means after a restart.
     #[test]
-    fn recovery_settles_what_the_previous_process_left_open() {
-        let dir = tempfile::tempdir().unwrap();
-        let journal = Journal::open(dir.path()).unwrap();
-        let mut ids = Vec::new();
-        for phase in [
-            Phase::Preparing,
-            Phase::Committed,
-            Phase::Resumed,
-            Phase::Discarded,
-            Phase::Lost,
-        ] {
-            let id = MigrationId::new_v4();
-            journal
-                .record(&MigrationRecord::new(id, "vm", "alpha", phase))
-                .unwrap();
-            ids.push((id, phase));
-        }
-        let mut ancient = MigrationRecord::new(MigrationId::new_v4(), "old", "a", Phase::Discarded);
-        ancient.updated_unix_ms = 1;
-        journal.record(&ancient).unwrap();
-        drop(journal);
-
-        let journal = Journal::open(dir.path()).unwrap();
-        let changed = journal.recover().unwrap();
-        assert_eq!(changed.len(), 3);
-        let expected = [
-            Phase::Discarded,
-            Phase::Lost,
-            Phase::Lost,
-            Phase::Discarded,
-            Phase::Lost,
+    fn settling_after_a_restart() {
+        use Phase as P;
+        use Role as R;
+        let cases = [
+            (R::Destination, P::Preparing, true, Some(P::Discarded)),
+            (R::Destination, P::Preparing, false, Some(P::Discarded)),
+            (R::Destination, P::Committed, true, Some(P::Resumed)),
+            (R::Destination, P::Committed, false, Some(P::Lost)),
+            (R::Destination, P::Resumed, true, Some(P::Resumed)),
+            (R::Destination, P::Resumed, false, Some(P::Lost)),
+            (R::Destination, P::Discarded, false, None),
+            (R::Destination, P::Lost, true, None),
+            (R::Source, P::Preparing, true, Some(P::Discarded)),
+            (R::Source, P::Preparing, false, Some(P::Discarded)),
+            (R::Source, P::Committed, true, None),
+            (R::Source, P::Committed, false, None),
+            (R::Source, P::Resumed, false, None),
+            (R::Source, P::Discarded, true, None),
+            (R::Source, P::Lost, true, None),
         ];
-        for ((id, before), after) in ids.iter().zip(expected) {
+        for (role, phase, alive, expected) in cases {
             assert_eq!(
-                journal.get(*id).unwrap().unwrap().phase,
-                after,
-                "{before:?} after a restart"
+                settle(&record(role, phase), alive),
+                expected,
+                "{role:?} {phase:?} vmm alive {alive}"
             );
         }
-        assert_eq!(journal.get(ancient.id).unwrap(), None, "past retention");
-        // A second recovery changes nothing.
-        assert!(journal.recover().unwrap().is_empty());
+    }
+
+    #[test]
+    fn only_finished_records_past_retention_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        let mut ancient = record(Role::Destination, Phase::Discarded);
+        ancient.updated_unix_ms = 1;
+        let mut open = record(Role::Source, Phase::Committed);
+        open.updated_unix_ms = 1;
+        let fresh = record(Role::Destination, Phase::Lost);
+        for r in [&ancient, &open, &fresh] {
+            journal.record(r).unwrap();
+        }
+        assert_eq!(journal.prune().unwrap(), 1);
+        assert_eq!(journal.get(ancient.id).unwrap(), None);
+        assert!(journal.get(open.id).unwrap().is_some(), "open records stay");
+        assert!(journal.get(fresh.id).unwrap().is_some());
+    }
+
+    #[test]
+    fn vm_records_are_kept_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path()).unwrap();
+        let info = VmInfo {
+            name: "web".into(),
+            uuid: Uuid::new_v4().to_string(),
+            mac: "52:54:00:00:00:01".into(),
+            host: "alpha".into(),
+            state: Lifecycle::Running,
+            vcpus: 1,
+            memory: 64 << 20,
+            guest: "counter".into(),
+            network: Some("vmnet".into()),
+            ip: None,
+            throttle_pct: 0,
+            guest_progress: 0,
+            guest_failures: 0,
+            guest_exits: Default::default(),
+            console_bytes: 0,
+            vmm_pid: Some(42),
+            vmm_started_unix_ms: Some(7),
+            crash: None,
+        };
+        let record = VmRecord { info, stale: false };
+        journal.put_vm(&record).unwrap();
+        let mut stale = record.clone();
+        stale.stale = true;
+        journal.put_vm(&stale).unwrap();
+        assert_eq!(journal.vms().unwrap(), vec![stale]);
+        journal.remove_vm("web").unwrap();
+        assert!(journal.vms().unwrap().is_empty());
     }
 
     #[test]

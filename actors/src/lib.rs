@@ -13,5 +13,6 @@ pub mod host_actor;
 pub mod journal;
 pub mod lifecycle;
 pub mod migration;
+pub mod reattach;
 pub mod settings;
 pub mod vm_actor;

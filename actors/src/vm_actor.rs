@@ -116,9 +116,17 @@ pub struct VmActor {
     /// Info kept after the VMM is gone.
     last_info: Option<VmInfo>,
     crash: Option<String>,
+    /// Told when the VM changes state on its own (its VMM process ended).
+    observer: Option<Recipient<crate::host_actor::VmStateChanged>>,
 }
 
 impl VmActor {
+    /// Tells `observer` of state changes nobody asked for.
+    pub fn observed_by(mut self, observer: Recipient<crate::host_actor::VmStateChanged>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
     /// The actor of the VM served by `vmm`, in `lifecycle` (`Created` for a new VM,
     /// `MigratingIn` for an arriving copy, what it was for a reattached one).
     pub fn new(
@@ -140,6 +148,7 @@ impl VmActor {
             attachments,
             last_info: None,
             crash: None,
+            observer: None,
         }
     }
 
@@ -164,6 +173,7 @@ impl VmActor {
             },
             last_info: Some(last),
             crash: Some(why),
+            observer: None,
         }
     }
 
@@ -357,6 +367,12 @@ impl Handler<VmmExited> for VmActor {
         self.crash = Some(format!("VMM process {} {how}", self.process.pid));
         if self.transition(Event::VmmExited).is_err() {
             self.lifecycle = Lifecycle::Crashed;
+        }
+        if let Some(observer) = &self.observer {
+            observer.do_send(crate::host_actor::VmStateChanged {
+                vm: self.name.clone(),
+                state: Lifecycle::Crashed,
+            });
         }
     }
 }

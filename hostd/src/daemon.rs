@@ -10,7 +10,7 @@ use actix_web::{App, HttpServer};
 use anyhow::{Context, Result};
 use ferry_actors::control_server;
 use ferry_actors::host_actor::HostActor;
-use ferry_actors::journal::{Journal, Phase};
+use ferry_actors::journal::Journal;
 use ferry_actors::settings::Fault;
 
 use crate::api;
@@ -35,28 +35,6 @@ fn protocol_versions_override() -> Result<Option<&'static [u16]>> {
     Ok(Some(Vec::leak(versions)))
 }
 
-/// Opens the journal and settles what a previous hostd left open, saying so in the log.
-fn open_journal(state_dir: &Path) -> Result<Journal> {
-    let journal = Journal::open(state_dir)?;
-    for record in journal.recover()? {
-        match record.phase {
-            Phase::Lost => tracing::error!(
-                migration = %record.id,
-                vm = %record.vm,
-                source = %record.source,
-                "the VM arrived here and was committed, then lost when the previous hostd stopped; the source keeps its copy paused (stale)"
-            ),
-            _ => tracing::warn!(
-                migration = %record.id,
-                vm = %record.vm,
-                source = %record.source,
-                "an arriving VM was not committed when the previous hostd stopped; its copy is discarded and the source keeps the VM"
-            ),
-        }
-    }
-    Ok(journal)
-}
-
 /// Runs host `name` of the cluster in `config` until a shutdown signal.
 pub fn run(config: &Path, name: &str) -> Result<()> {
     let cluster = Cluster::load(config)?;
@@ -74,7 +52,8 @@ pub fn run(config: &Path, name: &str) -> Result<()> {
         .with_context(|| format!("creating state directory {}", settings.state_dir.display()))?;
     let features = ferry_runtime::host_cpu_features(&settings.hidden_cpu_features)
         .context("reading this host's CPU features from KVM")?;
-    let journal = Arc::new(open_journal(&settings.state_dir)?);
+    // The VMs that outlived a previous hostd are found again by the host actor as it starts.
+    let journal = Arc::new(Journal::open(&settings.state_dir)?);
     let settings = Arc::new(settings);
     actix::System::new().block_on(async move {
         let host = HostActor::new((*settings).clone(), features, Arc::clone(&journal)).start();

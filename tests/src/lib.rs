@@ -640,6 +640,24 @@ impl TestCluster {
         self.dir.path().join(name)
     }
 
+    /// Stops a host's hostd the graceful way (SIGTERM) and waits for it to exit.
+    pub fn terminate(&mut self, name: &str) {
+        let host = self
+            .hosts
+            .iter_mut()
+            .find(|h| h.spec.name == name)
+            .expect("host");
+        if let Some(mut child) = host.child.take() {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while matches!(child.try_wait(), Ok(None)) {
+                assert!(Instant::now() < deadline, "hostd {name} ignored SIGTERM");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
     /// Whether a host's hostd process is alive.
     pub fn is_running(&mut self, name: &str) -> bool {
         let host = self
@@ -689,11 +707,14 @@ impl TestCluster {
             .ferryctl_ok(&["vm", "console", vm, "--no-follow"])
             .stdout;
         // Only complete lines: the guest may be in the middle of printing one.
-        let complete = &console[..console.rfind('\n').map_or(0, |i| i + 1)];
-        complete
-            .lines()
-            .filter_map(|l| l.strip_prefix("tick ")?.trim().parse().ok())
-            .collect()
+        ticks_in(&console)
+    }
+
+    /// The `tick N` numbers in a VM's console log file on a host (readable while that host's
+    /// hostd is down).
+    pub fn logged_ticks(&self, host: &str, vm: &str) -> Vec<u64> {
+        let path = self.state_dir(host).join(format!("{vm}.console.log"));
+        ticks_in(&std::fs::read_to_string(path).unwrap_or_default())
     }
 
     /// Waits until `done` holds (polling), or panics with `what`.
@@ -704,6 +725,32 @@ impl TestCluster {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// Whether process `pid` exists (and is not a zombie).
+pub fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            // The state follows the parenthesised command name.
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// SIGKILLs process `pid`.
+pub fn kill_process(pid: u32) {
+    // SAFETY: kill(2) with a valid signal; the test owns the processes it names.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+}
+
+/// The `tick N` numbers in console output, complete lines only.
+pub fn ticks_in(console: &str) -> Vec<u64> {
+    let complete = &console[..console.rfind('\n').map_or(0, |i| i + 1)];
+    complete
+        .lines()
+        .filter_map(|l| l.strip_prefix("tick ")?.trim().parse().ok())
+        .collect()
 }
 
 /// Asserts `ticks` are 1, 2, 3, ... with no gap or repeat.

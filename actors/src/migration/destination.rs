@@ -26,7 +26,7 @@ use crate::announce;
 use crate::host_actor::{
     AdmitIncoming, ConsoleLogClaim, HostActor, IncomingFinished, MigrationUpdate, PrepareIncoming,
 };
-use crate::journal::{Journal, MigrationRecord, Phase};
+use crate::journal::{Journal, MigrationRecord, Phase, Role};
 use crate::lifecycle::Lifecycle;
 use crate::settings::{Fault, HostSettings};
 use crate::vm_actor::{EndMigrateIn, IncomingRam, LoadIncomingState, VmActor};
@@ -275,7 +275,7 @@ impl DestinationMigration {
         let record = MigrationRecord::new(
             self.id,
             &self.hello.identity.name,
-            &self.hello.source_host,
+            (Role::Destination, &self.hello.source_host),
             Phase::Preparing,
         );
         let work = async move {
@@ -331,7 +331,7 @@ impl DestinationMigration {
                 act.record = Some(MigrationRecord::new(
                     act.id,
                     &act.hello.identity.name,
-                    &act.hello.source_host,
+                    (Role::Destination, &act.hello.source_host),
                     Phase::Preparing,
                 ));
                 act.fail(ctx, reason)
@@ -437,7 +437,8 @@ impl DestinationMigration {
         let work = async move {
             // Durable before the vCPUs run: after a crash this host still answers "committed
             // here" and the source never resumes its copy on its own.
-            let committed = record.with_phase(Phase::Committed);
+            let mut committed = record.with_phase(Phase::Committed);
+            committed.was_running = run;
             persist(Arc::clone(&journal), committed.clone())
                 .await
                 .map_err(|e| (false, e))?;

@@ -222,7 +222,7 @@ pub enum DestinationOutcome {
     Discarded,
     /// Still in progress.
     InProgress,
-    /// The commit was recorded here, then the VM was lost (its hostd stopped): it may have
+    /// The commit was recorded here, then the VM was lost (its VMM process ended): it may have
     /// run here, so the source's paused copy is stale and must not resume on its own.
     Lost,
     /// The journal that answers has no record of the migration. It proves the migration

@@ -758,7 +758,7 @@ impl SourceMigration {
                 Some((DestinationOutcome::Lost, _, resumed)) => act.lost(
                     ctx,
                     format!(
-                        "'{peer}' committed the switch-over and then lost the VM (its hostd stopped); the guest may have run there"
+                        "'{peer}' committed the switch-over and then lost the VM (its VMM process ended); the guest may have run there"
                     ),
                     resumed,
                 ),
