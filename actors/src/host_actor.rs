@@ -432,7 +432,55 @@ impl HostActor {
                 }
             };
             let mut client = live.client;
-            if found.resume.contains(&name) && live.info.run_state == RunState::Paused {
+            let interrupted = found
+                .settled
+                .iter()
+                .find(|r| r.vm == name && r.role == Role::Source);
+            let in_doubt = found.in_doubt.iter().any(|r| r.vm == name);
+            if !in_doubt && (live.info.tracking || live.info.throttle > 0) {
+                // A migration out of here died with the previous hostd before its commit:
+                // the VM is as it was, without the migration's tracking and throttle.
+                let cleared = client.set_throttle(0).and_then(|()| client.stop_tracking());
+                if let Err(error) = cleared {
+                    tracing::error!(vm = %name, error = %ferry_transport::report(&error), "clearing an interrupted migration's tracking failed");
+                }
+            }
+            let mut run_state = live.info.run_state;
+            if let Some(record) = interrupted
+                && record.was_running
+                && run_state == RunState::Paused
+            {
+                tracing::warn!(vm = %name, migration = %record.id, "resuming the VM: hostd restarted during its migration, before the switch-over");
+                match client.resume() {
+                    Ok(()) => run_state = RunState::Running,
+                    Err(error) => {
+                        tracing::error!(vm = %name, error = %ferry_transport::report(&error), "resuming failed")
+                    }
+                }
+            }
+            if let Some(record) = interrupted {
+                let mut report = MigrationReport::starting(
+                    record.id,
+                    &name,
+                    &self.settings.name,
+                    &record.peer,
+                    0,
+                );
+                report.stage = Some(Stage::RolledBack);
+                report.status = "rolled_back".into();
+                report.error = Some(format!(
+                    "hostd restarted during the migration, before the switch-over; the VM stayed on '{}'",
+                    self.settings.name
+                ));
+                self.migrations.insert(
+                    record.id,
+                    MigrationEntry {
+                        report,
+                        cancel: None,
+                    },
+                );
+            }
+            if found.resume.contains(&name) && run_state == RunState::Paused {
                 tracing::info!(vm = %name, "resuming an arrived VM whose commit is on record");
                 if let Err(error) = client.resume() {
                     tracing::error!(vm = %name, error = %ferry_transport::report(&error), "resuming failed");
@@ -443,7 +491,7 @@ impl HostActor {
             } else if found.resume.contains(&name) {
                 Lifecycle::Running
             } else {
-                lifecycle_of(live.info.run_state)
+                lifecycle_of(run_state)
             };
             tracing::info!(vm = %name, pid = client.process().pid, %state, "VM reattached");
             let actor = VmActor::new(
@@ -464,7 +512,10 @@ impl HostActor {
                 },
             );
             if live.record.is_none() || found.resume.contains(&name) {
-                self.record_vm_later(addr, stale);
+                self.record_vm_later(addr.clone(), stale);
+            }
+            if let Some(record) = found.in_doubt.iter().find(|r| r.vm == name) {
+                self.recover_in_doubt(record.clone(), addr, ctx);
             }
         }
         for record in found.crashed {
@@ -488,6 +539,62 @@ impl HostActor {
         if let Err(error) = self.journal.prune() {
             tracing::warn!(error = %ferry_transport::report(&error), "pruning the journal failed");
         }
+    }
+
+    /// Takes over a migration out of here whose commit went out before hostd restarted:
+    /// the VM stays paused while the destination is asked (see `SourceMigration::recovering`).
+    fn recover_in_doubt(
+        &mut self,
+        record: crate::journal::MigrationRecord,
+        vm: Addr<VmActor>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(peer) = self.settings.peers.get(&record.peer).cloned() else {
+            tracing::error!(migration = %record.id, vm = %record.vm, peer = %record.peer, "the destination of an in-doubt migration is not in the cluster configuration any more; the VM stays paused until it is");
+            return;
+        };
+        if let Some(entry) = self.vms.get_mut(&record.vm) {
+            entry.migration = Some(record.id);
+        }
+        let settings = Arc::clone(&self.settings);
+        let journal = Arc::clone(&self.journal);
+        let id = record.id;
+        let name = record.vm.clone();
+        ctx.spawn(
+            async move { vm.send(BeginMigrateOut).await.map(|r| (r, vm)) }
+                .into_actor(self)
+                .map(move |result, act, ctx| {
+                    let (mut outgoing, vm) = match result {
+                        Ok((Ok(outgoing), vm)) => (outgoing, vm),
+                        Ok((Err(e), _)) => {
+                            return tracing::error!(migration = %id, vm = %name, error = %e, "cannot take over the in-doubt migration");
+                        }
+                        Err(e) => {
+                            return tracing::error!(migration = %id, vm = %name, error = %e, "cannot take over the in-doubt migration");
+                        }
+                    };
+                    outgoing.was_running = record.was_running;
+                    if let Some(entry) = act.vms.get_mut(&name) {
+                        entry.state = Lifecycle::MigratingOut;
+                    }
+                    let migration = SourceMigration::recovering(
+                        record,
+                        (settings, peer),
+                        vm,
+                        outgoing,
+                        (ctx.address(), journal),
+                    );
+                    let report = migration.report().clone();
+                    let addr = migration.start();
+                    act.migrations.insert(
+                        id,
+                        MigrationEntry {
+                            report,
+                            cancel: Some(addr.recipient()),
+                        },
+                    );
+                }),
+        );
     }
 
     /// Records a VM in the inventory once its actor can say what it is.
@@ -897,7 +1004,7 @@ impl Handler<StartMigration> for HostActor {
                         msg.options,
                         vm_addr,
                         outgoing,
-                        ctx.address(),
+                        (ctx.address(), Arc::clone(&act.journal)),
                     );
                     let report = migration.report().clone();
                     let addr = migration.start();

@@ -127,6 +127,7 @@ pub fn next(state: Lifecycle, event: Event) -> Result<Lifecycle, InvalidTransiti
         (L::MigratingOut, E::MigrateOutLost) => L::Stale,
         (L::Stale, E::RecoverStale) => L::Running,
         (L::Stale | L::Crashed, E::Stop) => L::Stopped,
+        (L::Crashed, E::MigrateInDiscard) => L::Stopped,
         (
             L::Created | L::Running | L::Paused | L::MigratingOut | L::MigratingIn | L::Stale,
             E::VmmExited,
@@ -200,6 +201,7 @@ mod tests {
             (L::Stale, E::RecoverStale, L::Running),
             (L::Stale, E::Stop, L::Stopped),
             (L::Crashed, E::Stop, L::Stopped),
+            (L::Crashed, E::MigrateInDiscard, L::Stopped),
             (L::Created, E::VmmExited, L::Crashed),
             (L::Running, E::VmmExited, L::Crashed),
             (L::Paused, E::VmmExited, L::Crashed),

@@ -44,10 +44,17 @@ pub enum Fault {
     FailPrepare,
     /// Destination: reject the arrived VM state.
     RejectState,
+    /// Destination: wait [`SLOW_STATE_LOAD`] before loading the arrived state (the source
+    /// holds the guest paused meanwhile).
+    SlowStateLoad,
 }
 
+/// How long `SlowStateLoad` waits.
+pub const SLOW_STATE_LOAD: Duration = Duration::from_secs(5);
+
 impl Fault {
-    const ALL: [(&'static str, Fault); 7] = [
+    const ALL: [(&'static str, Fault); 8] = [
+        ("slow-state-load", Fault::SlowStateLoad),
         ("drop-control-on-state", Fault::DropControlOnState),
         ("drop-control-on-commit", Fault::DropControlOnCommit),
         (

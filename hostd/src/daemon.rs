@@ -55,16 +55,23 @@ pub fn run(config: &Path, name: &str) -> Result<()> {
     // The VMs that outlived a previous hostd are found again by the host actor as it starts.
     let journal = Arc::new(Journal::open(&settings.state_dir)?);
     let settings = Arc::new(settings);
+    // Both listening addresses first: a host that cannot listen says so before anything
+    // has started.
+    let control = std::net::TcpListener::bind(settings.control_addr).with_context(|| {
+        format!(
+            "binding the migration control address {}",
+            settings.control_addr
+        )
+    })?;
+    control
+        .set_nonblocking(true)
+        .context("configuring the control listener")?;
+    let api = std::net::TcpListener::bind(api_addr)
+        .with_context(|| format!("binding the API address {api_addr}"))?;
     actix::System::new().block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(control)
+            .context("registering the control listener")?;
         let host = HostActor::new((*settings).clone(), features, Arc::clone(&journal)).start();
-        let listener = tokio::net::TcpListener::bind(settings.control_addr)
-            .await
-            .with_context(|| {
-                format!(
-                    "binding the migration control address {}",
-                    settings.control_addr
-                )
-            })?;
         actix_rt::spawn(control_server::serve(
             listener,
             (host.clone(), journal),
@@ -79,8 +86,8 @@ pub fn run(config: &Path, name: &str) -> Result<()> {
         })
         .workers(2)
         .shutdown_timeout(2)
-        .bind(api_addr)
-        .with_context(|| format!("binding the API address {api_addr}"))?
+        .listen(api)
+        .with_context(|| format!("serving the API on {api_addr}"))?
         .run();
         tracing::info!(
             host = %settings.name,

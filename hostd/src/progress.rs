@@ -18,6 +18,7 @@ fn stage_name(stage: Option<Stage>) -> &'static str {
         Some(Stage::RolledBack) => "rolled back",
         Some(Stage::Cancelled) => "cancelled",
         Some(Stage::Refused) => "refused",
+        Some(Stage::Failed) => "failed",
         Some(Stage::InDoubt) => "in doubt",
         Some(Stage::LostAfterSwitchOver) => "lost after switch-over",
         None => "starting",

@@ -89,6 +89,7 @@ fn wait_final(cluster: &TestCluster, id: &str) -> serde_json::Value {
             "rolled_back",
             "cancelled",
             "refused",
+            "failed",
             "lost_after_switch_over",
         ]
         .contains(&report["status"].as_str().unwrap_or(""))

@@ -326,11 +326,19 @@ impl std::fmt::Debug for TestCluster {
     }
 }
 
+/// A port for a test hostd to listen on, from below the kernel's ephemeral range
+/// (32768 and up): an ephemeral port handed out here could be taken by any outgoing
+/// connection of the test run before hostd binds it; ports down here never are.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = 20_000 + (std::process::id() * 131) % 12_000;
+    for _ in 0..12_000 {
+        let port = 20_000 + (start - 20_000 + NEXT.fetch_add(1, Ordering::SeqCst)) % 12_000;
+        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+    panic!("no free port between 20000 and 32000")
 }
 
 /// Result of a CLI run.

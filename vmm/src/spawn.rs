@@ -157,18 +157,18 @@ pub fn spawn(
     }
 }
 
-/// SIGKILLs every VMM process serving a socket under `dir` (a test cluster's or the demo's
-/// directory): they outlive hostd by design, so whoever made the directory takes them down.
-pub fn kill_vmms_under(dir: &Path) {
+/// The VMM processes serving a socket under `dir`.
+pub fn vmms_under(dir: &Path) -> Vec<u32> {
     let needle = dir.to_string_lossy().into_owned();
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
+        return Vec::new();
     };
+    let mut found = Vec::new();
     for entry in entries.flatten() {
         let Some(pid) = entry
             .file_name()
             .to_str()
-            .and_then(|name| name.parse::<i32>().ok())
+            .and_then(|name| name.parse::<u32>().ok())
         else {
             continue;
         };
@@ -178,9 +178,18 @@ pub fn kill_vmms_under(dir: &Path) {
         let serves_under = args
             .windows(2)
             .any(|w| w[0] == b"--socket" && String::from_utf8_lossy(w[1]).starts_with(&needle));
-        if is_vmm && serves_under && pid != std::process::id() as i32 {
-            // SAFETY: kill(2) with a valid signal on a VMM process under our directory.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+        if is_vmm && serves_under && pid != std::process::id() {
+            found.push(pid);
         }
+    }
+    found
+}
+
+/// SIGKILLs every VMM process serving a socket under `dir` (a test cluster's or the demo's
+/// directory): they outlive hostd by design, so whoever made the directory takes them down.
+pub fn kill_vmms_under(dir: &Path) {
+    for pid in vmms_under(dir) {
+        // SAFETY: kill(2) with a valid signal on a VMM process under our directory.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     }
 }

@@ -377,6 +377,10 @@ impl DestinationMigration {
             if fault == Some(Fault::RejectState) {
                 return Err("incoming VM state rejected: fault injection".to_string());
             }
+            if fault == Some(Fault::SlowStateLoad) {
+                tracing::warn!("fault injection: waiting before loading the state");
+                actix_rt::time::sleep(crate::settings::SLOW_STATE_LOAD).await;
+            }
             let loading = Instant::now();
             let verified = vm
                 .send(LoadIncomingState {

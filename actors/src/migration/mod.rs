@@ -73,6 +73,9 @@ pub enum Stage {
     /// The switch-over was sent but its outcome could not be confirmed; the VM stays paused
     /// on the source until the destination answers (it never runs on both).
     InDoubt,
+    /// The VM's VMM process on the source ended during the migration: the VM crashed there,
+    /// and the migration stopped (the destination discarded its copy).
+    Failed,
     /// The destination committed the switch-over and then lost the VM. The source keeps its
     /// copy paused (`stale`): running it would take the guest back in time, so only the
     /// operator can (`ferryctl vm recover NAME --from-stale-copy`).
@@ -88,6 +91,7 @@ impl Stage {
                 | Stage::RolledBack
                 | Stage::Cancelled
                 | Stage::Refused
+                | Stage::Failed
                 | Stage::LostAfterSwitchOver
         )
     }
@@ -112,8 +116,8 @@ pub struct MigrationReport {
     pub id: String,
     /// VM name.
     pub vm: String,
-    /// `running`, `completed`, `rolled_back`, `cancelled`, `refused`, `in_doubt` or
-    /// `lost_after_switch_over`.
+    /// `running`, `completed`, `rolled_back`, `cancelled`, `refused`, `failed` (the VM
+    /// crashed on the source), `in_doubt` or `lost_after_switch_over`.
     pub status: String,
     /// Current stage.
     pub stage: Option<Stage>,

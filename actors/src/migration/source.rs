@@ -27,6 +27,7 @@ use super::{
 };
 use crate::control_server::control_config;
 use crate::host_actor::{CancelRequest, HostActor, MigrationUpdate, VmStateChanged};
+use crate::journal::{Journal, MigrationRecord, Phase, Role};
 use crate::settings::{HostSettings, Peer};
 use crate::vm_actor::{DirtyLog, EndMigrateOut, Freeze, Frozen, OutgoingVm, SetThrottle, VmActor};
 
@@ -49,6 +50,11 @@ pub struct SourceMigration {
     vm: Addr<VmActor>,
     outgoing: OutgoingVm,
     host: Addr<HostActor>,
+    journal: Arc<Journal>,
+    /// This migration's journal record, once copying began.
+    record: Option<MigrationRecord>,
+    /// Taken over by a restarted hostd after its commit went out: it only asks.
+    recovering: bool,
     report: MigrationReport,
     started: Instant,
     control: Option<ControlSender>,
@@ -62,7 +68,7 @@ pub struct SourceMigration {
     /// Round trip of the control channel, without the destination's thinking time.
     rtt: Duration,
     /// The destination journal that accepted the migration.
-    journal: Option<uuid::Uuid>,
+    journal_id: Option<uuid::Uuid>,
     data: Option<Sender>,
     data_stats: Option<StatsHandle>,
     /// Totals when the current round started, to report per-round numbers.
@@ -124,7 +130,7 @@ impl SourceMigration {
         options: MigrationOptions,
         vm: Addr<VmActor>,
         outgoing: OutgoingVm,
-        host: Addr<HostActor>,
+        (host, journal): (Addr<HostActor>, Arc<Journal>),
     ) -> Self {
         let mut report = MigrationReport::starting(
             id,
@@ -142,6 +148,9 @@ impl SourceMigration {
             vm,
             outgoing,
             host,
+            journal,
+            record: None,
+            recovering: false,
             report,
             started: Instant::now(),
             control: None,
@@ -150,7 +159,7 @@ impl SourceMigration {
             plan_capabilities: None,
             hello_sent: None,
             rtt: Duration::ZERO,
-            journal: None,
+            journal_id: None,
             data: None,
             data_stats: None,
             round_base: TransferStats::default(),
@@ -162,6 +171,54 @@ impl SourceMigration {
             done: false,
             awaiting_reason: None,
         }
+    }
+
+    /// The migration a restarted hostd finds recorded with its commit sent and no outcome:
+    /// it asks the destination, as the migration before the restart would have, and never
+    /// resumes the VM without a durable "not committed".
+    pub fn recovering(
+        record: MigrationRecord,
+        (settings, peer): (Arc<HostSettings>, Peer),
+        vm: Addr<VmActor>,
+        outgoing: OutgoingVm,
+        (host, journal): (Addr<HostActor>, Arc<Journal>),
+    ) -> Self {
+        let mut migration = SourceMigration::new(
+            record.id,
+            settings,
+            peer,
+            MigrationOptions::default(),
+            vm,
+            outgoing,
+            (host, journal),
+        );
+        migration.recovering = true;
+        migration.journal_id = record.peer_journal;
+        // When the pause began died with the previous hostd: the downtime is unknown.
+        migration.commit_sent_at = Some(Instant::now());
+        migration.record = Some(record);
+        migration
+    }
+
+    /// Moves the journal record to `phase`, off the actor's thread (a failure is logged: the
+    /// phases written this way are outcomes, which the in-memory report carries too).
+    fn persist(&mut self, ctx: &mut Context<Self>, phase: Phase) {
+        let Some(record) = self.record.as_ref().map(|r| r.with_phase(phase)) else {
+            return;
+        };
+        self.record = Some(record.clone());
+        let journal = Arc::clone(&self.journal);
+        let id = self.id;
+        ctx.spawn(
+            async move {
+                let written =
+                    actix_rt::task::spawn_blocking(move || journal.record(&record)).await;
+                if let Ok(Err(error)) = written {
+                    tracing::error!(migration = %id, error = %ferry_transport::report(&error), "recording the migration failed");
+                }
+            }
+            .into_actor(self),
+        );
     }
 
     fn stage(&mut self, stage: Stage) {
@@ -232,6 +289,7 @@ impl SourceMigration {
             return;
         }
         self.done = true;
+        self.persist(ctx, Phase::Discarded);
         tracing::warn!(migration = %self.id, vm = %self.report.vm, %error, ?stage, "migration failed, rolling back");
         let (final_stage, status) = match stage {
             Stage::Cancelled => (Stage::Cancelled, "cancelled"),
@@ -259,10 +317,12 @@ impl SourceMigration {
                 .into_actor(self)
                 .map(move |result, act, ctx| {
                     // The guest runs again (or stays paused as the operator left it).
-                    act.report.downtime_ms = Some(match act.paused_at {
-                        Some(paused) if was_running => ms(paused.elapsed()),
-                        _ => 0.0,
-                    });
+                    act.report.downtime_ms = match act.paused_at {
+                        Some(paused) if was_running => Some(ms(paused.elapsed())),
+                        // The pause began in an earlier hostd's life.
+                        _ if act.recovering => None,
+                        _ => Some(0.0),
+                    };
                     let failure = match result {
                         Ok(Ok(info)) => {
                             host.do_send(VmStateChanged {
@@ -271,13 +331,22 @@ impl SourceMigration {
                             });
                             None
                         }
-                        Ok(Err(e)) => Some(e.to_string()),
-                        Err(e) => Some(e.to_string()),
+                        Ok(Err(e)) => Some((vm_crashed(&e), e.to_string())),
+                        Err(e) => Some((false, e.to_string())),
                     };
-                    if let Some(failure) = failure {
+                    if let Some((crashed, failure)) = failure {
                         tracing::error!(migration = %act.id, error = %failure, "rollback failed");
-                        if let Some((_, _, error)) = &mut act.awaiting_reason {
-                            error.push_str(&format!("; and rolling back failed: {failure}"));
+                        if let Some((stage, status, error)) = &mut act.awaiting_reason {
+                            if crashed {
+                                *stage = Stage::Failed;
+                                *status = "failed";
+                                error.push_str(&format!(
+                                    "; the VM's VMM process on '{}' ended during the migration: the VM crashed there (`ferryctl vm show {}` says how)",
+                                    act.settings.name, act.report.vm
+                                ));
+                            } else {
+                                error.push_str(&format!("; and rolling back failed: {failure}"));
+                            }
                         }
                     }
                     act.report.throttle_pct = act.report.throttle_pct.max(act.throttle);
@@ -319,7 +388,7 @@ impl SourceMigration {
         journal: uuid::Uuid,
         admission_us: u64,
     ) {
-        self.journal = Some(journal);
+        self.journal_id = Some(journal);
         if let Some(sent) = self.hello_sent {
             self.rtt = sent
                 .elapsed()
@@ -371,7 +440,23 @@ impl SourceMigration {
         let mut config = SenderConfig::new(session_of(self.id), placement);
         config.max_bandwidth = self.options.max_bandwidth;
         let vm = self.vm.clone();
+        let mut record = MigrationRecord::new(
+            self.id,
+            &self.report.vm,
+            (Role::Source, &self.peer.name),
+            Phase::Preparing,
+        );
+        record.was_running = self.outgoing.was_running;
+        record.peer_journal = self.journal_id;
+        self.record = Some(record.clone());
+        let journal = Arc::clone(&self.journal);
         let connect = async move {
+            // On record before the VM is touched: a restarted hostd then knows to give it
+            // back its throttle, its tracking and (if it was running) its vCPUs.
+            actix_rt::task::spawn_blocking(move || journal.record(&record))
+                .await
+                .map_err(|e| format!("journal task failed: {e}"))?
+                .map_err(|e| format!("recording the migration: {}", error_chain(&e)))?;
             let sender =
                 actix_rt::task::spawn_blocking(move || Sender::connect(&addrs, source, config))
                     .await
@@ -610,13 +695,43 @@ impl SourceMigration {
         }));
     }
 
+    /// Records the commit durably, then sends it.
+    fn commit(&mut self, ctx: &mut Context<Self>) {
+        let Some(record) = self.record.as_ref().map(|r| r.with_phase(Phase::Committed)) else {
+            return self.fail(ctx, Stage::SwitchOver, "no migration record".into());
+        };
+        self.record = Some(record.clone());
+        let journal = Arc::clone(&self.journal);
+        ctx.wait(
+            actix_rt::task::spawn_blocking(move || journal.record(&record))
+                .into_actor(self)
+                .map(|written, act, ctx| match written {
+                    Ok(Ok(())) => {
+                        act.commit_sent_at = Some(Instant::now());
+                        act.send(ctx, ToDestination::Commit);
+                    }
+                    Ok(Err(e)) => act.fail(
+                        ctx,
+                        Stage::SwitchOver,
+                        format!("cannot record the commit durably: {}", error_chain(&e)),
+                    ),
+                    Err(e) => act.fail(ctx, Stage::SwitchOver, format!("journal task failed: {e}")),
+                }),
+        );
+    }
+
     /// The destination runs the VM: release it here.
     fn complete(&mut self, ctx: &mut Context<Self>, resumed_after_commit_ms: Option<f64>) {
         if self.done {
             return;
         }
         self.done = true;
+        self.persist(ctx, Phase::Resumed);
         self.report.downtime_ms = self.switch_over_downtime(resumed_after_commit_ms);
+        if self.recovering {
+            // The pause began in an earlier hostd's life.
+            self.report.downtime_ms = None;
+        }
         self.report.stage = Some(Stage::Completed);
         self.report.status = "completed".into();
         self.report.error = None;
@@ -659,7 +774,11 @@ impl SourceMigration {
             return;
         }
         self.done = true;
+        self.persist(ctx, Phase::Lost);
         self.report.downtime_ms = self.switch_over_downtime(resumed_after_commit_ms);
+        if self.recovering {
+            self.report.downtime_ms = None;
+        }
         let message = format!(
             "{why}. The VM's copy on '{}' is stale and stays paused; `ferryctl vm recover {} --from-stale-copy` runs it, and its guest then goes back to the moment of the switch-over",
             self.settings.name, self.report.vm
@@ -735,7 +854,7 @@ impl SourceMigration {
         };
         ctx.spawn(query.into_actor(self).map(|answer, act, ctx| {
             let peer = act.peer.name.clone();
-            let same_journal = |journal| act.journal == Some(journal);
+            let same_journal = |journal| act.journal_id == Some(journal);
             match answer {
                 Some((DestinationOutcome::Owned, _, resumed)) => act.complete(ctx, resumed),
                 Some((DestinationOutcome::Discarded, journal, _)) if same_journal(journal) => {
@@ -766,7 +885,7 @@ impl SourceMigration {
                     ctx,
                     format!(
                         "'{peer}' answers {outcome:?} from journal {journal}, but journal {} accepted the migration: its records were replaced, so whether the guest ran there cannot be known",
-                        act.journal.map_or_else(|| "none".to_string(), |j| j.to_string())
+                        act.journal_id.map_or_else(|| "none".to_string(), |j| j.to_string())
                     ),
                     None,
                 ),
@@ -787,6 +906,18 @@ impl SourceMigration {
     }
 }
 
+/// Whether a VM operation failed because the VM's VMM process is gone.
+fn vm_crashed(error: &crate::vm_actor::VmActorError) -> bool {
+    use crate::vm_actor::VmActorError;
+    let crashed = crate::lifecycle::Lifecycle::Crashed;
+    match error {
+        VmActorError::Gone(_, state) => *state == crashed,
+        VmActorError::InvalidTransition(refused) => refused.state == crashed,
+        VmActorError::Vmm(e) => e.is_gone(),
+        VmActorError::BadState(_) => false,
+    }
+}
+
 /// Drops a data sender that outlived its migration (the migration failed while a copy ran),
 /// off the actor's thread since closing streams can block.
 fn discard(sender: Sender) {
@@ -801,13 +932,18 @@ impl Actor for SourceMigration {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        tracing::info!(migration = %self.id, vm = %self.report.vm, to = %self.peer.name, "migration starting");
-        self.publish();
         ctx.run_interval(PROGRESS_INTERVAL, |act, _| {
             if !act.done {
                 act.publish();
             }
         });
+        if self.recovering {
+            tracing::warn!(migration = %self.id, vm = %self.report.vm, to = %self.peer.name, "hostd restarted after this migration's commit went out; asking the destination");
+            self.report.stage = Some(Stage::SwitchOver);
+            return self.in_doubt(ctx, "hostd restarted after the switch-over was sent".into());
+        }
+        tracing::info!(migration = %self.id, vm = %self.report.vm, to = %self.peer.name, "migration starting");
+        self.publish();
         let addr = self.peer.control_addr;
         let config = control_config(&self.settings);
         let capabilities =
@@ -917,10 +1053,10 @@ impl StreamHandler<Result<ToSource, ControlError>> for SourceMigration {
                 if self.cancel_requested {
                     return self.fail(ctx, Stage::Cancelled, "cancelled by the operator".into());
                 }
-                // Point of no return: from here the destination may run the VM.
+                // Point of no return: from here the destination may run the VM. On record
+                // first, so a restarted hostd never resumes this copy without asking.
                 tracing::info!(migration = %self.id, "destination ready; committing the switch-over");
-                self.commit_sent_at = Some(Instant::now());
-                self.send(ctx, ToDestination::Commit);
+                self.commit(ctx);
             }
             (
                 Some(Stage::SwitchOver),
