@@ -387,11 +387,22 @@ impl Actor for HostActor {
         // in the mailbox meanwhile.
         let settings = Arc::clone(&self.settings);
         let journal = Arc::clone(&self.journal);
+        let began = std::time::Instant::now();
         ctx.wait(
             actix_rt::task::spawn_blocking(move || reattach::discover(&settings, &journal))
                 .into_actor(self)
-                .map(|result, act, ctx| match result {
-                    Ok(Ok(found)) => act.reattach(found, ctx),
+                .map(move |result, act, ctx| match result {
+                    Ok(Ok(found)) => {
+                        let discovered_ms = began.elapsed().as_secs_f64() * 1e3;
+                        let vms = found.live.len();
+                        act.reattach(found, ctx);
+                        tracing::info!(
+                            vms,
+                            discovered_ms,
+                            reattached_ms = began.elapsed().as_secs_f64() * 1e3,
+                            "VMs found again"
+                        );
+                    }
                     Ok(Err(error)) => {
                         tracing::error!(%error, "reading the journal at start failed")
                     }

@@ -268,6 +268,19 @@ impl VmActor {
         info
     }
 
+    /// The last info seen, with the current lifecycle: for answers on the critical path of a
+    /// migration, where another round trip to the VMM would lengthen the guest's pause.
+    fn info_cached(&mut self) -> VmInfo {
+        match self.last_info.clone() {
+            Some(mut info) => {
+                info.state = self.lifecycle;
+                info.crash = self.crash.clone();
+                info
+            }
+            None => self.info(),
+        }
+    }
+
     /// Stops the VM for good: its VMM stops it and ends. Keeps the last info for display.
     fn release(&mut self) {
         let _ = self.info();
@@ -618,7 +631,7 @@ impl Handler<EndMigrateOut> for VmActor {
                 self.transition(Event::MigrateOutLost)?;
             }
         }
-        Ok(self.info())
+        Ok(self.info_cached())
     }
 }
 
@@ -714,7 +727,7 @@ impl Handler<EndMigrateIn> for VmActor {
                 ctx.stop();
             }
         }
-        Ok(self.info())
+        Ok(self.info_cached())
     }
 }
 

@@ -36,7 +36,7 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
-    /// Run one VM's VMM process. hostd starts these itself, one per VM, in a session of
+    /// Run one VM's VMM process. hostd starts these itself, one per VM, in a process group of
     /// their own so that they outlive it; there is no need to run this by hand.
     Vmm {
         /// The unix socket to serve the VM on.

@@ -101,6 +101,15 @@ pub enum MemoryError {
         #[source]
         source: io::Error,
     },
+    /// Reading source memory through its file failed.
+    #[error("cannot read page {first_pfn:#x} through the guest memory file")]
+    ReadFile {
+        /// First PFN of the read.
+        first_pfn: u64,
+        /// The pread error.
+        #[source]
+        source: io::Error,
+    },
     /// Prefaulting destination memory failed.
     #[error("prefaulting pages {first_pfn:#x}..{first_pfn:#x}+{count} failed")]
     Prefault {
@@ -470,6 +479,52 @@ impl GuestRegions {
     }
 
     /// Writes through the file: `pwrite` until done, since it may write less than asked.
+    /// Reads pages through the region's file: the kernel copies them out of the page cache,
+    /// so a mapping this process never touched (a VMM's memory shared with hostd) costs no
+    /// page fault per page.
+    fn read_file(
+        region: &Region,
+        file: RegionFile,
+        offset: u64,
+        dst: &mut [u8],
+    ) -> Result<(), MemoryError> {
+        let mut done = 0;
+        while done < dst.len() {
+            let at = file.offset + offset * PAGE_SIZE as u64 + done as u64;
+            let rest = &mut dst[done..];
+            // SAFETY: pread writes at most `rest.len()` bytes into a live, exclusively borrowed
+            // slice, from the file the constructor's caller vouched is behind this region; the
+            // range lies inside the region because for_each_piece bounds `offset`.
+            let read = unsafe {
+                libc::pread(
+                    file.fd,
+                    rest.as_mut_ptr().cast(),
+                    rest.len(),
+                    at as libc::off_t,
+                )
+            };
+            if read < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(MemoryError::ReadFile {
+                    first_pfn: region.first_pfn + offset,
+                    source: err,
+                });
+            }
+            if read == 0 {
+                let source = io::Error::new(io::ErrorKind::UnexpectedEof, "pread read nothing");
+                return Err(MemoryError::ReadFile {
+                    first_pfn: region.first_pfn + offset,
+                    source,
+                });
+            }
+            done += read as usize;
+        }
+        Ok(())
+    }
+
     fn write_file(
         region: &Region,
         file: RegionFile,
@@ -605,9 +660,21 @@ impl PageSource for GuestRegions {
     fn read_pages(&self, first_pfn: u64, dst: &mut [u8]) -> Result<(), MemoryError> {
         let count = whole_pages(dst.len())?;
         let base = dst.as_mut_ptr();
+        let len = dst.len();
         self.for_each_piece(
             PageRange::new(first_pfn, count),
             |region, offset, pages, done| {
+                if let Some(file) = region.file {
+                    let start = done as usize * PAGE_SIZE;
+                    let end = start + pages as usize * PAGE_SIZE;
+                    debug_assert!(end <= len);
+                    // SAFETY: `start..end` lies inside `dst` (done + pages <= count), which
+                    // this function borrows exclusively; pieces never overlap.
+                    let piece = unsafe {
+                        std::slice::from_raw_parts_mut(base.wrapping_add(start), end - start)
+                    };
+                    return Self::read_file(region, file, offset, piece);
+                }
                 // SAFETY: the source lies inside the region (for_each_piece bounds it) and the
                 // destination inside `dst` (done + pages <= count); they cannot overlap because
                 // `dst` is a Rust slice the caller owns, while guest memory is never borrowed as one.

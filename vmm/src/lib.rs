@@ -2,7 +2,7 @@
 //!
 //! A VMM process owns a VM's KVM file descriptors, vCPU threads, devices, console and guest
 //! memory, and serves them on a unix socket in the host's state directory. hostd starts it
-//! in a session of its own so that it survives hostd (a crash, an upgrade, a restart), and
+//! in a process group of its own so that it survives hostd (a crash, an upgrade, a restart), and
 //! talks to it with the typed messages of [`protocol`] in Ferry's wire frames. KVM answers a
 //! VM's ioctls only from the process that created it, so pause, dirty logging and state
 //! capture happen here; guest memory is shared with hostd by passing its memfd, and hostd's

@@ -456,18 +456,21 @@ impl DestinationMigration {
             };
             let resumed_ms = received.elapsed().as_secs_f64() * 1e3;
             tracing::info!(migration = %id, vm = %name, %state, resumed_ms, "VM taken over");
-            let mut resumed = committed.with_phase(Phase::Resumed);
-            resumed.resumed_after_commit_ms = Some(resumed_ms);
-            if let Err(error) = persist(journal, resumed).await {
-                // `Committed` is on record, which is what safety needs.
-                tracing::warn!(migration = %id, %error, "journal");
-            }
             host.do_send(IncomingFinished {
                 id,
                 vm: name,
                 outcome: DestinationOutcome::Owned,
                 state,
                 resumed_after_commit_ms: Some(resumed_ms),
+            });
+            // Off the confirmation's path: `Committed` is on record, which is what safety
+            // needs, and this process answers from memory until it has this too.
+            let mut resumed = committed.with_phase(Phase::Resumed);
+            resumed.resumed_after_commit_ms = Some(resumed_ms);
+            actix_rt::spawn(async move {
+                if let Err(error) = persist(journal, resumed).await {
+                    tracing::warn!(migration = %id, %error, "journal");
+                }
             });
             Ok(resumed_ms)
         };

@@ -610,20 +610,44 @@ impl SourceMigration {
 
     /// Pauses the guest (one step: pause, last dirty pages, state), then sends the last
     /// pages and the state.
+    ///
+    /// The journal learns "the commit may go out" first, before the pause, so its fsync is
+    /// not part of the guest's downtime. A restarted hostd that finds that record asks the
+    /// destination before anything else; if the commit never went out, the destination
+    /// answers that it discarded its copy, and the VM resumes here.
     fn stop_and_copy(&mut self, ctx: &mut Context<Self>, pending: DirtySet) {
         self.stage(Stage::StopAndCopy);
         let vm = self.vm.clone();
         let verify = self.options.verify;
+        let record = self.record.as_ref().map(|r| r.with_phase(Phase::Committed));
+        self.record = record.clone();
+        let journal = Arc::clone(&self.journal);
         ctx.wait(
             async move {
+                if let Some(record) = record {
+                    actix_rt::task::spawn_blocking(move || journal.record(&record))
+                        .await
+                        .map_err(|e| {
+                            crate::vm_actor::VmActorError::BadState(format!(
+                                "journal task failed: {e}"
+                            ))
+                        })?
+                        .map_err(|e| {
+                            crate::vm_actor::VmActorError::BadState(format!(
+                                "cannot record the coming commit durably: {}",
+                                error_chain(&e)
+                            ))
+                        })?;
+                }
                 vm.send(Freeze {
                     hash_memory: verify,
                 })
                 .await
+                .map_err(|e| crate::vm_actor::VmActorError::BadState(e.to_string()))?
             }
             .into_actor(self)
             .map(move |result, act, ctx| match result {
-                Ok(Ok(frozen)) => {
+                Ok(frozen) => {
                     act.paused_at = Some(frozen.paused_at);
                     if act.done {
                         // Failed meanwhile: the rollback resumes the guest.
@@ -631,8 +655,7 @@ impl SourceMigration {
                     }
                     act.send_last_pages(ctx, pending, frozen);
                 }
-                Ok(Err(e)) => act.fail(ctx, Stage::StopAndCopy, format!("pausing the VM: {e}")),
-                Err(e) => act.fail(ctx, Stage::StopAndCopy, e.to_string()),
+                Err(e) => act.fail(ctx, Stage::StopAndCopy, format!("pausing the VM: {e}")),
             }),
         );
     }
@@ -695,29 +718,13 @@ impl SourceMigration {
         }));
     }
 
-    /// Records the commit durably, then sends it.
+    /// Sends the commit (already on record since stop-and-copy began).
     fn commit(&mut self, ctx: &mut Context<Self>) {
-        let Some(record) = self.record.as_ref().map(|r| r.with_phase(Phase::Committed)) else {
-            return self.fail(ctx, Stage::SwitchOver, "no migration record".into());
-        };
-        self.record = Some(record.clone());
-        let journal = Arc::clone(&self.journal);
-        ctx.wait(
-            actix_rt::task::spawn_blocking(move || journal.record(&record))
-                .into_actor(self)
-                .map(|written, act, ctx| match written {
-                    Ok(Ok(())) => {
-                        act.commit_sent_at = Some(Instant::now());
-                        act.send(ctx, ToDestination::Commit);
-                    }
-                    Ok(Err(e)) => act.fail(
-                        ctx,
-                        Stage::SwitchOver,
-                        format!("cannot record the commit durably: {}", error_chain(&e)),
-                    ),
-                    Err(e) => act.fail(ctx, Stage::SwitchOver, format!("journal task failed: {e}")),
-                }),
-        );
+        if self.record.as_ref().map(|r| r.phase) != Some(Phase::Committed) {
+            return self.fail(ctx, Stage::SwitchOver, "the commit is not on record".into());
+        }
+        self.commit_sent_at = Some(Instant::now());
+        self.send(ctx, ToDestination::Commit);
     }
 
     /// The destination runs the VM: release it here.
@@ -746,6 +753,9 @@ impl SourceMigration {
                 let _ = control.close().await;
             });
         }
+        // The migration is over when the destination runs the VM: the report says so now,
+        // and the source copy's teardown (its VMM process ending) is not part of it.
+        self.publish();
         let vm = self.vm.clone();
         ctx.wait(
             async move { vm.send(EndMigrateOut::Complete).await }
@@ -760,7 +770,6 @@ impl SourceMigration {
                             tracing::error!(migration = %act.id, error = %e, "releasing the source copy failed")
                         }
                     }
-                    act.publish();
                     ctx.stop();
                 }),
         );
