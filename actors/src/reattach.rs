@@ -93,10 +93,26 @@ pub fn discover(settings: &HostSettings, journal: &Journal) -> Result<Found, Str
             .iter()
             .map(|socket| {
                 scope.spawn(move || {
-                    VmmClient::connect(socket).and_then(|mut client| {
-                        let info = client.process().has_vm.then(|| client.info()).transpose()?;
-                        Ok((client, info))
-                    })
+                    let ask = || {
+                        VmmClient::connect(socket).and_then(|mut client| {
+                            let info =
+                                client.process().has_vm.then(|| client.info()).transpose()?;
+                            Ok((client, info))
+                        })
+                    };
+                    // A VMM that is still dying can accept a connection and then reset it:
+                    // ask again until the answer is a clear yes or no.
+                    let mut answer = ask();
+                    for _ in 0..5 {
+                        match &answer {
+                            Err(VmmClientError::Io { .. }) => {
+                                std::thread::sleep(std::time::Duration::from_millis(50));
+                                answer = ask();
+                            }
+                            _ => break,
+                        }
+                    }
+                    answer
                 })
             })
             .collect();

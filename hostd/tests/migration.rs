@@ -161,6 +161,23 @@ fn verify_guest_sees_no_mismatch_and_memory_hashes_match() {
         vm["guest_failures"], 0,
         "the guest found a lost or stale page: {vm:#}"
     );
+    // And back, into a new VMM process on alpha.
+    let report = migrate(&cluster, "v1", "alpha", &["--verify"]);
+    assert_eq!(report["memory_verified"], true, "{report:#}");
+    let arrived = cluster.vm("v1").unwrap()["guest_progress"]
+        .as_u64()
+        .unwrap();
+    cluster.wait_for(
+        "verify passes back on alpha",
+        Duration::from_secs(20),
+        |c| {
+            c.vm("v1")
+                .is_some_and(|v| v["guest_progress"].as_u64() >= Some(arrived + 3))
+        },
+    );
+    let vm = cluster.vm("v1").unwrap();
+    assert_eq!(vm["host"], "alpha");
+    assert_eq!(vm["guest_failures"], 0, "{vm:#}");
 }
 
 /// The worst moment for page selection: the migration starts while the `verify` guest is

@@ -735,15 +735,24 @@ impl TestCluster {
     }
 }
 
-/// Whether process `pid` exists (and is not a zombie).
+/// Whether process `pid` is still alive: any of its threads is not yet a zombie. (A killed
+/// multi-threaded process shows its main thread as a zombie while the others are still
+/// exiting, holding its files — a VMM's socket among them.)
 pub fn process_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| {
-            // The state follows the parenthesised command name.
-            stat.rsplit_once(')')
-                .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|task| {
+        std::fs::read_to_string(task.path().join("stat"))
+            .map(|stat| {
+                // The state follows the parenthesised command name.
+                stat.rsplit_once(')').is_some_and(|(_, rest)| {
+                    let state = rest.trim_start();
+                    !(state.starts_with('Z') || state.starts_with('X'))
+                })
+            })
+            .unwrap_or(false)
+    })
 }
 
 /// SIGKILLs process `pid`.

@@ -204,21 +204,40 @@ fn main() {
     }
 }
 
+/// How long ago `unix_ms` was, e.g. `42s`, `7m`, `3h`, `2d`.
+fn age(unix_ms: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let secs = now.saturating_sub(unix_ms) / 1000;
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m", secs / 60),
+        3600..86400 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86400),
+    }
+}
+
 fn print_vms(vms: &[VmInfo]) {
     println!(
-        "{:<20} {:<10} {:<14} {:>5} {:>10} {:<10} {:<17}",
-        "NAME", "HOST", "STATE", "VCPUS", "MEMORY", "GUEST", "MAC"
+        "{:<20} {:<10} {:<14} {:>5} {:>10} {:<10} {:<17} {:>8} {:>6}",
+        "NAME", "HOST", "STATE", "VCPUS", "MEMORY", "GUEST", "MAC", "VMM PID", "UP"
     );
     for vm in vms {
         println!(
-            "{:<20} {:<10} {:<14} {:>5} {:>10} {:<10} {:<17}",
+            "{:<20} {:<10} {:<14} {:>5} {:>10} {:<10} {:<17} {:>8} {:>6}",
             vm.name,
             vm.host,
             vm.state.to_string(),
             vm.vcpus,
             format_bytes(vm.memory),
             vm.guest,
-            vm.mac
+            vm.mac,
+            vm.vmm_pid
+                .map_or_else(|| "-".to_string(), |p| p.to_string()),
+            vm.vmm_started_unix_ms
+                .filter(|_| vm.vmm_pid.is_some())
+                .map_or_else(|| "-".to_string(), age),
         );
     }
 }
