@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use ferry_actors::migration::MigrationReport;
 use ferry_benches::qemu::{self, Preset, QemuMigrationReport, QemuSpec};
-use ferry_benches::{Table, median};
+use ferry_benches::{Table, env_number, median};
 use ferry_runtime::content::{self, Content};
 use ferry_runtime::guest::multiboot_workload;
 use ferry_runtime::layout::MIN_MEMORY;
@@ -43,17 +43,6 @@ const CONTENT_AT: u64 = 4 * MIB;
 const IDLE_TICKS_PER_SEC: u32 = 10;
 const DIRTY_WORKING_SET: u64 = 64 * MIB;
 const DIRTY_PAGES_PER_SEC: u64 = 20_000;
-
-fn env_number(name: &str, default: u64) -> Result<u64, String> {
-    match std::env::var(name) {
-        Err(_) => Ok(default),
-        Ok(text) => text
-            .parse()
-            .ok()
-            .filter(|&n| n > 0)
-            .ok_or_else(|| format!("{name}={text:?} is not a positive number")),
-    }
-}
 
 fn free_port() -> Result<u16, std::io::Error> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?

@@ -15,21 +15,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use ferry_benches::{Table, median};
+use ferry_benches::{Table, env_number, median};
 use hostd::api_types::CreateVmRequest;
 use hostd::client::Client;
 use hostd::config::Cluster;
-
-fn env_number(name: &str, default: u64) -> Result<u64, String> {
-    match std::env::var(name) {
-        Err(_) => Ok(default),
-        Ok(text) => text
-            .parse()
-            .ok()
-            .filter(|&n| n > 0)
-            .ok_or_else(|| format!("{name}={text:?} is not a positive number")),
-    }
-}
 
 fn start_hostd(config: &Path, log: &Path) -> Result<Child, Box<dyn Error>> {
     let log = std::fs::OpenOptions::new()

@@ -5,6 +5,18 @@ pub mod qemu;
 use std::fmt::Write as _;
 use std::time::Duration;
 
+/// A positive number from the environment variable `name`, or `default` when it is unset.
+pub fn env_number(name: &str, default: u64) -> Result<u64, String> {
+    match std::env::var(name) {
+        Err(_) => Ok(default),
+        Ok(text) => text
+            .parse()
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| format!("{name}={text:?} is not a positive number")),
+    }
+}
+
 /// A plain-text table whose columns are padded to their widest cell.
 #[derive(Debug, Clone, Default)]
 pub struct Table {

@@ -227,6 +227,20 @@ fn report(cluster: &TestCluster, id: &str) -> serde_json::Value {
     cluster.api_get("alpha", &format!("/v1/migrations/{id}")).1
 }
 
+/// Waits until migration `id` has ended, however; returns its report.
+fn wait_final(cluster: &TestCluster, id: &str) -> serde_json::Value {
+    cluster.wait_for("the migration to end", Duration::from_secs(60), |c| {
+        [
+            "completed",
+            "rolled_back",
+            "failed",
+            "lost_after_switch_over",
+        ]
+        .contains(&report(c, id)["status"].as_str().unwrap_or(""))
+    });
+    report(cluster, id)
+}
+
 /// Beta holds nothing of the VM: no VM, no memory, no VMM process.
 fn beta_holds_nothing(cluster: &TestCluster) {
     cluster.wait_for("beta to let go", Duration::from_secs(30), |c| {
@@ -324,11 +338,7 @@ fn a_source_vmm_killed_mid_migration_fails_it_and_says_so() {
         r["stage"] == "pre_copy" && r["guest_bytes"].as_u64() > Some(64 << 20)
     });
     kill_process(pid);
-    cluster.wait_for("the migration to end", Duration::from_secs(60), |c| {
-        ["failed", "rolled_back", "completed"]
-            .contains(&report(c, &id)["status"].as_str().unwrap_or(""))
-    });
-    let after = report(&cluster, &id);
+    let after = wait_final(&cluster, &id);
     assert_eq!(after["status"], "failed", "{after:#}");
     assert!(
         after["error"].as_str().unwrap_or("").contains("crashed"),
@@ -354,11 +364,7 @@ fn a_destination_vmm_killed_mid_migration_rolls_back() {
         arriving.is_some() && report(c, &id)["stage"] == "pre_copy"
     });
     kill_process(arriving.unwrap() as u32);
-    cluster.wait_for("the migration to end", Duration::from_secs(60), |c| {
-        ["failed", "rolled_back", "completed"]
-            .contains(&report(c, &id)["status"].as_str().unwrap_or(""))
-    });
-    let after = report(&cluster, &id);
+    let after = wait_final(&cluster, &id);
     assert_eq!(after["status"], "rolled_back", "{after:#}");
     assert!(
         after["error"]
@@ -393,20 +399,7 @@ fn source_hostd_killed_after_its_commit_asks_before_anything_else() {
     cluster.kill("alpha");
     let paused_at = cluster.logged_ticks("alpha", "sc").len();
     cluster.restart("alpha");
-    cluster.wait_for(
-        "the recovered migration to end",
-        Duration::from_secs(60),
-        |c| {
-            [
-                "completed",
-                "rolled_back",
-                "lost_after_switch_over",
-                "failed",
-            ]
-            .contains(&report(c, &id)["status"].as_str().unwrap_or(""))
-        },
-    );
-    let after = report(&cluster, &id);
+    let after = wait_final(&cluster, &id);
     assert_eq!(after["status"], "completed", "{after:#}");
     assert!(
         cluster
