@@ -3,6 +3,7 @@
 pub mod console;
 pub mod serial;
 pub mod test_device;
+pub mod virtio;
 
 use std::sync::{Mutex, MutexGuard};
 

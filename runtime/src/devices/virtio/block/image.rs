@@ -1,0 +1,269 @@
+//! A raw disk image and its lock: one image open for writing by exactly one VM on any host.
+//!
+//! Locks are open-file-description locks (`F_OFD_SETLK`), as QEMU's image locking uses: tied
+//! to the open file rather than the process, so two VMs in one process conflict too, and
+//! visible across hosts on a shared filesystem that implements POSIX locks. A writer holds a
+//! write lock on the whole file; a read-only user holds a read lock, so a writer excludes
+//! readers and the reverse. During a migration the source releases its lock once the guest is
+//! paused and its writes are flushed, and the destination takes it before it runs the VM.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// Sector size of the virtio-blk protocol.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// An image operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// The file cannot be opened.
+    #[error("cannot open disk image {path}")]
+    Open {
+        /// The image.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Another VM holds it.
+    #[error("disk image {path} is in use by another VM (it holds the image's {held} lock)")]
+    Locked {
+        /// The image.
+        path: PathBuf,
+        /// "write" or "read".
+        held: &'static str,
+    },
+    /// Locking failed for another reason (a filesystem without POSIX locks, say).
+    #[error("cannot lock disk image {path}")]
+    Lock {
+        /// The image.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The image is not a whole number of sectors.
+    #[error("disk image {path} is {size} bytes, not a whole number of {SECTOR_SIZE}-byte sectors")]
+    Size {
+        /// The image.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
+}
+
+/// An open raw image.
+#[derive(Debug)]
+pub struct DiskImage {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    read_only: bool,
+    locked: bool,
+}
+
+fn ofd_lock(file: &File, kind: libc::c_short) -> io::Result<()> {
+    // SAFETY: a zeroed flock is valid; the fields that matter are set below.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = kind;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    lock.l_start = 0;
+    lock.l_len = 0; // the whole file, however it grows
+    // SAFETY: fcntl on an open descriptor with a valid flock; F_OFD_SETLK does not block.
+    let ret = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+impl DiskImage {
+    /// Opens `path` and takes its lock (write, or read for a read-only image).
+    pub fn open(path: &Path, read_only: bool) -> Result<DiskImage, ImageError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| ImageError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let size = file
+            .metadata()
+            .map_err(|source| ImageError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .len();
+        if !size.is_multiple_of(SECTOR_SIZE) {
+            return Err(ImageError::Size {
+                path: path.to_path_buf(),
+                size,
+            });
+        }
+        let mut image = DiskImage {
+            file,
+            path: path.to_path_buf(),
+            size,
+            read_only,
+            locked: false,
+        };
+        image.lock()?;
+        Ok(image)
+    }
+
+    /// Creates a sparse image of `size` bytes at `path` if nothing is there; an existing
+    /// file is left as it is.
+    pub fn create_sparse(path: &Path, size: u64) -> Result<(), ImageError> {
+        let open_error = |source| ImageError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        if !size.is_multiple_of(SECTOR_SIZE) {
+            return Err(ImageError::Size {
+                path: path.to_path_buf(),
+                size,
+            });
+        }
+        match OpenOptions::new().write(true).create_new(true).open(path) {
+            Ok(file) => file.set_len(size).map_err(open_error),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(open_error(e)),
+        }
+    }
+
+    /// Takes the lock again (a migration that failed after the handover started).
+    pub fn lock(&mut self) -> Result<(), ImageError> {
+        let kind = if self.read_only {
+            libc::F_RDLCK
+        } else {
+            libc::F_WRLCK
+        };
+        match ofd_lock(&self.file, kind as libc::c_short) {
+            Ok(()) => {
+                self.locked = true;
+                Ok(())
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) => {
+                Err(ImageError::Locked {
+                    path: self.path.clone(),
+                    held: if self.read_only {
+                        "write"
+                    } else {
+                        "read or write"
+                    },
+                })
+            }
+            Err(source) => Err(ImageError::Lock {
+                path: self.path.clone(),
+                source,
+            }),
+        }
+    }
+
+    /// Gives the lock up (the guest is paused and flushed, and another host takes over).
+    pub fn unlock(&mut self) -> Result<(), ImageError> {
+        ofd_lock(&self.file, libc::F_UNLCK as libc::c_short).map_err(|source| {
+            ImageError::Lock {
+                path: self.path.clone(),
+                source,
+            }
+        })?;
+        self.locked = false;
+        Ok(())
+    }
+
+    /// Whether this image holds its lock.
+    pub fn is_locked(&self) -> bool {
+        self.locked
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Size, bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether writes are refused.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (reads past the end are the caller's bug, checked
+    /// before).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    /// Writes `buf` at `offset`.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    /// Makes every completed write durable (`fdatasync`).
+    pub fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_writer_per_image_and_readers_exclude_writers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.raw");
+        DiskImage::create_sparse(&path, 1 << 20).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 20);
+        // Creating again leaves what is there.
+        std::fs::write(&path, vec![7u8; 4096]).unwrap();
+        DiskImage::create_sparse(&path, 1 << 20).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 4096);
+
+        let mut first = DiskImage::open(&path, false).unwrap();
+        let second = DiskImage::open(&path, false).unwrap_err();
+        assert!(matches!(second, ImageError::Locked { .. }), "{second}");
+        assert!(second.to_string().contains("in use by another VM"));
+        let reader = DiskImage::open(&path, true).unwrap_err();
+        assert!(matches!(reader, ImageError::Locked { .. }), "{reader}");
+        // The handover: released by one, taken by the other, and not back while held.
+        first.unlock().unwrap();
+        assert!(!first.is_locked());
+        let mut second = DiskImage::open(&path, false).unwrap();
+        assert!(matches!(first.lock(), Err(ImageError::Locked { .. })));
+        second.unlock().unwrap();
+        first.lock().unwrap();
+        drop(first);
+        // Readers share.
+        let _a = DiskImage::open(&path, true).unwrap();
+        let _b = DiskImage::open(&path, true).unwrap();
+        assert!(matches!(
+            DiskImage::open(&path, false),
+            Err(ImageError::Locked { .. })
+        ));
+    }
+
+    #[test]
+    fn images_are_whole_sectors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("odd.raw");
+        std::fs::write(&path, [0u8; 1000]).unwrap();
+        assert!(matches!(
+            DiskImage::open(&path, false),
+            Err(ImageError::Size { size: 1000, .. })
+        ));
+        assert!(matches!(
+            DiskImage::create_sparse(&dir.path().join("x.raw"), 100),
+            Err(ImageError::Size { .. })
+        ));
+    }
+}
