@@ -18,6 +18,7 @@ use ferry_vmm::{CreateSpec, EmptySpec, VmmClient};
 use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
 
+use crate::datastore::{Datastore, DatastoreInfo, DiskRef, DiskRequest};
 use crate::journal::{Journal, Phase, Role, VmRecord};
 use crate::lifecycle::{Event, Lifecycle};
 use crate::migration::protocol::Hello;
@@ -29,6 +30,7 @@ use crate::vm_actor::{
     BeginMigrateOut, FollowConsole, GetInfo, Operate, VmActor, VmActorError, VmAttachments, VmInfo,
     VmmProcess, lifecycle_of,
 };
+use ferry_runtime::DiskSpec;
 
 /// Outcomes remembered for in-doubt queries.
 const OUTCOMES_KEPT: usize = 1024;
@@ -110,6 +112,9 @@ pub struct VmSpec {
     pub ip: Option<Ipv4Addr>,
     /// Start it at once (default) or leave it created.
     pub start: bool,
+    /// Disks, in slot order.
+    #[serde(default)]
+    pub disks: Vec<DiskRequest>,
 }
 
 /// What the API shows about a host.
@@ -134,8 +139,8 @@ pub struct HostInfo {
     pub hidden_cpu_features: Vec<String>,
     /// Networks.
     pub networks: Vec<String>,
-    /// Datastores.
-    pub datastores: Vec<String>,
+    /// Datastores, with their paths, identities and space.
+    pub datastores: Vec<DatastoreInfo>,
     /// Copy-worker CPUs.
     pub copy_cpus: Vec<usize>,
     /// Other hosts.
@@ -175,6 +180,7 @@ pub struct HostActor {
     settings: Arc<HostSettings>,
     features: CpuFeatures,
     journal: Arc<Journal>,
+    datastores: BTreeMap<String, Datastore>,
     vms: BTreeMap<String, VmEntry>,
     migrations: BTreeMap<MigrationId, MigrationEntry>,
     /// Outcomes of this process's life (older ones and earlier lives: the journal).
@@ -260,11 +266,17 @@ fn stop_vmm(mut child: Child, vmm: VmmClient) {
 
 impl HostActor {
     /// A host with these settings, CPU features (the host's, less hidden ones) and journal.
-    pub fn new(settings: HostSettings, features: CpuFeatures, journal: Arc<Journal>) -> Self {
+    pub fn new(
+        settings: HostSettings,
+        features: CpuFeatures,
+        journal: Arc<Journal>,
+        datastores: BTreeMap<String, Datastore>,
+    ) -> Self {
         HostActor {
             settings: Arc::new(settings),
             features,
             journal,
+            datastores,
             vms: BTreeMap::new(),
             migrations: BTreeMap::new(),
             outcomes: BTreeMap::new(),
@@ -428,6 +440,16 @@ impl HostActor {
                     VmAttachments {
                         network: record.info.network.clone(),
                         ip: record.info.ip,
+                        disks: record
+                            .info
+                            .disks
+                            .iter()
+                            .map(|d| DiskRef {
+                                datastore: d.datastore.clone(),
+                                file: d.file.clone(),
+                                read_only: d.read_only,
+                            })
+                            .collect(),
                     },
                     record.stale,
                 ),
@@ -437,6 +459,7 @@ impl HostActor {
                         VmAttachments {
                             network: None,
                             ip: None,
+                            disks: Vec::new(),
                         },
                         false,
                     )
@@ -678,10 +701,11 @@ impl Handler<CreateVm> for HostActor {
                 Some(net) => Some(net.clone()),
                 None => self.settings.networks.keys().next().cloned(),
             };
-            Ok(network)
+            let disks = self.resolve_disks(&spec.disks)?;
+            Ok((network, disks))
         })();
-        let network = match checked {
-            Ok(network) => network,
+        let (network, disks) = match checked {
+            Ok(checked) => checked,
             Err(e) => return Box::pin(fut::ready(Err(e))),
         };
         self.vms.insert(
@@ -702,13 +726,16 @@ impl Handler<CreateVm> for HostActor {
             dirty_log: DirtyLogMode::Bitmap,
             console_log: Some(console_log_path(&self.settings.state_dir, &spec.name)),
             hidden_cpu_features: self.settings.hidden_cpu_features.clone(),
+            disks: disks.specs,
             start: spec.start,
         };
         let host = self.settings.name.clone();
         let attachments = VmAttachments {
             network,
             ip: spec.ip,
+            disks: disks.refs,
         };
+        let created_images = disks.created;
         let name = spec.name.clone();
         let settings = Arc::clone(&self.settings);
         let observer = ctx.address().recipient();
@@ -742,10 +769,18 @@ impl Handler<CreateVm> for HostActor {
                     }
                     Ok(actor.observed_by(observer).spawn())
                 }
-                Ok(Err(message)) => Err(HostError::new(
-                    ErrorKind::BadRequest,
-                    format!("cannot create VM: {message}"),
-                )),
+                Ok(Err(message)) => {
+                    // Nothing left behind: images this request created go again.
+                    for image in &created_images {
+                        if let Err(error) = std::fs::remove_file(image) {
+                            tracing::warn!(image = %image.display(), %error, "removing a disk image of a VM that was not created failed");
+                        }
+                    }
+                    Err(HostError::new(
+                        ErrorKind::BadRequest,
+                        format!("cannot create VM: {message}"),
+                    ))
+                }
                 Err(e) => Err(HostError::new(
                     ErrorKind::Internal,
                     format!("VM creation task failed: {e}"),
@@ -896,7 +931,7 @@ impl Handler<GetHostInfo> for HostActor {
                 .collect(),
             hidden_cpu_features: s.hidden_cpu_features.clone(),
             networks: s.networks.keys().cloned().collect(),
-            datastores: s.datastores.clone(),
+            datastores: self.datastores.values().map(Datastore::info).collect(),
             copy_cpus: s.copy_cpus.clone(),
             peers: s.peers.keys().cloned().collect(),
             vms: Vec::new(),
@@ -1243,9 +1278,14 @@ impl Handler<PrepareIncoming> for HostActor {
         let console = console_log_path(&self.settings.state_dir, &name);
         let claim = ConsoleLogClaim::take(console.clone());
         let name_for_build = name.clone();
+        let disks = match self.arriving_disks(&hello) {
+            Ok(disks) => disks,
+            Err(message) => return Box::pin(fut::ready(Err(message))),
+        };
         let attachments = VmAttachments {
             network: hello.networks.first().cloned(),
             ip: hello.ip,
+            disks: hello.disks.iter().map(|m| m.disk.clone()).collect(),
         };
         let fault = self.settings.fault;
         let settings = Arc::clone(&self.settings);
@@ -1267,6 +1307,7 @@ impl Handler<PrepareIncoming> for HostActor {
                     boot: hello.boot.clone(),
                     dirty_log: DirtyLogMode::Bitmap,
                     console_log: Some(console),
+                    disks,
                 };
                 match vmm.create_empty(empty) {
                     Ok(_) => Ok((child, vmm)),
@@ -1315,7 +1356,145 @@ impl Handler<PrepareIncoming> for HostActor {
     }
 }
 
+/// A new VM's disks, resolved on this host.
+struct ResolvedDisks {
+    specs: Vec<DiskSpec>,
+    refs: Vec<DiskRef>,
+    /// Images created for this VM (removed again if it cannot be built).
+    created: Vec<PathBuf>,
+}
+
 impl HostActor {
+    fn datastore(&self, name: &str) -> Result<&Datastore, String> {
+        self.datastores.get(name).ok_or_else(|| {
+            format!(
+                "host '{}' has no datastore '{name}' (it has: {})",
+                self.settings.name,
+                if self.datastores.is_empty() {
+                    "none".to_string()
+                } else {
+                    self.datastores
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            )
+        })
+    }
+
+    /// Checks a new VM's disk requests and creates the images that are missing.
+    fn resolve_disks(&self, requests: &[DiskRequest]) -> Result<ResolvedDisks, HostError> {
+        let bad = |m: String| HostError::new(ErrorKind::BadRequest, m);
+        if requests.len() > ferry_runtime::layout::MAX_VIRTIO_DEVICES {
+            return Err(bad(format!(
+                "a VM has at most {} disks, {} were given",
+                ferry_runtime::layout::MAX_VIRTIO_DEVICES,
+                requests.len()
+            )));
+        }
+        let mut resolved = ResolvedDisks {
+            specs: Vec::new(),
+            refs: Vec::new(),
+            created: Vec::new(),
+        };
+        let result = (|| {
+            for request in requests {
+                request.check().map_err(bad)?;
+                let store = self.datastore(&request.datastore).map_err(bad)?;
+                let path = store.image_path(&request.file);
+                if resolved.specs.iter().any(|d: &DiskSpec| d.path == path) {
+                    return Err(bad(format!(
+                        "disk {}:{} is given twice",
+                        request.datastore, request.file
+                    )));
+                }
+                if !path.exists() {
+                    let size = request.size.ok_or_else(|| {
+                        bad(format!(
+                            "disk image {}:{} does not exist; give a size to create it ({}:{},size=4G)",
+                            request.datastore, request.file, request.datastore, request.file
+                        ))
+                    })?;
+                    ferry_runtime::devices::virtio::block::DiskImage::create_sparse(&path, size)
+                        .map_err(|e| bad(ferry_transport::report(&e)))?;
+                    resolved.created.push(path.clone());
+                }
+                resolved.specs.push(DiskSpec {
+                    path,
+                    read_only: request.read_only,
+                    id: request.file.clone(),
+                    lock: true,
+                });
+                resolved.refs.push(DiskRef {
+                    datastore: request.datastore.clone(),
+                    file: request.file.clone(),
+                    read_only: request.read_only,
+                });
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => Ok(resolved),
+            Err(e) => {
+                for image in &resolved.created {
+                    let _ = std::fs::remove_file(image);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// An arriving VM's disks on this host: every one on a datastore this host shares with
+    /// the source (same identity), with its image there, of the same size. Compute-only
+    /// migration moves no disk, so anything else is refused at verify.
+    fn arriving_disks(&self, hello: &Hello) -> Result<Vec<DiskSpec>, String> {
+        hello
+            .disks
+            .iter()
+            .map(|m| {
+                let store = self.datastore(&m.disk.datastore).map_err(|e| {
+                    format!("{e}; a compute-only migration needs every disk on a datastore both hosts share")
+                })?;
+                // Read now, not at start: what is mounted there may have changed.
+                let store = Datastore::open(&store.name, &store.path).map_err(|e| e.to_string())?;
+                if store.identity != m.identity {
+                    return Err(format!(
+                        "datastore '{}' is not shared: host '{}' sees identity {} at {}, host '{}' sees {}; a compute-only migration needs the same storage on both hosts",
+                        m.disk.datastore,
+                        self.settings.name,
+                        store.identity,
+                        store.path.display(),
+                        hello.source_host,
+                        m.identity
+                    ));
+                }
+                let path = store.image_path(&m.disk.file);
+                let size = std::fs::metadata(&path).map(|md| md.len()).map_err(|e| {
+                    format!(
+                        "disk image {}:{} is not there on host '{}' ({}: {e})",
+                        m.disk.datastore,
+                        m.disk.file,
+                        self.settings.name,
+                        path.display()
+                    )
+                })?;
+                if size != m.size {
+                    return Err(format!(
+                        "disk image {}:{} is {size} bytes on host '{}' but {} on '{}'",
+                        m.disk.datastore, m.disk.file, self.settings.name, m.size, hello.source_host
+                    ));
+                }
+                Ok(DiskSpec {
+                    path,
+                    read_only: m.disk.read_only,
+                    id: m.disk.file.clone(),
+                    lock: false,
+                })
+            })
+            .collect()
+    }
+
     /// Stage verify on the destination: name free, memory, CPU features, networks, limits.
     fn admit(&self, hello: &Hello) -> Result<(), String> {
         let name = &hello.identity.name;
@@ -1340,6 +1519,7 @@ impl HostActor {
                 ));
             }
         }
+        self.arriving_disks(hello)?;
         if self.active_migrations() >= self.settings.migration.max_concurrent {
             return Err(format!(
                 "host '{}' already runs {} migrations, its limit",

@@ -531,6 +531,14 @@ mod tests {
             vmm_pid: Some(42),
             vmm_started_unix_ms: Some(7),
             crash: None,
+            disks: vec![crate::datastore::VmDisk::describe(
+                &crate::datastore::DiskRef {
+                    datastore: "shared".into(),
+                    file: "web.raw".into(),
+                    read_only: false,
+                },
+                None,
+            )],
         };
         let record = VmRecord { info, stale: false };
         journal.put_vm(&record).unwrap();

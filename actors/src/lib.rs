@@ -9,6 +9,7 @@
 
 pub mod announce;
 pub mod control_server;
+pub mod datastore;
 pub mod host_actor;
 pub mod journal;
 pub mod lifecycle;

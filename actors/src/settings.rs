@@ -156,8 +156,8 @@ pub struct HostSettings {
     pub memory: u64,
     /// Networks present here, with the interface announcements go out on.
     pub networks: BTreeMap<String, Option<String>>,
-    /// Datastores reachable from here.
-    pub datastores: Vec<String>,
+    /// Datastores reachable from here: name → root directory on this host.
+    pub datastores: BTreeMap<String, PathBuf>,
     /// CPU features withheld from VMs created here and not offered to arriving VMs.
     pub hidden_cpu_features: Vec<String>,
     /// Where console logs go.

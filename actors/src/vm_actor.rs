@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
+use crate::datastore::{DiskRef, VmDisk};
 use actix::prelude::*;
 use ferry_runtime::cpu::CpuFeatures;
 use ferry_runtime::vm::RunState;
@@ -78,6 +79,9 @@ pub struct VmInfo {
     pub vmm_started_unix_ms: Option<u64>,
     /// How the VMM process ended, when the VM crashed.
     pub crash: Option<String>,
+    /// Disks, in slot order.
+    #[serde(default)]
+    pub disks: Vec<VmDisk>,
 }
 
 /// Host-side facts about a VM that are not part of the runtime VM.
@@ -87,6 +91,9 @@ pub struct VmAttachments {
     pub network: Option<String>,
     /// IPv4 address.
     pub ip: Option<Ipv4Addr>,
+    /// Disks, by datastore and file.
+    #[serde(default)]
+    pub disks: Vec<DiskRef>,
 }
 
 /// How this hostd knows the VMM process: it started it (and can reap it), or found it
@@ -170,6 +177,15 @@ impl VmActor {
             attachments: VmAttachments {
                 network: last.network.clone(),
                 ip: last.ip,
+                disks: last
+                    .disks
+                    .iter()
+                    .map(|d| DiskRef {
+                        datastore: d.datastore.clone(),
+                        file: d.file.clone(),
+                        read_only: d.read_only,
+                    })
+                    .collect(),
             },
             last_info: Some(last),
             crash: Some(why),
@@ -224,6 +240,13 @@ impl VmActor {
             vmm_pid: Some(self.process.pid),
             vmm_started_unix_ms: Some(self.process.started_unix_ms),
             crash: None,
+            disks: self
+                .attachments
+                .disks
+                .iter()
+                .enumerate()
+                .map(|(i, d)| VmDisk::describe(d, info.disks.get(i)))
+                .collect(),
         }
     }
 
@@ -257,6 +280,12 @@ impl VmActor {
                 vmm_pid: None,
                 vmm_started_unix_ms: None,
                 crash: None,
+                disks: self
+                    .attachments
+                    .disks
+                    .iter()
+                    .map(|d| VmDisk::describe(d, None))
+                    .collect(),
             }),
         };
         info.state = self.lifecycle;
@@ -464,6 +493,8 @@ pub struct OutgoingVm {
     pub was_running: bool,
     /// Network and IP.
     pub attachments: VmAttachments,
+    /// The disks as the VMM has them.
+    pub disks: Vec<ferry_runtime::DiskInfo>,
 }
 
 /// Begins migrating the VM away: lifecycle → `MigratingOut`.
@@ -487,6 +518,7 @@ impl Handler<BeginMigrateOut> for VmActor {
             boot: info.boot,
             was_running,
             attachments: self.attachments.clone(),
+            disks: info.disks,
         };
         self.transition(Event::MigrateOutBegin)?;
         Ok(outgoing)

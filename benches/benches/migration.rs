@@ -127,7 +127,9 @@ fn ferry_runs(
             options.working_set_start = Some(CONTENT_AT + CONTENT_BYTES);
             working_set = Some(format!("{}M", size / MIB));
         }
-        TestGuest::Verify { .. } => return Err("verify is not a benchmark workload".into()),
+        TestGuest::Verify { .. } | TestGuest::Disk { .. } => {
+            return Err(format!("{} is not a memory benchmark workload", guest.name()).into());
+        }
     }
     let request = CreateVmRequest {
         name: name.clone(),

@@ -2,6 +2,7 @@
 
 use std::net::Ipv4Addr;
 
+use ferry_actors::datastore::DiskRequest;
 use ferry_actors::host_actor::{ErrorKind, VmSpec};
 use ferry_actors::migration::MigrationOptions;
 use ferry_runtime::units::parse_size;
@@ -27,7 +28,7 @@ fn yes() -> bool {
 pub struct CreateVmRequest {
     /// VM name.
     pub name: String,
-    /// `counter`, `dirty`, `verify`, or the path (on the host) of an ELF kernel.
+    /// `counter`, `dirty`, `verify`, `disk`, or the path (on the host) of an ELF kernel.
     pub guest: String,
     /// vCPUs.
     #[serde(default = "one")]
@@ -53,6 +54,9 @@ pub struct CreateVmRequest {
     /// Start at once.
     #[serde(default = "yes")]
     pub start: bool,
+    /// Disks, each `DATASTORE:FILE[,size=SIZE][,ro]` (created sparse if missing).
+    #[serde(default)]
+    pub disks: Vec<String>,
 }
 
 impl CreateVmRequest {
@@ -70,7 +74,13 @@ impl CreateVmRequest {
             .iter()
             .map(|p| Preload::parse(p))
             .collect::<Result<Vec<_>, _>>()?;
+        let disks = self
+            .disks
+            .iter()
+            .map(|d| DiskRequest::parse(d))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(VmSpec {
+            disks,
             name: self.name.clone(),
             vcpus: self.vcpus,
             memory,

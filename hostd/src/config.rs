@@ -78,6 +78,14 @@ struct NetworkAttachment {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct DatastoreAttachment {
+    name: String,
+    /// The datastore's root directory on this host.
+    path: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct HostSection {
     name: String,
     #[serde(default)]
@@ -92,7 +100,7 @@ struct HostSection {
     #[serde(default)]
     networks: Vec<NetworkAttachment>,
     #[serde(default)]
-    datastores: Vec<String>,
+    datastores: Vec<DatastoreAttachment>,
     #[serde(default)]
     hide_cpu_features: Vec<String>,
     #[serde(default)]
@@ -133,8 +141,8 @@ pub struct HostConfig {
     pub memory: u64,
     /// Networks and their interfaces.
     pub networks: BTreeMap<String, Option<String>>,
-    /// Datastores.
-    pub datastores: Vec<String>,
+    /// Datastores: name → root directory on this host.
+    pub datastores: BTreeMap<String, PathBuf>,
     /// Hidden CPU features.
     pub hide_cpu_features: Vec<String>,
     /// State directory.
@@ -462,11 +470,28 @@ fn validate(file: &Path, raw: ClusterFile) -> Result<Cluster, ConfigError> {
             }
             attached.insert(net.name, net.interface);
         }
-        for (j, ds) in h.datastores.iter().enumerate() {
-            if !datastores.contains(ds) {
+        let mut stores = BTreeMap::new();
+        for (j, ds) in h.datastores.into_iter().enumerate() {
+            if !datastores.contains(&ds.name) {
                 return Err(invalid(
-                    key(&format!("datastores[{j}]")),
-                    format!("datastore '{ds}' is not defined under [[datastores]]"),
+                    key(&format!("datastores[{j}].name")),
+                    format!(
+                        "datastore '{}' is not defined under [[datastores]]",
+                        ds.name
+                    ),
+                ));
+            }
+            let path = PathBuf::from(&ds.path);
+            if !path.is_absolute() {
+                return Err(invalid(
+                    key(&format!("datastores[{j}].path")),
+                    format!("'{}' is not an absolute path", ds.path),
+                ));
+            }
+            if stores.insert(ds.name.clone(), path).is_some() {
+                return Err(invalid(
+                    key(&format!("datastores[{j}].name")),
+                    format!("datastore '{}' is listed twice", ds.name),
                 ));
             }
         }
@@ -491,7 +516,7 @@ fn validate(file: &Path, raw: ClusterFile) -> Result<Cluster, ConfigError> {
             cpus: h.cpus,
             memory,
             networks: attached,
-            datastores: h.datastores,
+            datastores: stores,
             hide_cpu_features: h.hide_cpu_features,
             state_dir,
         });
@@ -533,7 +558,7 @@ control = "127.0.0.1:7711"
 data = ["127.0.0.1:0"]
 memory = "2G"
 networks = [{ name = "vmnet", interface = "lo" }]
-datastores = ["shared"]
+datastores = [{ name = "shared", path = "/srv/ferry/shared" }]
 
 [[hosts]]
 name = "beta"

@@ -54,6 +54,7 @@ pub fn run(config: &Path, name: &str) -> Result<()> {
         .context("reading this host's CPU features from KVM")?;
     // The VMs that outlived a previous hostd are found again by the host actor as it starts.
     let journal = Arc::new(Journal::open(&settings.state_dir)?);
+    let datastores = ferry_actors::datastore::open_all(&settings.datastores)?;
     let settings = Arc::new(settings);
     // Both listening addresses first: a host that cannot listen says so before anything
     // has started.
@@ -71,7 +72,13 @@ pub fn run(config: &Path, name: &str) -> Result<()> {
     actix::System::new().block_on(async move {
         let listener = tokio::net::TcpListener::from_std(control)
             .context("registering the control listener")?;
-        let host = HostActor::new((*settings).clone(), features, Arc::clone(&journal)).start();
+        let host = HostActor::new(
+            (*settings).clone(),
+            features,
+            Arc::clone(&journal),
+            datastores,
+        )
+        .start();
         actix_rt::spawn(control_server::serve(
             listener,
             (host.clone(), journal),

@@ -36,6 +36,15 @@ name = "dc1"
 [[networks]]
 name = "vmnet"
 
+[[datastores]]
+name = "shared"
+
+[[datastores]]
+name = "alpha-local"
+
+[[datastores]]
+name = "beta-local"
+
 [[hosts]]
 name = "alpha"
 datacenter = "dc1"
@@ -44,6 +53,7 @@ control = "127.0.0.1:{alpha_control}"
 data = ["127.0.0.1:0"]
 memory = "4G"
 networks = [{ name = "vmnet", interface = "lo" }]
+datastores = [{ name = "shared", path = "{dir}/shared" }, { name = "alpha-local", path = "{dir}/alpha/disks" }]
 state_dir = "{dir}/alpha"
 
 [[hosts]]
@@ -54,6 +64,7 @@ control = "127.0.0.1:{beta_control}"
 data = ["127.0.0.1:0"]
 memory = "4G"
 networks = [{ name = "vmnet", interface = "lo" }]
+datastores = [{ name = "shared", path = "{dir}/shared" }, { name = "beta-local", path = "{dir}/beta/disks" }]
 state_dir = "{dir}/beta"
 "#;
 

@@ -114,6 +114,14 @@ pub fn describe(report: &MigrationReport) -> String {
             report.transport_reason.as_deref().unwrap_or("")
         ));
     }
+    if let Some(storage) = &report.storage {
+        let what = match storage.as_str() {
+            "shared" => "shared (compute only: the disks stay on the shared datastore)",
+            "none" => "none (the VM has no disks)",
+            other => other,
+        };
+        out.push_str(&format!("  storage:     {what}\n"));
+    }
     if let Some(rate) = report.max_bandwidth {
         out.push_str(&format!("  bandwidth:   capped at {}\n", format_rate(rate)));
     }
@@ -192,5 +200,6 @@ pub fn report_json(report: &MigrationReport) -> serde_json::Value {
         "throttle_pct": report.throttle_pct,
         "memory_verified": report.memory_verified,
         "state_bytes": report.state_bytes,
+        "storage": report.storage,
     })
 }

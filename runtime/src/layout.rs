@@ -72,6 +72,17 @@ pub const TEST_PORT_FAIL: u16 = 0x504;
 /// Test device: a 32-bit write reports progress (e.g. completed verification passes).
 pub const TEST_PORT_PROGRESS: u16 = 0x508;
 
+/// Base of the first virtio-mmio device window, in the hole below 4 GiB (where Firecracker
+/// puts its devices too); device `i` is at `VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_WINDOW`.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Size of one virtio-mmio window.
+pub const VIRTIO_MMIO_WINDOW: u64 = 0x1000;
+/// Interrupt line (IOAPIC pin) of virtio device `i` is `VIRTIO_IRQ_BASE + i`: pins 16..24,
+/// which no legacy device uses.
+pub const VIRTIO_IRQ_BASE: u32 = 16;
+/// Most virtio devices a VM has (IOAPIC pins 16..24).
+pub const MAX_VIRTIO_DEVICES: usize = 8;
+
 /// GDT selectors.
 pub mod selector {
     /// 64-bit CPL-0 code.
@@ -91,6 +102,15 @@ pub mod selector {
 const _: () = assert!(TSS > GDT && TSS + 0x68 <= IDT);
 const _: () = assert!(MAX_VCPUS >= 32);
 const _: () = assert!(MAX_IDENTITY_MAP >= 64 << 30);
+const _: () = assert!(
+    VIRTIO_MMIO_BASE >= LOW_MEMORY_END
+        && VIRTIO_MMIO_BASE + MAX_VIRTIO_DEVICES as u64 * VIRTIO_MMIO_WINDOW <= 0xfec0_0000
+);
+
+/// Guest-physical address of virtio device `index`'s registers.
+pub fn virtio_mmio_base(index: usize) -> u64 {
+    VIRTIO_MMIO_BASE + index as u64 * VIRTIO_MMIO_WINDOW
+}
 
 /// The guest-physical RAM ranges `(start, length)` of a VM with `memory` bytes.
 pub fn ram_ranges(memory: u64) -> Vec<(u64, u64)> {

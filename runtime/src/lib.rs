@@ -35,6 +35,7 @@ mod vcpu;
 pub mod vm;
 
 pub use cpu::{CpuFeatures, IncompatibleCpu, check_compatible};
+pub use devices::{DiskInfo, DiskSpec};
 pub use dirty::{DirtySet, PageRange};
 pub use dirty_log::DirtyLogMode;
 pub use guest::TestGuest;

@@ -397,11 +397,14 @@ fn run_until_kicked(
                 devices.io_in(port, data);
                 continue;
             }
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                data.fill(0xff);
+            Ok(VcpuExit::MmioRead(gpa, data)) => {
+                devices.mmio_read(gpa, data);
                 continue;
             }
-            Ok(VcpuExit::MmioWrite(..)) => continue,
+            Ok(VcpuExit::MmioWrite(gpa, data)) => {
+                devices.mmio_write(gpa, data);
+                continue;
+            }
             Ok(VcpuExit::Hlt) => VcpuStop::Halted,
             Ok(VcpuExit::Shutdown) => VcpuStop::Shutdown,
             Ok(VcpuExit::FailEntry(reason, cpu)) => {

@@ -15,7 +15,10 @@ use serde::{Deserialize, Serialize};
 use crate::boot::kernel::{BootError, BootModule, load_kernel};
 use crate::boot::tables::{EntryMode, entry_regs, entry_sregs, write_system_tables};
 use crate::cpu::{CpuFeatures, IncompatibleCpu, check_compatible, hide_features};
-use crate::devices::{Console, Devices, SerialError, TestDevice};
+use crate::devices::{
+    Console, DeviceStateError, Devices, Disk, DiskError, DiskInfo, DiskSpec, SerialError,
+    TestDevice,
+};
 use crate::dirty::DirtySet;
 use crate::dirty_log::{DirtyLog, DirtyLogError, DirtyLogMode};
 use crate::guest::{GuestError, TestGuest, guest_code, guest_params};
@@ -80,6 +83,12 @@ pub enum VmError {
     /// Serial device.
     #[error(transparent)]
     Serial(#[from] SerialError),
+    /// Restoring device state.
+    #[error(transparent)]
+    Devices(#[from] DeviceStateError),
+    /// A disk.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
     /// Dirty tracking.
     #[error(transparent)]
     DirtyLog(#[from] DirtyLogError),
@@ -211,8 +220,10 @@ pub struct GuestOptions {
     pub rate: Option<u64>,
     /// `dirty`: passes before exiting (0 or None: forever).
     pub passes: Option<u64>,
-    /// `verify`: pattern seed.
+    /// `verify`, `disk`: pattern seed.
     pub seed: Option<u64>,
+    /// `disk`: block writes per second (0: as fast as the disk goes).
+    pub disk_rate: Option<u64>,
     /// Kernel command line.
     pub cmdline: String,
     /// Multiboot modules as `PATH` or `PATH=CMDLINE`.
@@ -220,7 +231,7 @@ pub struct GuestOptions {
 }
 
 impl Boot {
-    /// What `--guest NAME` means: a built-in guest (`counter`, `dirty`, `verify`) with
+    /// What `--guest NAME` means: a built-in guest (`counter`, `dirty`, `verify`, `disk`) with
     /// `options` applied, or else the path of an ELF kernel.
     pub fn from_guest(name: &str, memory: u64, options: &GuestOptions) -> Result<Boot, String> {
         if let Some(mut guest) = TestGuest::with_defaults(name, memory) {
@@ -248,13 +259,25 @@ impl Boot {
                         *seed = value;
                     }
                 }
+                TestGuest::Disk {
+                    seed,
+                    writes_per_sec,
+                    ..
+                } => {
+                    if let Some(value) = options.seed {
+                        *seed = value;
+                    }
+                    if let Some(rate) = options.disk_rate {
+                        *writes_per_sec = (rate != 0).then_some(rate);
+                    }
+                }
             }
             return Ok(Boot::Guest(guest));
         }
         let image = PathBuf::from(name);
         if !image.is_file() {
             return Err(format!(
-                "guest '{name}' is neither a built-in guest (counter, dirty, verify) nor a kernel file"
+                "guest '{name}' is neither a built-in guest (counter, dirty, verify, disk) nor a kernel file"
             ));
         }
         Ok(Boot::Kernel {
@@ -311,6 +334,8 @@ pub struct VmConfig {
     /// CPU features to withhold from a new VM (the host's baseline); ignored on restore,
     /// where the VM keeps the CPUID it was given.
     pub hidden_cpu_features: Vec<String>,
+    /// Disks, in virtio slot order.
+    pub disks: Vec<DiskSpec>,
 }
 
 impl VmConfig {
@@ -323,6 +348,7 @@ impl VmConfig {
             dirty_log: DirtyLogMode::Bitmap,
             console_log: None,
             hidden_cpu_features: Vec::new(),
+            disks: Vec::new(),
         }
     }
 }
@@ -383,17 +409,20 @@ impl Vm {
             &state.boot,
             dirty_log,
             console_log,
+            &[],
         )
     }
 
     /// Builds an empty, paused VM of a given identity and shape (what a migration
-    /// destination prepares before any memory arrives).
+    /// destination prepares before any memory arrives), with `disks` opened (their locks
+    /// taken only if their specs say so).
     pub fn create_empty(
         identity: &VmIdentity,
         shape: &VmShape,
         boot: &str,
         dirty_log: DirtyLogMode,
         console_log: Option<PathBuf>,
+        disks: &[DiskSpec],
     ) -> Result<Vm, VmError> {
         let config = VmConfig {
             identity: identity.clone(),
@@ -402,6 +431,7 @@ impl Vm {
             dirty_log,
             console_log,
             hidden_cpu_features: Vec::new(),
+            disks: disks.to_vec(),
         };
         let mut vm = Self::build(&config, Some(&shape.cpuid), boot.to_string())?;
         vm.run_state = RunState::Paused;
@@ -447,7 +477,20 @@ impl Vm {
             })?,
             None => Console::new(),
         };
-        let devices = Arc::new(Devices::new(console)?);
+        if config.disks.len() > layout::MAX_VIRTIO_DEVICES {
+            return Err(DiskError::TooMany {
+                count: config.disks.len(),
+                max: layout::MAX_VIRTIO_DEVICES,
+            }
+            .into());
+        }
+        let disks = config
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(index, spec)| Disk::open(index, spec, &vm_fd, Arc::clone(&ram)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let devices = Arc::new(Devices::with_disks(console, disks)?);
         vm_fd
             .register_irqfd(devices.serial().irq_eventfd(), layout::SERIAL_IRQ)
             .map_err(kvm_err("KVM_IRQFD (serial)"))?;
@@ -530,17 +573,20 @@ impl Vm {
         self.ram.write(layout::CODE, &code.bytes)?;
         match boot {
             Boot::Guest(guest) => {
+                let first_disk = self.devices.disks().first().map(|d| d.info().size);
                 let params = guest_params(
                     guest,
                     self.shape.vcpus,
                     self.shape.memory,
                     u64::from(self.tsc_khz),
+                    first_disk,
                 )?;
                 self.ram.write(layout::PARAMS, &params.to_bytes())?;
                 let entry = match guest {
                     TestGuest::Counter { .. } => code.counter,
                     TestGuest::Dirty { .. } => code.dirty,
                     TestGuest::Verify { .. } => code.verify,
+                    TestGuest::Disk { .. } => code.disk,
                 };
                 for vcpu in &self.vcpus {
                     let stack = layout::STACKS + u64::from(vcpu.index + 1) * layout::STACK_SIZE;
@@ -675,6 +721,7 @@ impl Vm {
             "resume",
             &[RunState::Created, RunState::Paused, RunState::Running],
         )?;
+        self.devices.resume();
         resume_all(&self.control);
         self.run_state = RunState::Running;
         Ok(())
@@ -687,6 +734,9 @@ impl Vm {
             &[RunState::Created, RunState::Paused, RunState::Running],
         )?;
         let took = pause_all(&self.control).map_err(|vcpu| VmError::PauseTimeout { vcpu })?;
+        // With no vCPU running no new request can come; once the disks are quiesced none is
+        // in progress either, and nothing writes guest memory behind the VMM's back.
+        self.devices.quiesce();
         self.devices.console().flush();
         if self.run_state == RunState::Running {
             self.run_state = RunState::Paused;
@@ -698,6 +748,7 @@ impl Vm {
     pub fn stop(&mut self) {
         if self.run_state != RunState::Stopped {
             exit_all(&self.control, &mut self.vcpus);
+            self.devices.quiesce();
             self.devices.console().flush();
             self.run_state = RunState::Stopped;
         }
@@ -789,6 +840,47 @@ impl Vm {
     /// Stops dirty-page tracking.
     pub fn stop_dirty_log(&mut self) -> Result<(), VmError> {
         self.dirty_log.stop(&self.vm_fd, &self.ram)?;
+        Ok(())
+    }
+
+    /// Stops the devices that work off the vCPU threads while the vCPUs go on: requests the
+    /// guest makes wait, unserved, until the next resume. Tests use it to catch a guest with
+    /// a request in flight at the moment it is paused.
+    pub fn hold_device_io(&self) {
+        self.devices.quiesce();
+    }
+
+    /// The disks, as the operator sees them.
+    pub fn disks(&self) -> Vec<DiskInfo> {
+        self.devices.disks().iter().map(Disk::info).collect()
+    }
+
+    /// Flushes every disk and gives up its image lock, for another host to take: the VM
+    /// must be paused (so nothing writes the images any more).
+    pub fn release_disks(&mut self) -> Result<(), VmError> {
+        self.require(
+            "release the disks of",
+            &[RunState::Paused, RunState::Stopped],
+        )?;
+        for disk in self.devices.disks() {
+            disk.flush()?;
+            disk.unlock()?;
+        }
+        Ok(())
+    }
+
+    /// Takes every disk's image lock (before the VM runs here, or runs again after a
+    /// handover that failed). Fails, taking none, if another VM holds one.
+    pub fn lock_disks(&mut self) -> Result<(), VmError> {
+        let disks = self.devices.disks();
+        for (taken, disk) in disks.iter().enumerate() {
+            if let Err(error) = disk.lock() {
+                for earlier in &disks[..taken] {
+                    let _ = earlier.unlock();
+                }
+                return Err(error.into());
+            }
+        }
         Ok(())
     }
 

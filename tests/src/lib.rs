@@ -32,6 +32,9 @@ pub struct HostSpec {
     pub fault: Option<String>,
     /// `FERRY_TEST_PROTOCOL_VERSIONS` for this hostd: stands in for another Ferry version.
     pub protocol_versions: Option<String>,
+    /// Directory (under the cluster's) this host's datastore `shared` is at; `shared` by
+    /// default, the same for every host, as real shared storage would be.
+    pub shared_dir: String,
 }
 
 impl HostSpec {
@@ -43,7 +46,15 @@ impl HostSpec {
             hide_cpu_features: Vec::new(),
             fault: None,
             protocol_versions: None,
+            shared_dir: "shared".into(),
         }
+    }
+
+    /// With its `shared` datastore at another directory: a host that claims to share the
+    /// datastore but does not.
+    pub fn shared_dir(mut self, dir: &str) -> Self {
+        self.shared_dir = dir.into();
+        self
     }
 
     /// With this much VM memory.
@@ -387,7 +398,7 @@ impl TestCluster {
             .tempdir()
             .expect("temp dir");
         let mut toml = String::from(
-            "[cluster]\nname = \"test\"\n\n[migration]\nio_timeout_ms = 5000\nconnect_timeout_ms = 3000\nin_doubt_timeout_ms = 10000\n\n[[datacenters]]\nname = \"dc1\"\n\n[[datacenters]]\nname = \"dc2\"\n\n[[networks]]\nname = \"vmnet\"\n",
+            "[cluster]\nname = \"test\"\n\n[migration]\nio_timeout_ms = 5000\nconnect_timeout_ms = 3000\nin_doubt_timeout_ms = 10000\n\n[[datacenters]]\nname = \"dc1\"\n\n[[datacenters]]\nname = \"dc2\"\n\n[[networks]]\nname = \"vmnet\"\n\n[[datastores]]\nname = \"shared\"\n",
         );
         let mut hosts = Vec::new();
         for (i, spec) in specs.into_iter().enumerate() {
@@ -414,10 +425,11 @@ impl TestCluster {
                 .collect::<Vec<_>>()
                 .join(", ");
             toml.push_str(&format!(
-                "\n[[hosts]]\nname = \"{name}\"\ndatacenter = \"dc{dc}\"\napi = \"{addr}:{api_port}\"\ncontrol = \"{addr}:{control_port}\"\ndata = [\"{addr}:0\"]\nmemory = \"{memory}\"\nnetworks = [{{ name = \"vmnet\", interface = \"{interface}\" }}]\nhide_cpu_features = [{hide}]\nstate_dir = \"{dir}/{name}\"\n",
+                "\n[[hosts]]\nname = \"{name}\"\ndatacenter = \"dc{dc}\"\napi = \"{addr}:{api_port}\"\ncontrol = \"{addr}:{control_port}\"\ndata = [\"{addr}:0\"]\nmemory = \"{memory}\"\nnetworks = [{{ name = \"vmnet\", interface = \"{interface}\" }}]\nhide_cpu_features = [{hide}]\ndatastores = [{{ name = \"shared\", path = \"{dir}/{shared}\" }}, {{ name = \"{name}-local\", path = \"{dir}/{name}/disks\" }}]\nstate_dir = \"{dir}/{name}\"\n\n[[datastores]]\nname = \"{name}-local\"\n",
                 name = spec.name,
                 dc = if netns.is_some() { i + 1 } else { 1 },
                 memory = spec.memory,
+                shared = spec.shared_dir,
                 dir = dir.path().display(),
             ));
             hosts.push(HostProcess {

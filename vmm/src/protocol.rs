@@ -13,11 +13,13 @@ use std::path::PathBuf;
 use ferry_runtime::cpu::CpuFeatures;
 use ferry_runtime::devices::test_device::TestDeviceState;
 use ferry_runtime::vm::RunState;
-use ferry_runtime::{Boot, DirtyLogMode, DirtySet, Preload, VmIdentity, VmShape};
+use ferry_runtime::{
+    Boot, DirtyLogMode, DirtySet, DiskInfo, DiskSpec, Preload, VmIdentity, VmShape,
+};
 use serde::{Deserialize, Serialize};
 
 /// Versions of this message set this build speaks, ascending.
-pub const VMM_PROTOCOL_VERSIONS: &[u32] = &[1];
+pub const VMM_PROTOCOL_VERSIONS: &[u32] = &[2];
 
 /// What the VMM should build.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +40,8 @@ pub struct CreateSpec {
     pub console_log: Option<PathBuf>,
     /// CPU features withheld from the VM.
     pub hidden_cpu_features: Vec<String>,
+    /// Disks, in virtio slot order.
+    pub disks: Vec<DiskSpec>,
     /// Start the vCPUs at once.
     pub start: bool,
 }
@@ -55,6 +59,9 @@ pub struct EmptySpec {
     pub dirty_log: DirtyLogMode,
     /// File the console output is appended to.
     pub console_log: Option<PathBuf>,
+    /// The arriving VM's disks, opened without their locks (taken at `LoadState`, once the
+    /// source has let them go).
+    pub disks: Vec<DiskSpec>,
 }
 
 /// hostd → VMM.
@@ -71,7 +78,7 @@ pub enum Request {
     CreateEmpty(Box<EmptySpec>),
     /// What the VM is and how it does.
     Info,
-    /// Run the vCPUs.
+    /// Run the vCPUs (taking the disks' locks first, if a handover gave them away).
     Resume,
     /// Park the vCPUs.
     Pause,
@@ -83,12 +90,14 @@ pub enum Request {
     FetchDirty,
     /// Stop dirty tracking (if on).
     StopTracking,
-    /// Stop-and-copy in one step: pause, throttle off, last dirty pages, state.
+    /// Stop-and-copy in one step: pause, throttle off, last dirty pages, state; then the
+    /// disks flushed and their locks let go for the destination.
     Freeze {
         /// Hash guest memory too.
         hash_memory: bool,
     },
-    /// Load an arrived state into the empty VM, comparing memory first if a hash is given.
+    /// Load an arrived state into the empty VM, comparing memory first if a hash is given,
+    /// and take the disks' locks.
     LoadState(Box<IncomingState>),
     /// The guest memory's memfd (sent with the answer as an `SCM_RIGHTS` descriptor).
     Memory,
@@ -152,6 +161,8 @@ pub struct VmmInfo {
     pub cpu_features: CpuFeatures,
     /// Whether dirty tracking is on.
     pub tracking: bool,
+    /// Disks, in slot order.
+    pub disks: Vec<DiskInfo>,
 }
 
 /// The VMM process itself.
@@ -271,6 +282,12 @@ mod tests {
             dirty_log: DirtyLogMode::Bitmap,
             console_log: Some("/tmp/x.log".into()),
             hidden_cpu_features: vec!["sse2".into()],
+            disks: vec![DiskSpec {
+                path: "/srv/ferry/shared/vm.raw".into(),
+                read_only: false,
+                id: "vm.raw".into(),
+                lock: true,
+            }],
             start: true,
         };
         let bytes = postcard::to_stdvec(&Request::Create(Box::new(spec.clone()))).unwrap();

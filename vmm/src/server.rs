@@ -189,6 +189,17 @@ impl Server {
         Ok(match request {
             Request::Info => Response::Info(Box::new(info(vm))),
             Request::Resume => {
+                // After a handover that failed, the locks come back before the guest runs
+                // (waiting a little for a destination VMM that is still going away).
+                lock_disks_waiting(vm).map_err(|e| {
+                    VmmError::new(
+                        VmmErrorKind::Runtime,
+                        format!(
+                            "cannot take the disk locks back, so the VM stays paused: {}",
+                            chain(&e)
+                        ),
+                    )
+                })?;
                 vm.resume().map_err(runtime_error)?;
                 Response::Done
             }
@@ -255,6 +266,7 @@ impl Server {
             dirty_log: spec.dirty_log,
             console_log: spec.console_log.clone(),
             hidden_cpu_features: spec.hidden_cpu_features.clone(),
+            disks: spec.disks.clone(),
         };
         let mut vm = Vm::create(&config, &spec.boot, &spec.preloads).map_err(runtime_error)?;
         if spec.start {
@@ -270,6 +282,7 @@ impl Server {
             &spec.boot,
             spec.dirty_log,
             spec.console_log.clone(),
+            &spec.disks,
         )
         .map_err(runtime_error)?;
         self.install(vm)
@@ -326,6 +339,23 @@ fn info(vm: &Vm) -> VmmInfo {
         console_bytes: vm.console().total_bytes(),
         cpu_features: vm.cpu_features(),
         tracking: vm.dirty_log_enabled(),
+        disks: vm.disks(),
+    }
+}
+
+/// How long a VM that gets its disks back waits for the other holder to let go.
+const DISK_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn lock_disks_waiting(vm: &mut Vm) -> Result<(), ferry_runtime::VmError> {
+    let deadline = Instant::now() + DISK_LOCK_WAIT;
+    loop {
+        match vm.lock_disks() {
+            Ok(()) => return Ok(()),
+            Err(_) if Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -335,6 +365,7 @@ fn freeze(vm: &mut Vm, hash_memory: bool) -> Result<FrozenState, VmmError> {
     vm.set_throttle(0);
     let dirty = vm.fetch_dirty().map_err(runtime_error)?;
     let state = vm.capture_state().map_err(runtime_error)?;
+    vm.release_disks().map_err(runtime_error)?;
     let blob =
         blob::encode(&state).map_err(|e| VmmError::new(VmmErrorKind::BadState, chain(&e)))?;
     Ok(FrozenState {
@@ -373,6 +404,12 @@ fn load_state(vm: &mut Vm, incoming: &IncomingState) -> Result<Option<bool>, Vmm
         None => None,
     };
     vm.restore_state(&state).map_err(runtime_error)?;
+    vm.lock_disks().map_err(|e| {
+        bad(format!(
+            "the destination cannot take the disk locks: {}",
+            chain(&e)
+        ))
+    })?;
     vm.console()
         .seed_history(&incoming.console, incoming.console_total);
     Ok(verified)

@@ -48,6 +48,7 @@ fn counter_spec(name: &str, console: &Path) -> CreateSpec {
         dirty_log: DirtyLogMode::Bitmap,
         console_log: Some(console.to_path_buf()),
         hidden_cpu_features: vec![],
+        disks: vec![],
         start: true,
     }
 }
@@ -175,6 +176,7 @@ fn an_empty_vm_takes_memory_and_state_from_outside() {
             boot: info.boot.clone(),
             dirty_log: DirtyLogMode::Bitmap,
             console_log: Some(dir.path().join("t.console.log")),
+            disks: vec![],
         })
         .unwrap();
     let target_ram = target.memory().unwrap();

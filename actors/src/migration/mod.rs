@@ -174,6 +174,10 @@ pub struct MigrationReport {
     pub memory_verified: Option<bool>,
     /// Bytes of VM state (registers, devices) sent at switch-over.
     pub state_bytes: u64,
+    /// How the disks move: "shared" (compute only: they stay on a datastore both hosts
+    /// share, and only their lock changes hands) or "none" (the VM has no disks).
+    #[serde(default)]
+    pub storage: Option<String>,
 }
 
 impl MigrationReport {

@@ -41,6 +41,19 @@ pub struct Hello {
     pub capabilities: Capabilities,
     /// Whether the source will send a memory hash to compare.
     pub verify: bool,
+    /// The VM's disks, in slot order.
+    pub disks: Vec<MigratingDisk>,
+}
+
+/// A disk of a migrating VM, as the destination must find it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigratingDisk {
+    /// Datastore and file.
+    pub disk: crate::datastore::DiskRef,
+    /// Identity of that datastore on the source.
+    pub identity: String,
+    /// Image size, bytes.
+    pub size: u64,
 }
 
 /// Source → destination.
@@ -159,6 +172,15 @@ mod tests {
             networks: vec!["net".into()],
             boot: "counter".into(),
             ip: None,
+            disks: vec![MigratingDisk {
+                disk: crate::datastore::DiskRef {
+                    datastore: "shared".into(),
+                    file: "vm.raw".into(),
+                    read_only: false,
+                },
+                identity: "id".into(),
+                size: 1 << 20,
+            }],
             capabilities: caps.clone(),
             verify: true,
         }));

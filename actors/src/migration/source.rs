@@ -21,7 +21,7 @@ use ferry_transport::workers::WorkerPlacement;
 
 use super::convergence::{Decision, RoundOutcome, SWITCH_OVER_OVERHEAD_MS, decide};
 use super::memory::{self, to_transport_ranges};
-use super::protocol::{Hello, ToDestination, ToSource};
+use super::protocol::{Hello, MigratingDisk, ToDestination, ToSource};
 use super::{
     DestinationOutcome, MigrationId, MigrationOptions, MigrationReport, RoundReport, Stage,
 };
@@ -937,6 +937,38 @@ fn session_of(id: MigrationId) -> SessionId {
     SessionId(id.as_u64_pair().0)
 }
 
+/// The VM's disks as the destination must find them: each with its datastore's identity
+/// here (read from the datastore's root; a datastore this host cannot open gets an identity
+/// no host has, so the destination refuses the migration and says which datastore).
+fn migrating_disks(settings: &HostSettings, outgoing: &OutgoingVm) -> Vec<MigratingDisk> {
+    outgoing
+        .attachments
+        .disks
+        .iter()
+        .enumerate()
+        .map(|(i, disk)| {
+            let identity = settings
+                .datastores
+                .get(&disk.datastore)
+                .ok_or_else(|| format!("datastore '{}' is not configured", disk.datastore))
+                .and_then(|path| {
+                    crate::datastore::Datastore::open(&disk.datastore, path)
+                        .map_err(|e| e.to_string())
+                })
+                .map(|ds| ds.identity)
+                .unwrap_or_else(|error| {
+                    tracing::error!(%error, "datastore of a migrating disk unreadable here");
+                    format!("unreadable on the source: {error}")
+                });
+            MigratingDisk {
+                disk: disk.clone(),
+                identity,
+                size: outgoing.disks.get(i).map_or(0, |d| d.size),
+            }
+        })
+        .collect()
+}
+
 impl Actor for SourceMigration {
     type Context = Context<Self>;
 
@@ -971,7 +1003,16 @@ impl Actor for SourceMigration {
             ip: self.outgoing.attachments.ip,
             capabilities: capabilities.clone(),
             verify: self.options.verify,
+            disks: migrating_disks(&self.settings, &self.outgoing),
         };
+        self.report.storage = Some(
+            if hello.disks.is_empty() {
+                "none"
+            } else {
+                "shared"
+            }
+            .into(),
+        );
         let peer = self.peer.name.clone();
         ctx.wait(
             async move { ControlChannel::connect(addr, config).await }

@@ -101,7 +101,7 @@ struct CreateArgs {
     /// Host to create it on.
     #[arg(long)]
     host: String,
-    /// counter, dirty, verify, or the path (on the host) of an ELF kernel.
+    /// counter, dirty, verify, disk, or the path (on the host) of an ELF kernel.
     #[arg(long)]
     guest: String,
     /// Memory, e.g. 256M or 1G.
@@ -137,9 +137,16 @@ struct CreateArgs {
     /// dirty: passes before the guest exits (default forever).
     #[arg(long)]
     passes: Option<u64>,
-    /// verify: pattern seed.
+    /// verify, disk: pattern seed.
     #[arg(long)]
     seed: Option<u64>,
+    /// A disk, DATASTORE:FILE[,size=SIZE][,ro]; the image is created sparse if missing
+    /// (then a size is needed). Repeatable.
+    #[arg(long = "disk")]
+    disks: Vec<String>,
+    /// disk guest: block writes per second (0: as fast as the disk goes; default 200).
+    #[arg(long)]
+    disk_rate: Option<u64>,
     /// Create without starting.
     #[arg(long)]
     no_start: bool,
@@ -257,6 +264,7 @@ fn run(client: Client, command: Command) -> Result<i32> {
                     rate: args.rate,
                     passes: args.passes,
                     seed: args.seed,
+                    disk_rate: args.disk_rate,
                     cmdline: args.cmdline.clone(),
                     modules: args.modules.clone(),
                 },
@@ -265,6 +273,7 @@ fn run(client: Client, command: Command) -> Result<i32> {
                 network: args.network.clone(),
                 ip: args.ip,
                 start: !args.no_start,
+                disks: args.disks.clone(),
             };
             let info = client.create_vm(&args.host, &request)?;
             if args.json {

@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use ferry_runtime::devices::virtio::block::DiskImage;
 use ferry_runtime::guest::elf_image;
 use ferry_runtime::snapshot::{self, SaveOptions};
 use ferry_runtime::units::{format_bytes, parse_size};
 use ferry_runtime::{
-    Boot, DirtyLogMode, GuestOptions, Preload, VcpuRunState, VcpuStop, Vm, VmConfig,
+    Boot, DirtyLogMode, DiskSpec, GuestOptions, Preload, VcpuRunState, VcpuStop, Vm, VmConfig,
 };
 use serde_json::json;
 
@@ -97,9 +98,18 @@ struct RunArgs {
     /// dirty: passes before the guest exits (0 = forever).
     #[arg(long, default_value_t = 0)]
     passes: u64,
-    /// verify: pattern seed.
+    /// verify, disk: pattern seed.
     #[arg(long)]
     seed: Option<u64>,
+    /// A raw disk image, created sparse with --disk-size if missing (repeatable).
+    #[arg(long = "disk")]
+    disks: Vec<PathBuf>,
+    /// Size of disk images this run creates.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    disk_size: u64,
+    /// disk: block writes per second (0: as fast as the disk goes; default 200).
+    #[arg(long)]
+    disk_rate: Option<u64>,
     /// ELF kernel command line.
     #[arg(long, default_value = "")]
     cmdline: String,
@@ -188,6 +198,7 @@ fn boot_from_args(args: &RunArgs) -> Result<Boot> {
         rate: args.rate,
         passes: Some(args.passes),
         seed: args.seed,
+        disk_rate: args.disk_rate,
         cmdline: args.cmdline.clone(),
         modules: args.modules.clone(),
     };
@@ -276,6 +287,15 @@ fn run(args: RunArgs) -> Result<i32> {
     let mut config = VmConfig::new(&args.name, args.vcpus, args.memory);
     config.dirty_log = args.dirty_log.into();
     config.console_log = args.console.clone();
+    for (index, path) in args.disks.iter().enumerate() {
+        DiskImage::create_sparse(path, args.disk_size)?;
+        config.disks.push(DiskSpec {
+            path: path.clone(),
+            read_only: false,
+            id: format!("ferry-disk-{index}"),
+            lock: true,
+        });
+    }
     let mut vm = Vm::create(&config, &boot, &preloads).context("creating the VM")?;
     let streamer = args.console.is_none().then(|| stream_console(&vm));
     let started = Instant::now();

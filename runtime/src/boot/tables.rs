@@ -169,7 +169,8 @@ pub fn system_table_images(
     images
 }
 
-/// PML4 → one PDPT → 2 MiB pages, identity-mapping every GiB that holds RAM; with
+/// PML4 → one PDPT → 2 MiB pages, identity-mapping every GiB that holds RAM or device
+/// registers; with
 /// `protect_low`, the first 2 MiB use 4 KiB pages and the first MiB is read-only.
 fn identity_map_images(ram_ranges: &[(u64, u64)], protect_low: bool, out: &mut Vec<TableImage>) {
     out.push(TableImage {
@@ -181,6 +182,8 @@ fn identity_map_images(ram_ranges: &[(u64, u64)], protect_low: bool, out: &mut V
         .map(|&(gpa, len)| gpa + len)
         .max()
         .unwrap_or(0);
+    // The GiB of the virtio-mmio windows too, so CPL-3 guests can reach device registers.
+    let top = top.max(layout::VIRTIO_MMIO_BASE + layout::VIRTIO_MMIO_WINDOW);
     let gibs = top.div_ceil(1 << 30);
     let mut pdpt = Vec::with_capacity(gibs as usize * 8);
     for gib in 0..gibs {

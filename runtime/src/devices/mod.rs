@@ -1,6 +1,7 @@
 //! Emulated devices and the port-I/O bus that routes guest `in`/`out` to them.
 
 pub mod console;
+pub mod disk;
 pub mod serial;
 pub mod test_device;
 pub mod virtio;
@@ -11,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::layout::{SERIAL_PORT, SERIAL_PORT_COUNT};
 pub use console::Console;
+pub use disk::{Disk, DiskError, DiskInfo, DiskSpec, DiskState};
 pub use serial::{SerialDevice, SerialError, SerialSnapshot};
 pub use test_device::{PortEffect, TestDevice, TestDeviceState};
 
@@ -21,6 +23,19 @@ pub struct DevicesState {
     pub serial: SerialSnapshot,
     /// Test device.
     pub test: TestDeviceState,
+    /// virtio-blk disks, in slot order.
+    pub disks: Vec<DiskState>,
+}
+
+/// Restoring device state failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceStateError {
+    /// The serial port.
+    #[error(transparent)]
+    Serial(#[from] SerialError),
+    /// A disk.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
 }
 
 /// The VM's devices.
@@ -29,16 +44,58 @@ pub struct Devices {
     serial: Mutex<SerialDevice>,
     test: TestDevice,
     console: Console,
+    disks: Vec<Disk>,
 }
 
 impl Devices {
     /// Devices in reset state, with serial output going to `console`.
     pub fn new(console: Console) -> Result<Self, SerialError> {
+        Self::with_disks(console, Vec::new())
+    }
+
+    /// Devices with `disks` in virtio slots 0, 1, ...
+    pub fn with_disks(console: Console, disks: Vec<Disk>) -> Result<Self, SerialError> {
         Ok(Devices {
             serial: Mutex::new(SerialDevice::new(console.clone())?),
             test: TestDevice::default(),
             console,
+            disks,
         })
+    }
+
+    /// The disks.
+    pub fn disks(&self) -> &[Disk] {
+        &self.disks
+    }
+
+    /// Guest read of device memory at `gpa`; unclaimed addresses read as all ones.
+    pub fn mmio_read(&self, gpa: u64, data: &mut [u8]) {
+        match self.disks.iter().find(|d| d.claims(gpa)) {
+            Some(disk) => disk.mmio_read(gpa, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    /// Guest write of device memory at `gpa`; unclaimed addresses ignore it.
+    pub fn mmio_write(&self, gpa: u64, data: &[u8]) {
+        if let Some(disk) = self.disks.iter().find(|d| d.claims(gpa)) {
+            disk.mmio_write(gpa, data);
+        }
+    }
+
+    /// Stops every device that works off the vCPU threads; when this returns, none has a
+    /// request half done.
+    pub fn quiesce(&self) {
+        for disk in &self.disks {
+            disk.quiesce();
+        }
+    }
+
+    /// Lets them work again.
+    pub fn resume(&self) {
+        for disk in &self.disks {
+            disk.resume();
+        }
     }
 
     /// The serial port's device model.
@@ -88,11 +145,22 @@ impl Devices {
         DevicesState {
             serial: self.serial().snapshot(),
             test: self.test.state(),
+            disks: self.disks.iter().map(Disk::state).collect(),
         }
     }
 
     /// Restores all devices.
-    pub fn restore(&self, state: &DevicesState) -> Result<(), SerialError> {
+    pub fn restore(&self, state: &DevicesState) -> Result<(), DeviceStateError> {
+        if state.disks.len() != self.disks.len() {
+            return Err(DiskError::Count {
+                saved: state.disks.len(),
+                present: self.disks.len(),
+            }
+            .into());
+        }
+        for (disk, saved) in self.disks.iter().zip(&state.disks) {
+            disk.restore(saved)?;
+        }
         self.serial().restore(&state.serial)?;
         self.test.restore(&state.test);
         Ok(())

@@ -38,6 +38,8 @@ pub struct GuestCode {
     pub dirty: u64,
     /// `verify` entry.
     pub verify: u64,
+    /// `disk` entry.
+    pub disk: u64,
     /// Idle loop for vCPUs a guest does not use.
     pub spin: u64,
     /// Prints the NUL-terminated string at RCX on the serial port; clobbers RAX, RCX, RDX.
@@ -87,6 +89,12 @@ fn assemble() -> Result<GuestCode, IcedError> {
     let mut msg_tick = a.create_label();
     let mut msg_verify = a.create_label();
     let mut msg_verify_ready = a.create_label();
+    let mut disk = a.create_label();
+    let mut disk_submit = a.create_label();
+    let mut disk_fill = a.create_label();
+    let mut disk_check = a.create_label();
+    let mut msg_disk = a.create_label();
+    let mut msg_disk_ready = a.create_label();
     let mut stubs: Vec<CodeLabel> = (0..32).map(|_| a.create_label()).collect();
     let mut exception_common = a.create_label();
 
@@ -383,6 +391,20 @@ fn assemble() -> Result<GuestCode, IcedError> {
         a.ret()?;
     }
 
+    disk_guest(
+        &mut a,
+        DiskLabels {
+            entry: &mut disk,
+            submit: &mut disk_submit,
+            fill: &mut disk_fill,
+            check: &mut disk_check,
+            spin,
+            print_str,
+            msg: msg_disk,
+            msg_ready: msg_disk_ready,
+        },
+    )?;
+
     // CPL-0 exception stubs: report 0xE000_0000 | vector as the exit status, then halt.
     for (vector, stub) in stubs.iter_mut().enumerate() {
         a.set_label(stub)?;
@@ -408,6 +430,10 @@ fn assemble() -> Result<GuestCode, IcedError> {
     a.db(b"ferry verify guest: filling memory\n\0")?;
     a.set_label(&mut msg_verify_ready)?;
     a.db(b"verify: ready, checking\n\0")?;
+    a.set_label(&mut msg_disk)?;
+    a.db(b"ferry disk guest: setting up virtio-blk\n\0")?;
+    a.set_label(&mut msg_disk_ready)?;
+    a.db(b"disk: ready, writing\n\0")?;
 
     let result = a.assemble_options(
         layout::CODE,
@@ -422,12 +448,312 @@ fn assemble() -> Result<GuestCode, IcedError> {
         counter: address(&counter)?,
         dirty: address(&dirty)?,
         verify: address(&verify)?,
+        disk: address(&disk)?,
         spin: address(&spin)?,
         print_str: address(&print_str)?,
         print_dec: address(&print_dec)?,
         exception_stubs,
         bytes: result.inner.code_buffer,
     })
+}
+
+struct DiskLabels<'a> {
+    entry: &'a mut CodeLabel,
+    submit: &'a mut CodeLabel,
+    fill: &'a mut CodeLabel,
+    check: &'a mut CodeLabel,
+    spin: CodeLabel,
+    print_str: CodeLabel,
+    msg: CodeLabel,
+    msg_ready: CodeLabel,
+}
+
+/// Linear congruential step of R12, then RBX = (R12 >> 33) mod R9. Clobbers RAX, RDX.
+fn next_block(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.mov(rax, LCG_MUL)?;
+    a.imul_2(r12, rax)?;
+    a.mov(rax, LCG_ADD)?;
+    a.add(r12, rax)?;
+    a.mov(rax, r12)?;
+    a.shr(rax, 33)?;
+    a.xor(edx, edx)?;
+    a.div(r9)?;
+    a.mov(rbx, rdx)
+}
+
+/// The `disk` guest (see `super::disk`): a polling virtio-mmio virtio-blk driver at CPL 3.
+/// Registers: R8 device registers, R9 blocks, R10 generation table, R11 salted seed, R12 LCG
+/// state, R13 writes completed, R14 TSC cycles per write (0: unpaced), R15 next write's
+/// deadline, RBP 64 writes' worth of cycles, RSI parameters, RBX the block at hand.
+fn disk_guest(a: &mut CodeAssembler, l: DiskLabels<'_>) -> Result<(), IcedError> {
+    use super::disk::{DISK_IO_ERROR, DISK_NO_DEVICE, DISK_QUEUE_SIZE, area};
+    // virtio 1.x constants the driver needs (the device side has them from virtio-bindings).
+    const STATUS_REG: i32 = 0x70;
+    const T_IN: u32 = 0;
+    const T_OUT: u32 = 1;
+    const T_FLUSH: u32 = 4;
+    const F_NEXT: u32 = 1;
+    const F_WRITE: u32 = 2;
+    const FLUSH_FEATURE: u32 = 1 << 9;
+    let state = layout::GUEST_STATE as i32;
+    let area_ptr = qword_ptr(rsi + offsets::DISK_AREA);
+
+    let mut no_device = a.create_label();
+    let mut write = a.create_label();
+    let mut read_back = a.create_label();
+    let mut pace = a.create_label();
+    let mut pace_wait = a.create_label();
+    let mut pace_early = a.create_label();
+    let mut io_error = a.create_label();
+
+    a.set_label(l.entry)?;
+    a.test(edi, edi)?;
+    a.jnz(l.spin)?;
+    a.mov(r8, qword_ptr(rsi + offsets::VIRTIO_BASE))?;
+    a.mov(r9, qword_ptr(rsi + offsets::DISK_BLOCKS))?;
+    a.mov(r10, qword_ptr(rsi + offsets::GEN_TABLE))?;
+    a.mov(r11, qword_ptr(rsi + offsets::SEED))?;
+    a.mov(r14, qword_ptr(rsi + offsets::TSC_PER_WRITE))?;
+    a.mov(rbp, r14)?;
+    a.shl(rbp, 6)?;
+    a.lea(rcx, ptr(l.msg))?;
+    a.call(l.print_str)?;
+    // A virtio-mmio version-2 block device?
+    a.mov(eax, dword_ptr(r8))?;
+    a.cmp(eax, 0x7472_6976)?;
+    a.jne(no_device)?;
+    a.mov(eax, dword_ptr(r8 + 0x004))?;
+    a.cmp(eax, 2)?;
+    a.jne(no_device)?;
+    a.mov(eax, dword_ptr(r8 + 0x008))?;
+    a.cmp(eax, 2)?;
+    a.jne(no_device)?;
+    // Reset, ACKNOWLEDGE, DRIVER; accept VERSION_1 and FLUSH; FEATURES_OK must stick.
+    a.mov(dword_ptr(r8 + STATUS_REG), 0)?;
+    a.mov(dword_ptr(r8 + STATUS_REG), 1)?;
+    a.mov(dword_ptr(r8 + STATUS_REG), 3)?;
+    a.mov(dword_ptr(r8 + 0x014), 1)?;
+    a.mov(eax, dword_ptr(r8 + 0x010))?;
+    a.test(eax, 1)?;
+    a.jz(no_device)?;
+    a.mov(dword_ptr(r8 + 0x024), 0)?;
+    a.mov(dword_ptr(r8 + 0x020), FLUSH_FEATURE)?;
+    a.mov(dword_ptr(r8 + 0x024), 1)?;
+    a.mov(dword_ptr(r8 + 0x020), 1)?;
+    a.mov(dword_ptr(r8 + STATUS_REG), 0xb)?;
+    a.mov(eax, dword_ptr(r8 + STATUS_REG))?;
+    a.test(eax, 8)?;
+    a.jz(no_device)?;
+    // Queue 0 in the driver's area, empty rings.
+    a.mov(rdi, area_ptr)?;
+    a.mov(dword_ptr(r8 + 0x030), 0)?;
+    a.mov(eax, dword_ptr(r8 + 0x034))?;
+    a.cmp(eax, DISK_QUEUE_SIZE)?;
+    a.jb(no_device)?;
+    a.mov(dword_ptr(r8 + 0x038), DISK_QUEUE_SIZE)?;
+    for (register, offset) in [(0x80, area::DESC), (0x90, area::AVAIL), (0xa0, area::USED)] {
+        a.lea(rax, ptr(rdi + offset as i32))?;
+        a.mov(dword_ptr(r8 + register), eax)?;
+        a.shr(rax, 32)?;
+        a.mov(dword_ptr(r8 + (register + 4)), eax)?;
+    }
+    a.mov(dword_ptr(rdi + area::AVAIL as i32), 0)?;
+    a.mov(dword_ptr(rdi + area::USED as i32), 0)?;
+    // Descriptors: 0 header -> 1 data -> 2 status; 3 header -> 2 status (a flush).
+    for (index, target, len, flags, next) in [
+        (0, Some(area::HEADER), 16, F_NEXT, 1),
+        (1, None, 4096, F_NEXT, 2),
+        (2, Some(area::STATUS), 1, F_WRITE, 0),
+        (3, Some(area::HEADER), 16, F_NEXT, 2),
+    ] {
+        let d = (area::DESC + 16 * index) as i32;
+        if let Some(target) = target {
+            a.lea(rax, ptr(rdi + target as i32))?;
+            a.mov(qword_ptr(rdi + d), rax)?;
+        }
+        a.mov(dword_ptr(rdi + (d + 8)), len)?;
+        a.mov(word_ptr(rdi + (d + 12)), flags)?;
+        a.mov(word_ptr(rdi + (d + 14)), next)?;
+    }
+    a.mov(dword_ptr(r8 + 0x044), 1)?;
+    a.mov(dword_ptr(r8 + STATUS_REG), 0xf)?;
+    a.lea(rcx, ptr(l.msg_ready))?;
+    a.call(l.print_str)?;
+    a.mov(r12, r11)?;
+    a.xor(r13d, r13d)?;
+    a.mov(qword_ptr(state), 0)?;
+    read_tsc(a)?;
+    a.mov(r15, rax)?;
+
+    // One write: the block's next generation is in flight until the write completes.
+    a.set_label(&mut write)?;
+    next_block(a)?;
+    a.mov(rax, qword_ptr(r10 + rbx * 8))?;
+    a.inc(rax)?;
+    a.mov(qword_ptr(state + 8), rax)?;
+    a.lea(rcx, ptr(rbx + 1))?;
+    a.mov(qword_ptr(state), rcx)?;
+    a.mov(rdi, area_ptr)?;
+    a.add(rdi, area::WRITE_BUF as i32)?;
+    a.call(*l.fill)?;
+    a.mov(eax, T_OUT)?;
+    a.mov(rcx, area_ptr)?;
+    a.add(rcx, area::WRITE_BUF as i32)?;
+    a.mov(rdx, rbx)?;
+    a.shl(rdx, 3)?;
+    a.call(*l.submit)?;
+    a.test(eax, eax)?;
+    a.jnz(io_error)?;
+    a.mov(rax, qword_ptr(state + 8))?;
+    a.mov(qword_ptr(r10 + rbx * 8), rax)?;
+    a.mov(qword_ptr(state), 0)?;
+    a.inc(r13)?;
+    // Every 64 writes: a flush and a progress report.
+    a.test(r13d, 63)?;
+    a.jnz(read_back)?;
+    a.mov(eax, T_FLUSH)?;
+    a.xor(ecx, ecx)?;
+    a.xor(edx, edx)?;
+    a.call(*l.submit)?;
+    a.test(eax, eax)?;
+    a.jnz(io_error)?;
+    a.mov(eax, r13d)?;
+    out32(a, TEST_PORT_PROGRESS)?;
+    // Read a random written block back and check it.
+    a.set_label(&mut read_back)?;
+    next_block(a)?;
+    a.cmp(qword_ptr(r10 + rbx * 8), 0)?;
+    a.je(pace)?;
+    a.mov(eax, T_IN)?;
+    a.mov(rcx, area_ptr)?;
+    a.add(rcx, area::READ_BUF as i32)?;
+    a.mov(rdx, rbx)?;
+    a.shl(rdx, 3)?;
+    a.call(*l.submit)?;
+    a.test(eax, eax)?;
+    a.jnz(io_error)?;
+    a.mov(rdi, area_ptr)?;
+    a.add(rdi, area::READ_BUF as i32)?;
+    a.mov(rax, qword_ptr(r10 + rbx * 8))?;
+    a.call(*l.check)?;
+    // Pacing, as `dirty` does it: resynchronise after a long stall rather than burst.
+    a.set_label(&mut pace)?;
+    a.test(r14, r14)?;
+    a.jz(write)?;
+    a.add(r15, r14)?;
+    a.set_label(&mut pace_wait)?;
+    read_tsc(a)?;
+    a.mov(rdx, rax)?;
+    a.sub(rdx, r15)?;
+    a.js(pace_early)?;
+    a.cmp(rdx, rbp)?;
+    a.jbe(write)?;
+    a.mov(r15, rax)?;
+    a.jmp(write)?;
+    a.set_label(&mut pace_early)?;
+    a.pause()?;
+    a.jmp(pace_wait)?;
+    a.set_label(&mut io_error)?;
+    a.mov(qword_ptr(state), 0)?;
+    a.mov(eax, DISK_IO_ERROR)?;
+    out32(a, TEST_PORT_FAIL)?;
+    a.jmp(pace)?;
+    a.set_label(&mut no_device)?;
+    a.mov(eax, DISK_NO_DEVICE)?;
+    out32(a, TEST_PORT_FAIL)?;
+    a.mov(eax, 1)?;
+    out32(a, TEST_PORT_EXIT)?;
+    a.jmp(l.spin)?;
+
+    // submit: EAX type, RCX data buffer (0: a flush), RDX sector. Posts the request, rings
+    // the doorbell, polls the used ring and returns the status byte in EAX. Clobbers RCX,
+    // RDX, RDI.
+    {
+        a.set_label(l.submit)?;
+        let mut flush = a.create_label();
+        let mut not_in = a.create_label();
+        let mut post = a.create_label();
+        let mut wait = a.create_label();
+        a.mov(rdi, area_ptr)?;
+        a.mov(dword_ptr(rdi + area::HEADER as i32), eax)?;
+        a.mov(dword_ptr(rdi + (area::HEADER + 4) as i32), 0)?;
+        a.mov(qword_ptr(rdi + (area::HEADER + 8) as i32), rdx)?;
+        a.mov(byte_ptr(rdi + area::STATUS as i32), 0xff)?;
+        a.test(rcx, rcx)?;
+        a.jz(flush)?;
+        a.mov(qword_ptr(rdi + (area::DESC + 16) as i32), rcx)?;
+        a.mov(edx, F_NEXT)?;
+        a.test(eax, eax)?;
+        a.jnz(not_in)?;
+        a.mov(edx, F_NEXT | F_WRITE)?;
+        a.set_label(&mut not_in)?;
+        a.mov(word_ptr(rdi + (area::DESC + 16 + 12) as i32), dx)?;
+        a.xor(eax, eax)?;
+        a.jmp(post)?;
+        a.set_label(&mut flush)?;
+        a.mov(eax, 3)?;
+        a.set_label(&mut post)?;
+        a.movzx(edx, word_ptr(rdi + (area::AVAIL + 2) as i32))?;
+        a.mov(ecx, edx)?;
+        a.and(ecx, (DISK_QUEUE_SIZE - 1) as i32)?;
+        a.mov(word_ptr(rdi + rcx * 2 + (area::AVAIL + 4) as i32), ax)?;
+        a.inc(edx)?;
+        a.mov(word_ptr(rdi + (area::AVAIL + 2) as i32), dx)?;
+        a.mov(dword_ptr(r8 + 0x050), 0)?;
+        a.set_label(&mut wait)?;
+        a.pause()?;
+        a.movzx(eax, word_ptr(rdi + (area::USED + 2) as i32))?;
+        a.cmp(ax, dx)?;
+        a.jne(wait)?;
+        a.movzx(eax, byte_ptr(rdi + area::STATUS as i32))?;
+        a.ret()?;
+    }
+
+    // Pattern of block RBX at generation RAX into RAX (first word), RCX = 512, RDX = step.
+    let pattern = |a: &mut CodeAssembler| -> Result<(), IcedError> {
+        a.mov(rdx, rax)?;
+        a.mov(rax, rbx)?;
+        a.shl(rax, 32)?;
+        a.xor(rax, rdx)?;
+        a.mov(rcx, VERIFY_MIX)?;
+        a.imul_2(rax, rcx)?;
+        a.xor(rax, r11)?;
+        a.mov(ecx, 512)?;
+        a.mov(rdx, VERIFY_STEP)
+    };
+    // fill: block RBX, generation RAX, into the buffer at RDI. Clobbers RAX, RCX, RDX, RDI.
+    {
+        a.set_label(l.fill)?;
+        let mut word = a.create_label();
+        pattern(a)?;
+        a.set_label(&mut word)?;
+        a.mov(qword_ptr(rdi), rax)?;
+        a.add(rax, rdx)?;
+        a.add(rdi, 8)?;
+        a.dec(ecx)?;
+        a.jnz(word)?;
+        a.ret()?;
+    }
+    // check: the buffer at RDI must be block RBX at generation RAX; reports RBX if not.
+    {
+        a.set_label(l.check)?;
+        let mut word = a.create_label();
+        let mut bad = a.create_label();
+        pattern(a)?;
+        a.set_label(&mut word)?;
+        a.cmp(qword_ptr(rdi), rax)?;
+        a.jne(bad)?;
+        a.add(rax, rdx)?;
+        a.add(rdi, 8)?;
+        a.dec(ecx)?;
+        a.jnz(word)?;
+        a.ret()?;
+        a.set_label(&mut bad)?;
+        a.mov(eax, ebx)?;
+        out32(a, TEST_PORT_FAIL)?;
+        a.ret()?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -444,6 +770,7 @@ mod tests {
             code.counter,
             code.dirty,
             code.verify,
+            code.disk,
             code.spin,
             code.print_str,
             code.print_dec,

@@ -7,6 +7,8 @@
 //! - `verify` fills its memory with content derived from each page's index and a per-page
 //!   generation, keeps bumping generations and re-checking every page, and reports any page
 //!   whose content is wrong through the test device: it catches a lost or stale page.
+//! - `disk` drives the VM's first virtio-blk disk with its own polling driver, writes and
+//!   reads back blocks with per-block generations, and reports a wrong block ([`disk`]).
 //!
 //! A `verify` page `p` of generation `g` holds 512 words `w[i] = base + i * VERIFY_STEP` with
 //! `base = ((p << 32) ^ g) * VERIFY_MIX ^ seed`. The generation table (one u64 per page) is
@@ -14,6 +16,7 @@
 //! checks the table against it once per pass.
 
 mod code;
+pub mod disk;
 pub mod elf_image;
 pub mod multiboot_workload;
 mod params;
@@ -53,6 +56,15 @@ pub enum TestGuest {
         /// Pages to check; `None` means all workload memory below 3 GiB.
         pages: Option<u64>,
     },
+    /// Writes, reads back and checks blocks of the first disk.
+    Disk {
+        /// Mixed into every block's content.
+        seed: u64,
+        /// Blocks (4 KiB) to use; `None` means the whole disk, or what the table fits.
+        blocks: Option<u64>,
+        /// Block writes per second; `None` means as fast as the disk goes.
+        writes_per_sec: Option<u64>,
+    },
 }
 
 impl TestGuest {
@@ -62,6 +74,7 @@ impl TestGuest {
             TestGuest::Counter { .. } => "counter",
             TestGuest::Dirty { .. } => "dirty",
             TestGuest::Verify { .. } => "verify",
+            TestGuest::Disk { .. } => "disk",
         }
     }
 
@@ -80,10 +93,18 @@ impl TestGuest {
                 seed: 0x5eed_f00d_cafe_d00d,
                 pages: None,
             }),
+            "disk" => Some(TestGuest::Disk {
+                seed: 0xd15c_5eed_0000_0001,
+                blocks: None,
+                writes_per_sec: Some(DEFAULT_DISK_WRITES_PER_SEC),
+            }),
             _ => None,
         }
     }
 }
+
+/// The `disk` guest's default write rate: steady, light traffic.
+pub const DEFAULT_DISK_WRITES_PER_SEC: u64 = 200;
 
 /// Errors from configuring a built-in guest.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -141,12 +162,13 @@ pub fn verify_layout(low_end: u64, pages: Option<u64>) -> Result<VerifyLayout, G
 }
 
 /// Builds the parameter block for `guest` on a VM with `vcpus` vCPUs and `memory` bytes,
-/// given the guest TSC frequency.
+/// given the guest TSC frequency and the size of the VM's first disk, if it has one.
 pub fn guest_params(
     guest: &TestGuest,
     vcpus: u32,
     memory: u64,
     tsc_khz: u64,
+    first_disk: Option<u64>,
 ) -> Result<GuestParams, GuestError> {
     if vcpus > layout::MAX_VCPUS {
         return Err(GuestError::TooManyVcpus {
@@ -215,6 +237,19 @@ pub fn guest_params(
             params.updates_per_round = 16;
             params.checks_per_round = 64;
         }
+        TestGuest::Disk {
+            seed,
+            blocks,
+            writes_per_sec,
+        } => disk::disk_params(
+            &mut params,
+            memory,
+            seed,
+            blocks,
+            writes_per_sec,
+            tsc_hz,
+            first_disk,
+        )?,
     }
     Ok(params)
 }
@@ -236,10 +271,20 @@ mod tests {
             1,
             64 << 20,
             2_000_000,
+            None,
         )
         .unwrap();
         assert_eq!(p.tick_period_tsc, 200_000_000);
-        assert!(guest_params(&TestGuest::Counter { ticks_per_sec: 0 }, 1, 64 << 20, 1).is_err());
+        assert!(
+            guest_params(
+                &TestGuest::Counter { ticks_per_sec: 0 },
+                1,
+                64 << 20,
+                1,
+                None
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -250,7 +295,7 @@ mod tests {
             pages_per_sec: Some(1000),
             passes: 1,
         };
-        let p = guest_params(&ok, 2, 64 << 20, 1_000_000).unwrap();
+        let p = guest_params(&ok, 2, 64 << 20, 1_000_000, None).unwrap();
         assert_eq!(p.ws_pages, 256);
         assert_eq!(p.ws_start, DATA_START);
         // 1 GHz, 2 vCPUs sharing 1000 pages/s: each vCPU writes a page every 2 ms.
@@ -282,7 +327,7 @@ mod tests {
             },
         ] {
             assert!(
-                guest_params(&bad, 1, 64 << 20, 1_000_000).is_err(),
+                guest_params(&bad, 1, 64 << 20, 1_000_000, None).is_err(),
                 "{bad:?}"
             );
         }
@@ -302,7 +347,7 @@ mod tests {
     fn too_many_vcpus_is_refused() {
         let guest = TestGuest::Counter { ticks_per_sec: 1 };
         assert!(matches!(
-            guest_params(&guest, layout::MAX_VCPUS + 1, 64 << 20, 1),
+            guest_params(&guest, layout::MAX_VCPUS + 1, 64 << 20, 1, None),
             Err(GuestError::TooManyVcpus { .. })
         ));
     }

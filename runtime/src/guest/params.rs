@@ -11,7 +11,7 @@ use vm_memory::ByteValued;
 /// Magic at the start of the block: "FERRYPRM".
 pub const PARAMS_MAGIC: u64 = u64::from_le_bytes(*b"FERRYPRM");
 /// Layout version of [`GuestParams`].
-pub const PARAMS_VERSION: u32 = 1;
+pub const PARAMS_VERSION: u32 = 2;
 
 /// Parameters for the built-in guests. All addresses are guest-physical (the guest runs
 /// identity-mapped).
@@ -48,6 +48,14 @@ pub struct GuestParams {
     pub updates_per_round: u64,
     /// `verify`: page checks per round.
     pub checks_per_round: u64,
+    /// `disk`: guest-physical address of the virtio-blk device's registers.
+    pub virtio_base: u64,
+    /// `disk`: the driver's area (rings, request header, buffers; see `disk_layout`).
+    pub disk_area: u64,
+    /// `disk`: blocks (4 KiB) of the disk the guest writes and checks.
+    pub disk_blocks: u64,
+    /// `disk`: TSC cycles between two block writes; 0 means unlimited.
+    pub tsc_per_write: u64,
 }
 
 // SAFETY: GuestParams is repr(C), made only of integers, and has no padding (checked by the
@@ -84,6 +92,14 @@ pub mod offsets {
     pub const UPDATES: i32 = offset_of!(GuestParams, updates_per_round) as i32;
     /// `checks_per_round`.
     pub const CHECKS: i32 = offset_of!(GuestParams, checks_per_round) as i32;
+    /// `virtio_base`.
+    pub const VIRTIO_BASE: i32 = offset_of!(GuestParams, virtio_base) as i32;
+    /// `disk_area`.
+    pub const DISK_AREA: i32 = offset_of!(GuestParams, disk_area) as i32;
+    /// `disk_blocks`.
+    pub const DISK_BLOCKS: i32 = offset_of!(GuestParams, disk_blocks) as i32;
+    /// `tsc_per_write`.
+    pub const TSC_PER_WRITE: i32 = offset_of!(GuestParams, tsc_per_write) as i32;
 }
 
 impl GuestParams {
@@ -127,14 +143,18 @@ mod tests {
         assert_eq!(offsets::SEED, 88);
         assert_eq!(offsets::UPDATES, 96);
         assert_eq!(offsets::CHECKS, 104);
-        assert_eq!(size_of::<GuestParams>(), 112);
+        assert_eq!(offsets::VIRTIO_BASE, 112);
+        assert_eq!(offsets::DISK_AREA, 120);
+        assert_eq!(offsets::DISK_BLOCKS, 128);
+        assert_eq!(offsets::TSC_PER_WRITE, 136);
+        assert_eq!(size_of::<GuestParams>(), 144);
     }
 
     #[test]
     fn bytes_start_with_magic_and_version() {
         let bytes = GuestParams::new(3).to_bytes();
         assert_eq!(&bytes[..8], b"FERRYPRM");
-        assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), 1);
+        assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), 2);
         assert_eq!(u32::from_le_bytes(bytes[12..16].try_into().unwrap()), 3);
     }
 }

@@ -415,6 +415,7 @@ mod tests {
                     progress: 5,
                     ..Default::default()
                 },
+                disks: vec![crate::devices::DiskState::default()],
             },
         }
     }

@@ -84,6 +84,14 @@ fn ofd_lock(file: &File, kind: libc::c_short) -> io::Result<()> {
 impl DiskImage {
     /// Opens `path` and takes its lock (write, or read for a read-only image).
     pub fn open(path: &Path, read_only: bool) -> Result<DiskImage, ImageError> {
+        let mut image = Self::open_unlocked(path, read_only)?;
+        image.lock()?;
+        Ok(image)
+    }
+
+    /// Opens `path` without taking its lock: a migration's destination, which takes it only
+    /// once the source has let it go.
+    pub fn open_unlocked(path: &Path, read_only: bool) -> Result<DiskImage, ImageError> {
         let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
@@ -105,15 +113,13 @@ impl DiskImage {
                 size,
             });
         }
-        let mut image = DiskImage {
+        Ok(DiskImage {
             file,
             path: path.to_path_buf(),
             size,
             read_only,
             locked: false,
-        };
-        image.lock()?;
-        Ok(image)
+        })
     }
 
     /// Creates a sparse image of `size` bytes at `path` if nothing is there; an existing

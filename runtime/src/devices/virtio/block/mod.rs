@@ -94,6 +94,11 @@ impl Block {
         self.counters
     }
 
+    /// Carries counters over from the device this one replaces (a migration's source).
+    pub fn set_counters(&mut self, counters: BlockCounters) {
+        self.counters = counters;
+    }
+
     /// The configuration space (virtio 1.x, 5.2.4): capacity in sectors, largest segment,
     /// most segments per request, geometry (unused), block size.
     fn config_space(&self) -> [u8; 24] {

@@ -1,0 +1,293 @@
+//! VM disks between real hostd processes: datastores, `--disk`, image locks across hosts,
+//! and compute-only migration over a shared datastore with the `disk` guest writing
+//! throughout. Needs /dev/kvm and root.
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ferry_tests::{HostSpec, TestCluster};
+use serde_json::Value;
+
+fn cluster(hosts: Vec<HostSpec>) -> TestCluster {
+    TestCluster::loopback(
+        Path::new(env!("CARGO_BIN_EXE_hostd")),
+        Path::new(env!("CARGO_BIN_EXE_ferryctl")),
+        hosts,
+    )
+}
+
+fn create_disk_vm(cluster: &TestCluster, name: &str, disk: &str, rate: &str) -> Value {
+    cluster
+        .ferryctl_ok(&[
+            "vm",
+            "create",
+            name,
+            "--host",
+            "alpha",
+            "--guest",
+            "disk",
+            "--memory",
+            "64M",
+            "--disk",
+            disk,
+            "--disk-rate",
+            rate,
+            "--json",
+        ])
+        .json()
+}
+
+fn progress(cluster: &TestCluster, vm: &str) -> u64 {
+    cluster
+        .vm(vm)
+        .and_then(|v| v["guest_progress"].as_u64())
+        .unwrap_or(0)
+}
+
+fn wait_for_writes(cluster: &TestCluster, vm: &str, more: u64) {
+    let from = progress(cluster, vm);
+    cluster.wait_for("disk writes", Duration::from_secs(60), |c| {
+        progress(c, vm) >= from + more
+    });
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| !n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[test]
+fn compute_only_migration_over_a_shared_datastore_there_and_back_while_the_guest_writes() {
+    let cluster = cluster(vec![HostSpec::new("alpha"), HostSpec::new("beta")]);
+    let shared = cluster.dir().join("shared");
+    let created = create_disk_vm(&cluster, "d1", "shared:d1.raw,size=16M", "0");
+    assert_eq!(created["disks"][0]["datastore"], "shared", "{created:#}");
+    assert_eq!(created["disks"][0]["file"], "d1.raw");
+    assert_eq!(files_in(&shared), vec!["d1.raw"]);
+    wait_for_writes(&cluster, "d1", 256);
+
+    // The datastore is listed with its path, space and identity, the same on both hosts.
+    let (_, alpha) = cluster.api_get("alpha", "/v1/host");
+    let (_, beta) = cluster.api_get("beta", "/v1/host");
+    let listed = |host: &Value| {
+        host["datastores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == "shared")
+            .cloned()
+            .unwrap_or_else(|| panic!("no shared datastore: {host:#}"))
+    };
+    assert_eq!(listed(&alpha)["identity"], listed(&beta)["identity"]);
+    assert!(listed(&alpha)["free_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(listed(&alpha)["path"], shared.display().to_string());
+
+    // Another VM, on either host, cannot open the image while d1 holds it.
+    for host in ["alpha", "beta"] {
+        let second = cluster.ferryctl(&[
+            "vm",
+            "create",
+            "intruder",
+            "--host",
+            host,
+            "--guest",
+            "disk",
+            "--memory",
+            "64M",
+            "--disk",
+            "shared:d1.raw",
+        ]);
+        assert_ne!(second.code, Some(0));
+        assert!(
+            second.stderr.contains("in use by another VM"),
+            "{host}: {}",
+            second.stderr
+        );
+    }
+
+    for (leg, to) in ["beta", "alpha", "beta"].into_iter().enumerate() {
+        let writes_before = cluster.vm("d1").unwrap()["disks"][0]["counters"]["writes"]
+            .as_u64()
+            .unwrap();
+        let mut args = vec!["migrate", "d1", "--to", to, "--json"];
+        if leg == 1 {
+            args.push("--verify");
+        }
+        let report = cluster.ferryctl(&args).json();
+        assert_eq!(report["status"], "completed", "leg {leg}: {report:#}");
+        assert_eq!(report["storage"], "shared", "{report:#}");
+        let vm = cluster.vm("d1").unwrap();
+        assert_eq!(vm["host"], to);
+        let disk = &vm["disks"][0];
+        assert_eq!(disk["locked"], true, "{vm:#}");
+        assert_eq!(disk["path"], shared.join("d1.raw").display().to_string());
+        // The device's counters came along with its state.
+        assert!(disk["counters"]["writes"].as_u64().unwrap() >= writes_before);
+        wait_for_writes(&cluster, "d1", 128);
+        let vm = cluster.vm("d1").unwrap();
+        assert_eq!(vm["guest_failures"], 0, "leg {leg}: {vm:#}");
+        // No copy: the one image, and nothing in either host's local datastore.
+        assert_eq!(files_in(&shared), vec!["d1.raw"]);
+        for host in ["alpha", "beta"] {
+            assert!(files_in(&cluster.dir().join(host).join("disks")).is_empty());
+        }
+    }
+    // The source gave the image up for good: a new VM on alpha still cannot have it
+    // (beta holds it), and once d1 stops, the image is free.
+    cluster.ferryctl_ok(&["vm", "stop", "d1"]);
+    cluster.ferryctl_ok(&[
+        "vm",
+        "create",
+        "after",
+        "--host",
+        "alpha",
+        "--guest",
+        "disk",
+        "--memory",
+        "64M",
+        "--disk",
+        "shared:d1.raw",
+    ]);
+}
+
+#[test]
+fn disks_a_host_does_not_share_are_refused_at_verify_and_the_vm_keeps_running() {
+    let cluster = cluster(vec![
+        HostSpec::new("alpha"),
+        // Claims the datastore `shared` but has its own directory there: another identity.
+        HostSpec::new("beta").shared_dir("beta-shared"),
+    ]);
+    create_disk_vm(&cluster, "local", "alpha-local:l.raw,size=4M", "200");
+    create_disk_vm(&cluster, "fake", "shared:f.raw,size=4M", "200");
+    wait_for_writes(&cluster, "local", 64);
+    for (vm, says) in [
+        ("local", "host 'beta' has no datastore 'alpha-local'"),
+        ("fake", "datastore 'shared' is not shared"),
+    ] {
+        let result = cluster.ferryctl(&["migrate", vm, "--to", "beta", "--json"]);
+        let report = result.json();
+        assert_ne!(result.code, Some(0));
+        assert_ne!(report["status"], "completed", "{report:#}");
+        let error = report["error"].as_str().unwrap_or_default();
+        assert!(error.contains(says), "{vm}: {error}");
+        let now = cluster.vm(vm).unwrap();
+        assert_eq!(now["host"], "alpha");
+        assert_eq!(now["state"], "running", "{now:#}");
+        assert_eq!(now["disks"][0]["locked"], true);
+    }
+    wait_for_writes(&cluster, "fake", 64);
+    assert_eq!(cluster.vm("fake").unwrap()["guest_failures"], 0);
+    // Nothing was made on beta.
+    assert!(files_in(&cluster.dir().join("beta-shared")).is_empty());
+    assert!(files_in(&cluster.dir().join("beta").join("disks")).is_empty());
+}
+
+#[test]
+fn bad_disk_requests_are_refused_with_the_reason_and_leave_nothing_behind() {
+    let cluster = cluster(vec![HostSpec::new("alpha")]);
+    for (disk, says) in [
+        ("nowhere:x.raw,size=1M", "has no datastore 'nowhere'"),
+        ("shared:missing.raw", "does not exist; give a size"),
+        ("shared:../escape.raw,size=1M", "not a valid image name"),
+        ("shared", "DATASTORE:FILE"),
+    ] {
+        let result = cluster.ferryctl(&[
+            "vm", "create", "bad", "--host", "alpha", "--guest", "disk", "--disk", disk,
+        ]);
+        assert_ne!(result.code, Some(0), "{disk}");
+        assert!(result.stderr.contains(says), "{disk}: {}", result.stderr);
+    }
+    // A VM that cannot be built (too little memory for its guest's table here: 5 MiB and a
+    // 1 GiB disk) takes the image it created away with it.
+    let result = cluster.ferryctl(&[
+        "vm",
+        "create",
+        "bad",
+        "--host",
+        "alpha",
+        "--guest",
+        "dirty",
+        "--memory",
+        "4M",
+        "--working-set",
+        "64M",
+        "--disk",
+        "shared:gone.raw,size=1G",
+    ]);
+    assert_ne!(result.code, Some(0));
+    assert!(files_in(&cluster.dir().join("shared")).is_empty());
+}
+
+/// Takes the image's write lock as another VM would, as soon as nobody holds it.
+fn grab_lock_when_free(path: &Path, timeout: Duration) -> Option<std::fs::File> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .ok()?;
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        // SAFETY: a zeroed flock is valid; the fields that matter are set.
+        let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+        lock.l_type = libc::F_WRLCK as libc::c_short;
+        lock.l_whence = libc::SEEK_SET as libc::c_short;
+        // SAFETY: fcntl on an open descriptor with a valid flock; does not block.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) } == 0 {
+            return Some(file);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    None
+}
+
+/// The handover's worst moment: the source has let the lock go and someone else takes it
+/// before the destination can. The destination must not run the VM without it, the
+/// migration rolls back, and the source takes its lock back (once the other holder lets go)
+/// and runs on, its guest's disk intact.
+#[test]
+fn a_destination_that_cannot_take_the_disk_lock_rolls_back_and_the_source_takes_it_back() {
+    let cluster = cluster(vec![
+        HostSpec::new("alpha"),
+        HostSpec::new("beta").fault("slow-state-load"),
+    ]);
+    create_disk_vm(&cluster, "h1", "shared:h1.raw,size=8M", "0");
+    wait_for_writes(&cluster, "h1", 128);
+    let image = cluster.dir().join("shared").join("h1.raw");
+    let migration = cluster.ferryctl_spawn(&["migrate", "h1", "--to", "beta", "--json"]);
+    let held = grab_lock_when_free(&image, Duration::from_secs(60))
+        .expect("the source never let the image go");
+    // Hold it until the destination has tried and failed, then let the source have it.
+    cluster.wait_for(
+        "the destination's lock failure",
+        Duration::from_secs(30),
+        |c| c.log("beta").contains("cannot take the disk locks"),
+    );
+    drop(held);
+    let output = migration.wait_with_output().unwrap();
+    let report: Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stderr)));
+    assert_eq!(report["status"], "rolled_back", "{report:#}");
+    assert!(
+        report["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("in use by another VM"),
+        "{report:#}"
+    );
+    let vm = cluster.vm("h1").unwrap();
+    assert_eq!(vm["host"], "alpha");
+    assert_eq!(vm["state"], "running", "{vm:#}");
+    assert_eq!(vm["disks"][0]["locked"], true);
+    wait_for_writes(&cluster, "h1", 128);
+    assert_eq!(cluster.vm("h1").unwrap()["guest_failures"], 0);
+    assert!(cluster.vms_on("beta").is_empty());
+}
