@@ -1,7 +1,9 @@
 //! `hostd demo`: the main job in one command. Two hostd processes on loopback from an
 //! embedded configuration, a VM running the `counter` guest with a few hundred MiB of
 //! realistic memory content, migrated to the other host and back with live progress, then a
-//! check that the guest's ticks continued without gap or repeat.
+//! check that the guest's ticks continued without gap or repeat; then a VM whose disk is on
+//! the shared datastore, with the `disk` guest writing and checking blocks, moved compute
+//! only (the image stays, its lock changes hands) there and back.
 
 use std::fs::File;
 use std::net::TcpListener;
@@ -70,6 +72,8 @@ state_dir = "{dir}/beta"
 
 const VM: &str = "demo-vm";
 const TICKS_PER_SEC: u32 = 20;
+const DISK_VM: &str = "demo-disk";
+const DISK_WRITES_PER_SEC: u64 = 500;
 
 /// hostd children, stopped (SIGTERM, then SIGKILL) when dropped, and then whatever VMM
 /// processes of theirs the demo left (they outlive hostd by design).
@@ -173,14 +177,14 @@ fn ticks(console: &[u8]) -> Vec<u64> {
         .collect()
 }
 
-fn migrate(client: &Client, to: &str) -> Result<()> {
+fn migrate(client: &Client, vm: &str, to: &str) -> Result<()> {
     let request = MigrateRequest {
         to: to.into(),
         ..Default::default()
     };
-    let (source, started) = client.migrate(VM, &request)?;
-    println!("\n▶ live-migrating {VM} from {} to {to} …", source.name);
-    let view = ProgressView::new(VM, &source.name, to);
+    let (source, started) = client.migrate(vm, &request)?;
+    println!("\n▶ live-migrating {vm} from {} to {to} …", source.name);
+    let view = ProgressView::new(vm, &source.name, to);
     let report = client.wait_migration(&source, &started.id, |r| view.update(r))?;
     view.finish();
     print!("{}", describe(&report));
@@ -188,6 +192,63 @@ fn migrate(client: &Client, to: &str) -> Result<()> {
         bail!("migration to {to} ended {}", report.status);
     }
     Ok(())
+}
+
+/// A VM with a disk on the shared datastore, the `disk` guest writing and checking blocks,
+/// moved compute-only to beta and back: the image stays where it is and changes owner.
+fn disk_vm(client: &Client) -> Result<bool> {
+    let request = CreateVmRequest {
+        name: DISK_VM.into(),
+        guest: "disk".into(),
+        vcpus: 1,
+        memory: Some("64M".into()),
+        options: GuestOptions {
+            disk_rate: Some(DISK_WRITES_PER_SEC),
+            ..Default::default()
+        },
+        disks: vec![format!("shared:{DISK_VM}.raw,size=64M")],
+        start: true,
+        ..Default::default()
+    };
+    let created = client.create_vm("alpha", &request)?;
+    let disk = &created.disks[0];
+    println!(
+        "\n▶ created {} on alpha with disk {}:{} ({}, virtio-blk); its guest writes {DISK_WRITES_PER_SEC} blocks a second and reads them back",
+        created.name,
+        disk.datastore,
+        disk.file,
+        format_bytes(disk.size)
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    migrate(client, DISK_VM, "beta")?;
+    std::thread::sleep(Duration::from_secs(2));
+    migrate(client, DISK_VM, "alpha")?;
+    std::thread::sleep(Duration::from_secs(1));
+    let (host, info) = client.find_vm(DISK_VM)?;
+    let counters = &info.disks[0].counters;
+    let ok = info.guest_failures == 0 && counters.writes > 0;
+    println!("\n▶ checks ({DISK_VM})");
+    println!(
+        "  {} block writes, {} reads, {} flushes on {}, the guest's checks: {}",
+        counters.writes,
+        counters.reads,
+        counters.flushes,
+        host.name,
+        if ok {
+            "0 mismatches ✔".to_string()
+        } else {
+            format!("{} MISMATCHES ✘", info.guest_failures)
+        }
+    );
+    println!(
+        "  the image never moved: {} is the only copy, its lock handed over at each switch-over",
+        info.disks[0]
+            .path
+            .as_ref()
+            .map_or_else(String::new, |p| p.display().to_string())
+    );
+    client.operate(DISK_VM, "stop")?;
+    Ok(ok)
 }
 
 /// Runs the demo with a VM of `memory` holding `content` of preloaded data.
@@ -258,7 +319,7 @@ pub fn run(memory: &str, content_size: &str, keep: bool) -> Result<()> {
         before.last().copied().unwrap_or(0)
     );
 
-    migrate(&client, "beta")?;
+    migrate(&client, VM, "beta")?;
     std::thread::sleep(Duration::from_secs(2));
     let (host, _) = client.find_vm(VM)?;
     let on_beta = ticks(&client.console_history(VM)?);
@@ -268,7 +329,7 @@ pub fn run(memory: &str, content_size: &str, keep: bool) -> Result<()> {
         on_beta.last().copied().unwrap_or(0)
     );
 
-    migrate(&client, "alpha")?;
+    migrate(&client, VM, "alpha")?;
     std::thread::sleep(Duration::from_secs(1));
     let (host, last) = client.find_vm(VM)?;
     let all = ticks(&client.console_history(VM)?);
@@ -297,6 +358,7 @@ pub fn run(memory: &str, content_size: &str, keep: bool) -> Result<()> {
         host.name
     );
     client.operate(VM, "stop")?;
+    let disk_ok = disk_vm(&client)?;
     drop(daemons);
     println!(
         "\n▶ stopped {VM} and both hostd; logs were in {}",
@@ -306,7 +368,7 @@ pub fn run(memory: &str, content_size: &str, keep: bool) -> Result<()> {
         let kept = temp.keep();
         println!("  kept {}", kept.display());
     }
-    if !(consecutive && starts_at_one && same_identity) {
+    if !(consecutive && starts_at_one && same_identity && disk_ok) {
         bail!("demo checks failed");
     }
     Ok(())

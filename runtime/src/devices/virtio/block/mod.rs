@@ -6,6 +6,7 @@
 //! thread has no request half done, so the transport's state is all there is to save —
 //! nothing is in flight to lose or to complete twice.
 
+pub mod dirty_blocks;
 pub mod image;
 pub mod request;
 
@@ -17,6 +18,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{Queue, QueueT};
 
+pub use dirty_blocks::{DirtyBlocks, Extent};
 pub use image::{DiskImage, ImageError, SECTOR_SIZE};
 use request::{MAX_REQUEST_BYTES, Served};
 
@@ -53,6 +55,7 @@ pub struct Block {
     features: u64,
     acked: u64,
     counters: BlockCounters,
+    dirty: Option<DirtyBlocks>,
 }
 
 impl Block {
@@ -76,6 +79,7 @@ impl Block {
             features,
             acked: 0,
             counters: BlockCounters::default(),
+            dirty: None,
         }
     }
 
@@ -92,6 +96,26 @@ impl Block {
     /// What the device has done.
     pub fn counters(&self) -> BlockCounters {
         self.counters
+    }
+
+    /// Starts recording which chunks the guest writes (a storage migration's rounds).
+    pub fn start_dirty_tracking(&mut self, chunk: u64) {
+        self.dirty = Some(DirtyBlocks::new(self.image.size(), chunk));
+    }
+
+    /// What was written since tracking started or since the last call; `None` if off.
+    pub fn take_dirty(&mut self) -> Option<Vec<Extent>> {
+        self.dirty.as_mut().map(DirtyBlocks::take)
+    }
+
+    /// Bytes written since the last [`Block::take_dirty`] (0 if tracking is off).
+    pub fn dirty_bytes(&self) -> u64 {
+        self.dirty.as_ref().map_or(0, DirtyBlocks::dirty_bytes)
+    }
+
+    /// Stops recording.
+    pub fn stop_dirty_tracking(&mut self) {
+        self.dirty = None;
     }
 
     /// Carries counters over from the device this one replaces (a migration's source).
@@ -160,9 +184,12 @@ impl VirtioDevice for Block {
                             c.reads += 1;
                             c.read_bytes += n as u64;
                         }
-                        Served::Written(n) => {
+                        Served::Written { offset, len } => {
                             c.writes += 1;
-                            c.written_bytes += n as u64;
+                            c.written_bytes += len as u64;
+                            if let Some(dirty) = &mut self.dirty {
+                                dirty.mark(offset, len as u64);
+                            }
                         }
                         Served::Flushed => c.flushes += 1,
                         Served::Identified => {}
@@ -323,6 +350,19 @@ mod tests {
         let c = block.counters();
         assert_eq!((c.reads, c.writes, c.flushes, c.failed), (1, 1, 1, 1));
         assert_eq!((c.read_bytes, c.written_bytes), (1024, 1024));
+        assert_eq!(block.take_dirty(), None, "no tracking unless asked");
+        block.start_dirty_tracking(4096);
+        request(&ram, &mq, VIRTIO_BLK_T_OUT, 9, 512);
+        block.process(0, &mut queue, ram.memory()).unwrap();
+        request(&ram, &mq, VIRTIO_BLK_T_IN, 40, 512);
+        block.process(0, &mut queue, ram.memory()).unwrap();
+        assert_eq!(block.dirty_bytes(), 4096);
+        assert_eq!(
+            block.take_dirty(),
+            Some(vec![(4096, 4096)]),
+            "sector 9 is in the second 4 KiB chunk; the read marks nothing"
+        );
+        assert_eq!(block.take_dirty(), Some(vec![]));
         // The read landed in guest memory as a VMM write: dirty tracking sees it.
         let writes = ram.take_vmm_writes();
         assert_ne!(writes[0][(DATA / 4096 / 64) as usize], 0);

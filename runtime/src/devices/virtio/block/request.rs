@@ -28,8 +28,13 @@ pub const MAX_REQUEST_BYTES: usize = 4 << 20;
 pub enum Served {
     /// Read this many bytes.
     Read(usize),
-    /// Wrote this many bytes.
-    Written(usize),
+    /// Wrote `len` bytes at byte `offset` of the image.
+    Written {
+        /// Where.
+        offset: u64,
+        /// How many.
+        len: usize,
+    },
     /// Flushed.
     Flushed,
     /// Returned the device ID.
@@ -119,7 +124,14 @@ pub fn serve(
                     .read_exact(&mut buf)
                     .map_err(|e| malformed(head, format!("reading write data: {e}")))?;
                 match image.write_at(&buf, sector * SECTOR_SIZE) {
-                    Ok(()) => (Served::Written(len), VIRTIO_BLK_S_OK, 0),
+                    Ok(()) => (
+                        Served::Written {
+                            offset: sector * SECTOR_SIZE,
+                            len,
+                        },
+                        VIRTIO_BLK_S_OK,
+                        0,
+                    ),
                     Err(_) => (
                         Served::Failed(VIRTIO_BLK_S_IOERR as u8),
                         VIRTIO_BLK_S_IOERR,
