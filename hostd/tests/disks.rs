@@ -291,3 +291,48 @@ fn a_destination_that_cannot_take_the_disk_lock_rolls_back_and_the_source_takes_
     assert_eq!(cluster.vm("h1").unwrap()["guest_failures"], 0);
     assert!(cluster.vms_on("beta").is_empty());
 }
+
+/// A destination that rejects the arriving state does so after the source gave up its image
+/// lock: the source must take it back before its guest runs again, and lose no write.
+#[test]
+fn a_state_rejected_after_the_handover_began_gives_the_lock_back_to_the_source() {
+    let cluster = cluster(vec![
+        HostSpec::new("alpha"),
+        HostSpec::new("beta").fault("reject-state"),
+    ]);
+    create_disk_vm(&cluster, "r1", "shared:r1.raw,size=8M", "0");
+    wait_for_writes(&cluster, "r1", 128);
+    let report = cluster
+        .ferryctl(&["migrate", "r1", "--to", "beta", "--json"])
+        .json();
+    assert_eq!(report["status"], "rolled_back", "{report:#}");
+    let vm = cluster.vm("r1").unwrap();
+    assert_eq!(vm["host"], "alpha");
+    assert_eq!(vm["state"], "running", "{vm:#}");
+    assert_eq!(vm["disks"][0]["locked"], true, "{vm:#}");
+    wait_for_writes(&cluster, "r1", 128);
+    assert_eq!(cluster.vm("r1").unwrap()["guest_failures"], 0);
+}
+
+/// The VMM keeps the disk (and its lock) when hostd dies; the restarted hostd lists it again.
+#[test]
+fn a_disk_vm_outlives_a_killed_hostd_and_keeps_its_disk_and_lock() {
+    let mut cluster = cluster(vec![HostSpec::new("alpha")]);
+    create_disk_vm(&cluster, "k1", "shared:k1.raw,size=8M", "500");
+    wait_for_writes(&cluster, "k1", 64);
+    cluster.kill("alpha");
+    // Still held while no hostd runs.
+    let image = cluster.dir().join("shared").join("k1.raw");
+    assert!(
+        grab_lock_when_free(&image, Duration::from_millis(200)).is_none(),
+        "the VMM let the image go when hostd died"
+    );
+    cluster.restart("alpha");
+    let vm = cluster.vm("k1").unwrap();
+    assert_eq!(vm["state"], "running", "{vm:#}");
+    assert_eq!(vm["disks"][0]["datastore"], "shared");
+    assert_eq!(vm["disks"][0]["file"], "k1.raw");
+    assert_eq!(vm["disks"][0]["locked"], true);
+    wait_for_writes(&cluster, "k1", 64);
+    assert_eq!(cluster.vm("k1").unwrap()["guest_failures"], 0);
+}
