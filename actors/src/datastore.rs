@@ -171,6 +171,9 @@ pub struct VmDisk {
     pub path: Option<PathBuf>,
     /// Size, bytes.
     pub size: u64,
+    /// Bytes allocated in the datastore (a sparse image holds less than its size).
+    #[serde(default)]
+    pub allocated: u64,
     /// Writes refused.
     pub read_only: bool,
     /// This VM holds the image's lock.
@@ -187,6 +190,7 @@ impl VmDisk {
             file: disk.file.clone(),
             path: live.map(|l| l.path.clone()),
             size: live.map_or(0, |l| l.size),
+            allocated: live.map_or(0, |l| l.allocated),
             read_only: disk.read_only,
             locked: live.is_some_and(|l| l.locked),
             counters: live.map(|l| l.counters).unwrap_or_default(),

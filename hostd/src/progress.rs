@@ -121,6 +121,9 @@ pub fn describe(report: &MigrationReport) -> String {
             other => other,
         };
         out.push_str(&format!("  storage:     {what}\n"));
+        if !report.disks.is_empty() {
+            out.push_str(&format!("  disks:       {}\n", report.disks.join(", ")));
+        }
     }
     if let Some(rate) = report.max_bandwidth {
         out.push_str(&format!("  bandwidth:   capped at {}\n", format_rate(rate)));
@@ -201,5 +204,6 @@ pub fn report_json(report: &MigrationReport) -> serde_json::Value {
         "memory_verified": report.memory_verified,
         "state_bytes": report.state_bytes,
         "storage": report.storage,
+        "disks": report.disks,
     })
 }

@@ -125,6 +125,7 @@ fn compute_only_migration_over_a_shared_datastore_there_and_back_while_the_guest
         let report = cluster.ferryctl(&args).json();
         assert_eq!(report["status"], "completed", "leg {leg}: {report:#}");
         assert_eq!(report["storage"], "shared", "{report:#}");
+        assert_eq!(report["disks"], serde_json::json!(["shared:d1.raw"]));
         let vm = cluster.vm("d1").unwrap();
         assert_eq!(vm["host"], to);
         let disk = &vm["disks"][0];

@@ -178,6 +178,9 @@ pub struct MigrationReport {
     /// share, and only their lock changes hands) or "none" (the VM has no disks).
     #[serde(default)]
     pub storage: Option<String>,
+    /// The VM's disks, as `DATASTORE:FILE`.
+    #[serde(default)]
+    pub disks: Vec<String>,
 }
 
 impl MigrationReport {

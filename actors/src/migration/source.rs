@@ -1013,6 +1013,11 @@ impl Actor for SourceMigration {
             }
             .into(),
         );
+        self.report.disks = hello
+            .disks
+            .iter()
+            .map(|d| format!("{}:{}", d.disk.datastore, d.disk.file))
+            .collect();
         let peer = self.peer.name.clone();
         ctx.wait(
             async move { ControlChannel::connect(addr, config).await }

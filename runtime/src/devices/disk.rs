@@ -326,6 +326,7 @@ impl Disk {
         DiskInfo {
             path: block.image().path().to_path_buf(),
             size: block.image().size(),
+            allocated: block.image().allocated(),
             read_only: block.image().read_only(),
             locked: block.image().is_locked(),
             counters: block.counters(),
@@ -340,6 +341,8 @@ pub struct DiskInfo {
     pub path: PathBuf,
     /// Size, bytes.
     pub size: u64,
+    /// Bytes allocated on the filesystem.
+    pub allocated: u64,
     /// Writes refused.
     pub read_only: bool,
     /// Holds the image lock.

@@ -214,6 +214,46 @@ impl DiskImage {
         self.file.write_all_at(buf, offset)
     }
 
+    /// Bytes the filesystem has allocated for the image (a sparse image holds less than its
+    /// size).
+    pub fn allocated(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        self.file.metadata().map_or(0, |m| m.blocks() * 512)
+    }
+
+    /// The extents that hold data, in order (`SEEK_DATA`/`SEEK_HOLE`): what a copy of the
+    /// image must read; everything else reads as zeros. A filesystem without hole reporting
+    /// answers with one extent, the whole file.
+    pub fn data_extents(&self) -> io::Result<Vec<(u64, u64)>> {
+        let fd = self.file.as_raw_fd();
+        let mut extents = Vec::new();
+        let mut at: i64 = 0;
+        let size = self.size as i64;
+        while at < size {
+            // SAFETY: lseek on an open descriptor; it only moves the file offset, which no
+            // other code of this image uses (reads and writes are positional).
+            let start = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+            if start < 0 {
+                let error = io::Error::last_os_error();
+                if error.raw_os_error() == Some(libc::ENXIO) {
+                    break; // no data past `at`
+                }
+                return Err(error);
+            }
+            // SAFETY: as above.
+            let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+            if end < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let end = end.min(size);
+            if end > start {
+                extents.push((start as u64, (end - start) as u64));
+            }
+            at = end.max(start + 1);
+        }
+        Ok(extents)
+    }
+
     /// Makes every completed write durable (`fdatasync`).
     pub fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
@@ -256,6 +296,42 @@ mod tests {
             DiskImage::open(&path, false),
             Err(ImageError::Locked { .. })
         ));
+    }
+
+    #[test]
+    fn data_extents_skip_the_holes_of_a_sparse_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sparse.raw");
+        DiskImage::create_sparse(&path, 64 << 20).unwrap();
+        let image = DiskImage::open(&path, false).unwrap();
+        assert_eq!(
+            image.data_extents().unwrap(),
+            vec![],
+            "a new image is all hole"
+        );
+        assert_eq!(image.allocated(), 0);
+        image.write_at(&[1u8; 4096], 8 << 20).unwrap();
+        image.write_at(&[2u8; 8192], 40 << 20).unwrap();
+        image.write_at(&[3u8; 512], (64 << 20) - 512).unwrap();
+        let extents = image.data_extents().unwrap();
+        // Filesystems allocate in their own blocks; every written byte is covered, and most
+        // of the image is not.
+        for (offset, len) in [
+            (8u64 << 20, 4096u64),
+            (40 << 20, 8192),
+            ((64 << 20) - 512, 512),
+        ] {
+            assert!(
+                extents
+                    .iter()
+                    .any(|&(s, l)| s <= offset && offset + len <= s + l),
+                "{offset:#x}+{len} not in {extents:x?}"
+            );
+        }
+        let covered: u64 = extents.iter().map(|&(_, l)| l).sum();
+        assert!(covered < 4 << 20, "{covered} bytes for 12.5 KiB written");
+        assert!(image.allocated() >= 12 << 10);
+        assert!(extents.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0));
     }
 
     #[test]
