@@ -843,6 +843,29 @@ impl Vm {
         Ok(())
     }
 
+    /// Starts recording guest writes on every disk (in `chunk`-byte units) and returns, per
+    /// disk, the extents its image holds data in: a storage copy's first round. As with
+    /// [`Vm::begin_tracking`], recording starts before the images are scanned.
+    pub fn begin_disk_tracking(&self, chunk: u64) -> Result<Vec<Vec<(u64, u64)>>, VmError> {
+        let mut all = Vec::new();
+        for disk in self.devices.disks() {
+            all.push(disk.begin_tracking(chunk)?);
+        }
+        Ok(all)
+    }
+
+    /// Per disk, the extents the guest wrote since the last call.
+    pub fn fetch_dirty_blocks(&self) -> Vec<Vec<(u64, u64)>> {
+        self.devices.disks().iter().map(Disk::fetch_dirty).collect()
+    }
+
+    /// Stops recording disk writes.
+    pub fn stop_disk_tracking(&self) {
+        for disk in self.devices.disks() {
+            disk.stop_tracking();
+        }
+    }
+
     /// Stops the devices that work off the vCPU threads while the vCPUs go on: requests the
     /// guest makes wait, unserved, until the next resume. Tests use it to catch a guest with
     /// a request in flight at the moment it is paused.

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::virtio::VirtioDevice;
-use super::virtio::block::{Block, BlockCounters, DiskImage, ImageError};
+use super::virtio::block::{Block, BlockCounters, DiskImage, Extent, ImageError};
 use super::virtio::mmio::{
     MMIO_WINDOW, MmioEffect, MmioTransport, QUEUE_NOTIFY_OFFSET, RestoreError, TransportState,
 };
@@ -91,6 +91,14 @@ pub enum DiskError {
         saved: usize,
         /// Here.
         present: usize,
+    },
+    /// Finding the image's data extents failed.
+    #[error("scanning disk image {path} for data failed: {source}")]
+    Scan {
+        /// The image.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
     },
     /// `fdatasync` of the image failed.
     #[error("flushing disk image {path} failed: {source}")]
@@ -317,6 +325,41 @@ impl Disk {
             image.lock()?;
         }
         Ok(())
+    }
+
+    /// Starts recording the guest's writes in `chunk`-byte units, then returns the extents
+    /// of the image that hold data: what a copy must read first. Tracking goes on before the
+    /// image is scanned, so a write is either in the scan or recorded.
+    pub fn begin_tracking(&self, chunk: u64) -> Result<Vec<Extent>, DiskError> {
+        let mut core = self.shared.lock();
+        let block = core.transport.device_mut();
+        block.start_dirty_tracking(chunk);
+        block
+            .image()
+            .data_extents()
+            .map_err(|source| DiskError::Scan {
+                path: block.image().path().to_path_buf(),
+                source,
+            })
+    }
+
+    /// Extents written since the last call (or since tracking began); empty if off.
+    pub fn fetch_dirty(&self) -> Vec<Extent> {
+        self.shared
+            .lock()
+            .transport
+            .device_mut()
+            .take_dirty()
+            .unwrap_or_default()
+    }
+
+    /// Stops recording writes.
+    pub fn stop_tracking(&self) {
+        self.shared
+            .lock()
+            .transport
+            .device_mut()
+            .stop_dirty_tracking();
     }
 
     /// What the operator sees of this disk.
