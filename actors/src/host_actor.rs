@@ -1239,7 +1239,7 @@ impl Handler<AdmitIncoming> for HostActor {
 
 /// Destination, stage prepare: build the empty VM and reserve its resources.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<(Addr<VmActor>, ConsoleLogClaim), String>")]
+#[rtype(result = "Result<(Addr<VmActor>, ConsoleLogClaim, Vec<PathBuf>), String>")]
 pub struct PrepareIncoming {
     /// The source's description.
     pub hello: Box<Hello>,
@@ -1248,13 +1248,18 @@ pub struct PrepareIncoming {
 }
 
 impl Handler<PrepareIncoming> for HostActor {
-    type Result = ResponseActFuture<Self, Result<(Addr<VmActor>, ConsoleLogClaim), String>>;
+    type Result =
+        ResponseActFuture<Self, Result<(Addr<VmActor>, ConsoleLogClaim, Vec<PathBuf>), String>>;
 
     fn handle(&mut self, msg: PrepareIncoming, ctx: &mut Self::Context) -> Self::Result {
         let hello = msg.hello;
         if let Err(reason) = self.admit(&hello) {
             return Box::pin(fut::ready(Err(reason)));
         }
+        let arriving = match self.arriving_disks(&hello) {
+            Ok(arriving) => arriving,
+            Err(message) => return Box::pin(fut::ready(Err(message))),
+        };
         let id = hello.id;
         let name = hello.identity.name.clone();
         self.vms.insert(
@@ -1278,14 +1283,20 @@ impl Handler<PrepareIncoming> for HostActor {
         let console = console_log_path(&self.settings.state_dir, &name);
         let claim = ConsoleLogClaim::take(console.clone());
         let name_for_build = name.clone();
-        let disks = match self.arriving_disks(&hello) {
-            Ok(disks) => disks,
-            Err(message) => return Box::pin(fut::ready(Err(message))),
-        };
         let attachments = VmAttachments {
             network: hello.networks.first().cloned(),
             ip: hello.ip,
-            disks: hello.disks.iter().map(|m| m.disk.clone()).collect(),
+            disks: arriving.refs,
+        };
+        let disks = arriving.specs;
+        let to_create = arriving.create;
+        let created: Vec<PathBuf> = to_create.iter().map(|(path, _)| path.clone()).collect();
+        let remove_created = move |created: &[PathBuf]| {
+            for image in created {
+                if let Err(error) = std::fs::remove_file(image) {
+                    tracing::warn!(image = %image.display(), %error, "removing a partial image failed");
+                }
+            }
         };
         let fault = self.settings.fault;
         let settings = Arc::clone(&self.settings);
@@ -1300,7 +1311,23 @@ impl Handler<PrepareIncoming> for HostActor {
                     };
                     return Err(ferry_transport::report(&error));
                 }
-                let (child, mut vmm) = start_vmm(&settings, &hello.identity.name)?;
+                // Compute + storage: fresh sparse images in the target datastore, which the
+                // bulk copy fills (its zero blocks stay holes).
+                for (index, (path, size)) in to_create.iter().enumerate() {
+                    if let Err(e) =
+                        ferry_runtime::devices::virtio::block::DiskImage::create_new_sparse(
+                            path, *size,
+                        )
+                    {
+                        remove_created(&created[..index]);
+                        return Err(ferry_transport::report(&e));
+                    }
+                }
+                let fail = |message: String| {
+                    remove_created(&created);
+                    message
+                };
+                let (child, mut vmm) = start_vmm(&settings, &hello.identity.name).map_err(fail)?;
                 let empty = EmptySpec {
                     identity: hello.identity.clone(),
                     shape: hello.shape.clone(),
@@ -1310,17 +1337,17 @@ impl Handler<PrepareIncoming> for HostActor {
                     disks,
                 };
                 match vmm.create_empty(empty) {
-                    Ok(_) => Ok((child, vmm)),
+                    Ok(_) => Ok((child, vmm, created)),
                     Err(e) => {
                         let message = ferry_transport::report(&e);
                         stop_vmm(child, vmm);
-                        Err(message)
+                        Err(fail(message))
                     }
                 }
             })
             .await;
             match built {
-                Ok(Ok((child, vmm))) => {
+                Ok(Ok((child, vmm, created))) => {
                     let actor = VmActor::new(
                         vmm,
                         VmmProcess::Child(child),
@@ -1328,7 +1355,7 @@ impl Handler<PrepareIncoming> for HostActor {
                         attachments,
                         (name_for_build, Lifecycle::MigratingIn),
                     );
-                    Ok((actor.observed_by(observer).spawn(), claim))
+                    Ok((actor.observed_by(observer).spawn(), claim, created))
                 }
                 Ok(Err(message)) => {
                     if let Err(error) = claim.release() {
@@ -1341,7 +1368,7 @@ impl Handler<PrepareIncoming> for HostActor {
         };
         Box::pin(build.into_actor(self).map(move |result, act, _| {
             match &result {
-                Ok((addr, _)) => {
+                Ok((addr, _, _)) => {
                     if let Some(entry) = act.vms.get_mut(&name) {
                         entry.addr = Some(addr.clone());
                     }
@@ -1354,6 +1381,17 @@ impl Handler<PrepareIncoming> for HostActor {
             result
         }))
     }
+}
+
+/// Room a storage migration leaves free in the target datastore beyond what it copies.
+const STORAGE_MARGIN: u64 = 64 << 20;
+
+/// An arriving VM's disks on this host.
+struct ArrivingDisks {
+    specs: Vec<DiskSpec>,
+    refs: Vec<DiskRef>,
+    /// Images to create (compute + storage): path and size.
+    create: Vec<(PathBuf, u64)>,
 }
 
 /// A new VM's disks, resolved on this host.
@@ -1448,8 +1486,11 @@ impl HostActor {
     /// An arriving VM's disks on this host: every one on a datastore this host shares with
     /// the source (same identity), with its image there, of the same size. Compute-only
     /// migration moves no disk, so anything else is refused at verify.
-    fn arriving_disks(&self, hello: &Hello) -> Result<Vec<DiskSpec>, String> {
-        hello
+    fn arriving_disks(&self, hello: &Hello) -> Result<ArrivingDisks, String> {
+        if let Some(target) = &hello.storage_target {
+            return self.disks_moving_to(target, hello);
+        }
+        let specs = hello
             .disks
             .iter()
             .map(|m| {
@@ -1492,7 +1533,69 @@ impl HostActor {
                     lock: false,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(ArrivingDisks {
+            specs,
+            refs: hello.disks.iter().map(|m| m.disk.clone()).collect(),
+            create: Vec::new(),
+        })
+    }
+
+    /// Compute + storage: every disk gets a new image in datastore `target` here, which must
+    /// exist, have room for what the source images hold (plus a margin), and not have an
+    /// image of that name already.
+    fn disks_moving_to(&self, target: &str, hello: &Hello) -> Result<ArrivingDisks, String> {
+        let store = self.datastore(target)?;
+        let store = Datastore::open(&store.name, &store.path).map_err(|e| e.to_string())?;
+        let needed: u64 = hello.disks.iter().map(|m| m.allocated).sum::<u64>() + STORAGE_MARGIN;
+        let free = store.info().free_bytes;
+        if free < needed {
+            return Err(format!(
+                "datastore '{target}' on host '{}' has {} free; the disks need {} (what their images hold, plus a {} margin)",
+                self.settings.name,
+                ferry_runtime::units::format_bytes(free),
+                ferry_runtime::units::format_bytes(needed),
+                ferry_runtime::units::format_bytes(STORAGE_MARGIN)
+            ));
+        }
+        let mut arriving = ArrivingDisks {
+            specs: Vec::new(),
+            refs: Vec::new(),
+            create: Vec::new(),
+        };
+        for m in &hello.disks {
+            if !m
+                .size
+                .is_multiple_of(ferry_transport::memory::PAGE_SIZE as u64)
+            {
+                return Err(format!(
+                    "disk image {}:{} is {} bytes; a storage migration moves images of whole 4 KiB pages",
+                    m.disk.datastore, m.disk.file, m.size
+                ));
+            }
+            let path = store.image_path(&m.disk.file);
+            if path.exists() {
+                return Err(format!(
+                    "datastore '{target}' on host '{}' already has an image named '{}' ({}); Ferry does not overwrite it",
+                    self.settings.name,
+                    m.disk.file,
+                    path.display()
+                ));
+            }
+            arriving.specs.push(DiskSpec {
+                path: path.clone(),
+                read_only: m.disk.read_only,
+                id: m.disk.file.clone(),
+                lock: false,
+            });
+            arriving.refs.push(DiskRef {
+                datastore: target.to_string(),
+                file: m.disk.file.clone(),
+                read_only: m.disk.read_only,
+            });
+            arriving.create.push((path, m.size));
+        }
+        Ok(arriving)
     }
 
     /// Stage verify on the destination: name free, memory, CPU features, networks, limits.

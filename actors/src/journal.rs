@@ -106,6 +106,10 @@ pub struct MigrationRecord {
     /// of the guest's pause).
     #[serde(default)]
     pub resumed_after_commit_ms: Option<f64>,
+    /// Destination of a storage migration: the images it created, removed if the arrival is
+    /// discarded (by this process, or by a restarted hostd settling the record).
+    #[serde(default)]
+    pub created_images: Vec<std::path::PathBuf>,
     /// Last change, milliseconds since the Unix epoch.
     pub updated_unix_ms: u64,
 }
@@ -126,6 +130,7 @@ impl MigrationRecord {
             was_running: true,
             peer_journal: None,
             resumed_after_commit_ms: None,
+            created_images: Vec::new(),
             updated_unix_ms: now_unix_ms(),
         }
     }

@@ -181,6 +181,22 @@ pub fn discover(settings: &HostSettings, journal: &Journal) -> Result<Found, Str
                     ));
                     let _ = vmm.client.shutdown();
                 }
+                // A storage migration's partial images go with the arrival.
+                for image in &record.created_images {
+                    match std::fs::remove_file(image) {
+                        Ok(()) => found.notes.push(format!(
+                            "removed {} of discarded migration {}",
+                            image.display(),
+                            record.id
+                        )),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => found.notes.push(format!(
+                            "cannot remove {} of discarded migration {}: {e}",
+                            image.display(),
+                            record.id
+                        )),
+                    }
+                }
                 found.settled.push(record.with_phase(Phase::Discarded));
             }
             (_, Some(phase)) => {

@@ -549,6 +549,31 @@ impl Handler<DirtyLog> for VmActor {
     }
 }
 
+/// Disk-write recording for a storage migration: per disk, `(offset, length)` extents.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Vec<Vec<(u64, u64)>>, VmActorError>")]
+pub enum DiskLog {
+    /// Start recording; the answer is the extents each image holds data in (round one).
+    Start {
+        /// Granularity, bytes.
+        chunk: u64,
+    },
+    /// What was written since the last answer.
+    Fetch,
+}
+
+impl Handler<DiskLog> for VmActor {
+    type Result = Result<Vec<Vec<(u64, u64)>>, VmActorError>;
+
+    fn handle(&mut self, op: DiskLog, _: &mut Self::Context) -> Self::Result {
+        let vmm = self.vmm()?;
+        Ok(match op {
+            DiskLog::Start { chunk } => vmm.begin_disk_tracking(chunk)?,
+            DiskLog::Fetch => vmm.fetch_dirty_blocks()?,
+        })
+    }
+}
+
 /// Sets the guest throttle (percent).
 #[derive(Debug, Message)]
 #[rtype(result = "Result<(), VmActorError>")]
@@ -582,6 +607,10 @@ pub struct Frozen {
     pub paused_at: Instant,
     /// Pages written since the last fetch.
     pub dirty: DirtySet,
+    /// Per disk, extents written since the last fetch.
+    pub dirty_disks: Vec<Vec<(u64, u64)>>,
+    /// Per disk, the image's hash (with `--verify`).
+    pub disk_hashes: Vec<[u8; 16]>,
     /// Registers, devices, console.
     pub state: CapturedState,
 }
@@ -605,6 +634,8 @@ impl Handler<Freeze> for VmActor {
         Ok(Frozen {
             paused_at,
             dirty: frozen.dirty,
+            dirty_disks: frozen.dirty_disks,
+            disk_hashes: frozen.disk_hashes,
             state: CapturedState {
                 blob: frozen.blob,
                 console: frozen.console,

@@ -118,6 +118,12 @@ pub struct MigrateRequest {
     /// default cap.
     #[serde(default)]
     pub max_bandwidth: Option<String>,
+    /// Compute + storage: move every disk to this datastore of the destination.
+    #[serde(default)]
+    pub datastore: Option<String>,
+    /// After a storage migration, keep the source images.
+    #[serde(default)]
+    pub keep_source_disks: bool,
 }
 
 impl MigrateRequest {
@@ -135,6 +141,8 @@ impl MigrateRequest {
             max_rounds: self.max_rounds.unwrap_or(defaults.max_rounds),
             auto_converge: self.auto_converge.unwrap_or(defaults.auto_converge),
             max_bandwidth,
+            datastore: self.datastore.clone(),
+            keep_source_disks: self.keep_source_disks,
         })
     }
 }

@@ -372,6 +372,8 @@ fn validate(file: &Path, raw: ClusterFile) -> Result<Cluster, ConfigError> {
                         .map_err(|problem| invalid("migration.max_bandwidth".into(), problem))?,
                 ),
             },
+            datastore: None,
+            keep_source_disks: false,
         },
         max_concurrent: m
             .max_concurrent

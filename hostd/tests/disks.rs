@@ -337,3 +337,249 @@ fn a_disk_vm_outlives_a_killed_hostd_and_keeps_its_disk_and_lock() {
     wait_for_writes(&cluster, "k1", 64);
     assert_eq!(cluster.vm("k1").unwrap()["guest_failures"], 0);
 }
+
+/// Compute + storage: the disk moves to the destination's own datastore while the guest
+/// writes as fast as it can; the copy equals the source at the pause (`--verify` compares
+/// the images' hashes), the source image is deleted, and the guest finds every block it
+/// wrote. And back again, to the first host's local datastore.
+#[test]
+fn compute_and_storage_migration_to_a_local_datastore_while_the_guest_writes_heavily() {
+    let cluster = cluster(vec![HostSpec::new("alpha"), HostSpec::new("beta")]);
+    let alpha_local = cluster.dir().join("alpha").join("disks");
+    let beta_local = cluster.dir().join("beta").join("disks");
+    create_disk_vm(&cluster, "s1", "alpha-local:s1.raw,size=32M", "0");
+    wait_for_writes(&cluster, "s1", 512);
+    for (leg, (to, datastore, from_dir, to_dir)) in [
+        ("beta", "beta-local", &alpha_local, &beta_local),
+        ("alpha", "alpha-local", &beta_local, &alpha_local),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut args = vec![
+            "migrate",
+            "s1",
+            "--to",
+            to,
+            "--datastore",
+            datastore,
+            "--json",
+        ];
+        if leg == 0 {
+            args.push("--verify");
+        }
+        let report = cluster.ferryctl(&args).json();
+        assert_eq!(report["status"], "completed", "leg {leg}: {report:#}");
+        assert_eq!(report["storage"], format!("copied to {datastore}"));
+        if leg == 0 {
+            assert_eq!(report["memory_verified"], true, "{report:#}");
+        }
+        let vm = cluster.vm("s1").unwrap();
+        assert_eq!(vm["host"], to);
+        assert_eq!(vm["disks"][0]["datastore"], datastore, "{vm:#}");
+        assert_eq!(vm["disks"][0]["locked"], true);
+        assert_eq!(
+            vm["disks"][0]["path"],
+            to_dir.join("s1.raw").display().to_string()
+        );
+        assert!(files_in(from_dir).is_empty(), "the source image is deleted");
+        assert_eq!(files_in(to_dir), vec!["s1.raw"]);
+        wait_for_writes(&cluster, "s1", 256);
+        let vm = cluster.vm("s1").unwrap();
+        assert_eq!(vm["guest_failures"], 0, "leg {leg}: {vm:#}");
+    }
+}
+
+/// A storage migration that fails before the switch-over: the source runs on its untouched
+/// disk, and the target datastore holds nothing the migration made. A destination that
+/// already has an image of that name is refused at verify and keeps it.
+#[test]
+fn a_storage_migration_that_fails_leaves_nothing_in_the_target_datastore() {
+    let cluster = cluster(vec![
+        HostSpec::new("alpha"),
+        HostSpec::new("beta").fault("reject-state"),
+    ]);
+    let beta_local = cluster.dir().join("beta").join("disks");
+    create_disk_vm(&cluster, "f1", "alpha-local:f1.raw,size=16M", "0");
+    wait_for_writes(&cluster, "f1", 256);
+    let report = cluster
+        .ferryctl(&[
+            "migrate",
+            "f1",
+            "--to",
+            "beta",
+            "--datastore",
+            "beta-local",
+            "--json",
+        ])
+        .json();
+    assert_eq!(report["status"], "rolled_back", "{report:#}");
+    assert!(
+        files_in(&beta_local).is_empty(),
+        "{:?}",
+        files_in(&beta_local)
+    );
+    let vm = cluster.vm("f1").unwrap();
+    assert_eq!(vm["host"], "alpha");
+    assert_eq!(vm["state"], "running", "{vm:#}");
+    assert_eq!(vm["disks"][0]["locked"], true);
+    assert_eq!(
+        files_in(&cluster.dir().join("alpha").join("disks")),
+        vec!["f1.raw"]
+    );
+    wait_for_writes(&cluster, "f1", 256);
+    assert_eq!(cluster.vm("f1").unwrap()["guest_failures"], 0);
+
+    std::fs::write(beta_local.join("f1.raw"), b"someone else's").unwrap();
+    for (datastore, says) in [
+        ("beta-local", "already has an image named 'f1.raw'"),
+        ("nowhere", "has no datastore 'nowhere'"),
+    ] {
+        let result = cluster.ferryctl(&[
+            "migrate",
+            "f1",
+            "--to",
+            "beta",
+            "--datastore",
+            datastore,
+            "--json",
+        ]);
+        let report = result.json();
+        assert_ne!(report["status"], "completed");
+        let error = report["error"].as_str().unwrap_or_default();
+        assert!(error.contains(says), "{datastore}: {error}");
+    }
+    assert_eq!(
+        std::fs::read(beta_local.join("f1.raw")).unwrap(),
+        b"someone else's"
+    );
+    assert_eq!(cluster.vm("f1").unwrap()["state"], "running");
+}
+
+fn start_storage_migration(cluster: &TestCluster, vm: &str, body: &str) -> String {
+    let (status, answer) = cluster.api_post("alpha", &format!("/v1/vms/{vm}/migrate"), body);
+    assert_eq!(status, 202, "{answer}");
+    answer["id"].as_str().expect("migration id").to_string()
+}
+
+fn migration(cluster: &TestCluster, id: &str) -> Value {
+    cluster.api_get("alpha", &format!("/v1/migrations/{id}")).1
+}
+
+fn wait_final(cluster: &TestCluster, id: &str) -> Value {
+    let mut report = Value::Null;
+    cluster.wait_for("migration to end", Duration::from_secs(60), |c| {
+        report = migration(c, id);
+        ["completed", "rolled_back", "cancelled", "refused", "failed"]
+            .contains(&report["status"].as_str().unwrap_or(""))
+    });
+    report
+}
+
+/// A VM whose disk holds about 20 MiB, and a 4 MB/s cap: its disk copy takes seconds on any
+/// machine, so the test can act in the middle of it.
+fn slow_storage_migration(cluster: &TestCluster, vm: &str) -> String {
+    create_disk_vm(cluster, vm, &format!("alpha-local:{vm}.raw,size=32M"), "0");
+    wait_for_writes(cluster, vm, 8192);
+    let id = start_storage_migration(
+        cluster,
+        vm,
+        r#"{"to":"beta","datastore":"beta-local","max_bandwidth":"4M"}"#,
+    );
+    let beta_local = cluster.dir().join("beta").join("disks");
+    cluster.wait_for("the disk copy under way", Duration::from_secs(30), |c| {
+        migration(c, &id)["stage"] == "pre_copy" && !files_in(&beta_local).is_empty()
+    });
+    id
+}
+
+fn assert_source_runs_on(cluster: &TestCluster, vm: &str) {
+    let now = cluster.vm(vm).unwrap();
+    assert_eq!(now["host"], "alpha", "{now:#}");
+    assert_eq!(now["state"], "running", "{now:#}");
+    assert_eq!(now["disks"][0]["locked"], true);
+    assert_eq!(
+        files_in(&cluster.dir().join("alpha").join("disks")),
+        vec![format!("{vm}.raw")]
+    );
+    wait_for_writes(cluster, vm, 256);
+    assert_eq!(cluster.vm(vm).unwrap()["guest_failures"], 0);
+}
+
+#[test]
+fn a_storage_migration_cancelled_mid_copy_leaves_nothing_in_the_target_datastore() {
+    let cluster = cluster(vec![HostSpec::new("alpha"), HostSpec::new("beta")]);
+    let id = slow_storage_migration(&cluster, "c1");
+    cluster.ferryctl_ok(&["migrate-cancel", "c1"]);
+    let report = wait_final(&cluster, &id);
+    assert_eq!(report["status"], "cancelled", "{report:#}");
+    let beta_local = cluster.dir().join("beta").join("disks");
+    cluster.wait_for("the partial image removed", Duration::from_secs(10), |_| {
+        files_in(&beta_local).is_empty()
+    });
+    assert_source_runs_on(&cluster, "c1");
+}
+
+#[test]
+fn a_destination_killed_mid_disk_copy_rolls_back_and_its_restart_removes_the_partial_image() {
+    let mut cluster = cluster(vec![HostSpec::new("alpha"), HostSpec::new("beta")]);
+    let id = slow_storage_migration(&cluster, "k1");
+    cluster.kill("beta");
+    let report = wait_final(&cluster, &id);
+    assert_eq!(report["status"], "rolled_back", "{report:#}");
+    assert_source_runs_on(&cluster, "k1");
+    // The killed hostd could not clean up; the restarted one settles the arrival it finds
+    // on record as discarded, and removes the image it had created.
+    cluster.restart("beta");
+    let beta_local = cluster.dir().join("beta").join("disks");
+    cluster.wait_for("the partial image removed", Duration::from_secs(20), |_| {
+        files_in(&beta_local).is_empty()
+    });
+    assert!(cluster.vms_on("beta").is_empty());
+}
+
+/// Unmounts a test tmpfs when dropped.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_target_datastore_too_small_is_refused_at_verify() {
+    let cluster = cluster(vec![HostSpec::new("alpha"), HostSpec::new("beta")]);
+    let beta_local = cluster.dir().join("beta").join("disks");
+    std::fs::create_dir_all(&beta_local).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&beta_local)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mounting a small tmpfs for the test");
+    let _unmount = Mounted(beta_local.clone());
+    create_disk_vm(&cluster, "big", "alpha-local:big.raw,size=32M", "0");
+    wait_for_writes(&cluster, "big", 8192);
+    let result = cluster.ferryctl(&[
+        "migrate",
+        "big",
+        "--to",
+        "beta",
+        "--datastore",
+        "beta-local",
+        "--json",
+    ]);
+    let report = result.json();
+    assert_ne!(report["status"], "completed", "{report:#}");
+    let error = report["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("datastore 'beta-local' on host 'beta' has") && error.contains("free"),
+        "{error}"
+    );
+    assert!(files_in(&beta_local).is_empty());
+    assert_source_runs_on(&cluster, "big");
+}

@@ -859,6 +859,16 @@ impl Vm {
         self.devices.disks().iter().map(Disk::fetch_dirty).collect()
     }
 
+    /// xxh3-128 of every disk image's content.
+    pub fn disk_hashes(&self) -> Result<Vec<u128>, VmError> {
+        Ok(self
+            .devices
+            .disks()
+            .iter()
+            .map(Disk::hash)
+            .collect::<Result<_, _>>()?)
+    }
+
     /// Stops recording disk writes.
     pub fn stop_disk_tracking(&self) {
         for disk in self.devices.disks() {

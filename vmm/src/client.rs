@@ -212,6 +212,30 @@ impl VmmClient {
         self.dirty(Request::FetchDirty, "FetchDirty")
     }
 
+    /// Starts recording disk writes; per disk, the extents holding data.
+    pub fn begin_disk_tracking(
+        &mut self,
+        chunk: u64,
+    ) -> Result<Vec<Vec<(u64, u64)>>, VmmClientError> {
+        self.extents(Request::BeginDiskTracking { chunk }, "BeginDiskTracking")
+    }
+
+    /// Per disk, the extents written since the last answer.
+    pub fn fetch_dirty_blocks(&mut self) -> Result<Vec<Vec<(u64, u64)>>, VmmClientError> {
+        self.extents(Request::FetchDirtyBlocks, "FetchDirtyBlocks")
+    }
+
+    fn extents(
+        &mut self,
+        request: Request,
+        name: &'static str,
+    ) -> Result<Vec<Vec<(u64, u64)>>, VmmClientError> {
+        match self.call(&request)? {
+            Response::DiskExtents(extents) => Ok(extents),
+            other => Err(self.unexpected(name, other)),
+        }
+    }
+
     /// Stops dirty tracking.
     pub fn stop_tracking(&mut self) -> Result<(), VmmClientError> {
         self.done(Request::StopTracking, "StopTracking")

@@ -88,8 +88,16 @@ pub enum Request {
     BeginTracking,
     /// The pages written since the last answer.
     FetchDirty,
-    /// Stop dirty tracking (if on).
+    /// Stop dirty tracking (if on), of memory and disks.
     StopTracking,
+    /// Start recording disk writes in `chunk`-byte units; the answer is, per disk, the
+    /// extents its image holds data in (a storage copy's first round).
+    BeginDiskTracking {
+        /// Granularity, bytes.
+        chunk: u64,
+    },
+    /// Per disk, the extents written since the last answer.
+    FetchDirtyBlocks,
     /// Stop-and-copy in one step: pause, throttle off, last dirty pages, state; then the
     /// disks flushed and their locks let go for the destination.
     Freeze {
@@ -136,6 +144,11 @@ pub struct FrozenState {
     pub console_total: u64,
     /// Memory hash, if asked.
     pub memory_hash: Option<[u8; 16]>,
+    /// Per disk, the extents written since the last fetch (empty unless disk writes are
+    /// being recorded).
+    pub dirty_disks: Vec<Vec<(u64, u64)>>,
+    /// Per disk, the image's hash, if a memory hash was asked.
+    pub disk_hashes: Vec<[u8; 16]>,
     /// Microseconds the VMM took (pause, fetch, capture, hash).
     pub took_us: u64,
 }
@@ -192,6 +205,8 @@ pub enum Response {
     Info(Box<VmmInfo>),
     /// Answer to `BeginTracking` and `FetchDirty`.
     Dirty(DirtySet),
+    /// Answer to `BeginDiskTracking` and `FetchDirtyBlocks`: per disk, `(offset, length)`.
+    DiskExtents(Vec<Vec<(u64, u64)>>),
     /// Answer to `Freeze`.
     Frozen(Box<FrozenState>),
     /// Answer to `LoadState`: whether memory was verified.

@@ -217,8 +217,13 @@ impl Server {
                 if vm.dirty_log_enabled() {
                     vm.stop_dirty_log().map_err(runtime_error)?;
                 }
+                vm.stop_disk_tracking();
                 Response::Done
             }
+            Request::BeginDiskTracking { chunk } => {
+                Response::DiskExtents(vm.begin_disk_tracking(chunk).map_err(runtime_error)?)
+            }
+            Request::FetchDirtyBlocks => Response::DiskExtents(vm.fetch_dirty_blocks()),
             Request::Freeze { hash_memory } => Response::Frozen(Box::new(freeze(vm, hash_memory)?)),
             Request::LoadState(state) => Response::Loaded {
                 verified: load_state(vm, &state)?,
@@ -364,8 +369,18 @@ fn freeze(vm: &mut Vm, hash_memory: bool) -> Result<FrozenState, VmmError> {
     vm.pause().map_err(runtime_error)?;
     vm.set_throttle(0);
     let dirty = vm.fetch_dirty().map_err(runtime_error)?;
+    let dirty_disks = vm.fetch_dirty_blocks();
     let state = vm.capture_state().map_err(runtime_error)?;
     vm.release_disks().map_err(runtime_error)?;
+    let disk_hashes = if hash_memory {
+        vm.disk_hashes()
+            .map_err(runtime_error)?
+            .into_iter()
+            .map(u128::to_le_bytes)
+            .collect()
+    } else {
+        Vec::new()
+    };
     let blob =
         blob::encode(&state).map_err(|e| VmmError::new(VmmErrorKind::BadState, chain(&e)))?;
     Ok(FrozenState {
@@ -374,6 +389,8 @@ fn freeze(vm: &mut Vm, hash_memory: bool) -> Result<FrozenState, VmmError> {
         console: vm.console().history(),
         console_total: vm.console().total_bytes(),
         memory_hash: hash_memory.then(|| vm.ram().hash().to_le_bytes()),
+        dirty_disks,
+        disk_hashes,
         took_us: started.elapsed().as_micros() as u64,
     })
 }

@@ -32,6 +32,31 @@ use crate::settings::{Fault, HostSettings};
 use crate::vm_actor::{EndMigrateIn, IncomingRam, LoadIncomingState, VmActor};
 
 /// Writes `record` to the journal off the actor's thread (it fsyncs).
+/// Flushes the images a storage migration wrote and compares them with the source's
+/// hashes, when the source sent any.
+fn check_moved_images(images: &[std::path::PathBuf], hashes: &[[u8; 16]]) -> Result<(), String> {
+    use ferry_runtime::devices::virtio::block::DiskImage;
+    for (index, path) in images.iter().enumerate() {
+        let image =
+            DiskImage::open_unlocked(path, false).map_err(|e| ferry_transport::report(&e))?;
+        image
+            .flush()
+            .map_err(|e| format!("flushing the moved image {}: {e}", path.display()))?;
+        if let Some(expected) = hashes.get(index) {
+            let expected = u128::from_le_bytes(*expected);
+            let local = ferry_runtime::devices::disk::hash_image(&image)
+                .map_err(|e| format!("hashing the moved image {}: {e}", path.display()))?;
+            if local != expected {
+                return Err(format!(
+                    "disk hash mismatch for {}: destination {local:032x}, source {expected:032x}",
+                    path.display()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn persist(journal: Arc<Journal>, record: MigrationRecord) -> Result<(), String> {
     let phase = record.phase;
     actix_rt::task::spawn_blocking(move || journal.record(&record))
@@ -64,6 +89,8 @@ pub struct DestinationMigration {
     ram: Option<Arc<GuestRam>>,
     /// The console log file the arriving VM writes, to restore if the copy is discarded.
     console_log: Option<ConsoleLogClaim>,
+    /// Images this migration created (compute + storage): removed if the copy is dropped.
+    created_images: Vec<std::path::PathBuf>,
     data: Option<DataReceiver>,
     /// Resume at commit (the VM was running on the source) or keep it paused.
     run_after_commit: bool,
@@ -112,6 +139,7 @@ impl DestinationMigration {
             vm: None,
             ram: None,
             console_log: None,
+            created_images: Vec::new(),
             data: None,
             run_after_commit: true,
             owned: false,
@@ -209,10 +237,19 @@ impl DestinationMigration {
         let id = self.id;
         let name = self.report.vm.clone();
         let console_log = self.console_log.take();
+        let created_images = std::mem::take(&mut self.created_images);
         let record = self.record.as_ref().map(|r| r.with_phase(Phase::Discarded));
         let journal = Arc::clone(&self.journal);
         ctx.wait(
             async move {
+                // Nothing left behind in the target datastore, before anything else: once
+                // the source reads the reason, its operator may look. (Unlinking an image the
+                // receivers or the VMM still have open is fine; the space goes when they end.)
+                for image in created_images {
+                    if let Err(error) = std::fs::remove_file(&image) {
+                        tracing::warn!(image = %image.display(), %error, "removing a partial image failed");
+                    }
+                }
                 if let (Some(control), Some(message)) = (&control, last_word) {
                     let _ = control.send(&message).await;
                 }
@@ -272,6 +309,7 @@ impl DestinationMigration {
         let session = SessionId(self.id.as_u64_pair().0);
         let streams = usize::from(plan.streams);
         let journal = Arc::clone(&self.journal);
+        let journal_again = Arc::clone(&self.journal);
         let record = MigrationRecord::new(
             self.id,
             &self.hello.identity.name,
@@ -282,16 +320,30 @@ impl DestinationMigration {
             // Before anything is built: every migration that could reach a commit is on
             // record, so "no record" from this journal proves it never did.
             persist(journal, record.clone()).await?;
-            let (vm, console_log) = host
+            let (vm, console_log, created) = host
                 .send(PrepareIncoming { hello, report })
                 .await
                 .map_err(|e| e.to_string())??;
+            let mut record = record;
+            if !created.is_empty() {
+                // On record before any block arrives: a restarted hostd that discards this
+                // arrival removes them too.
+                record.created_images = created.clone();
+                persist(Arc::clone(&journal_again), record.clone()).await?;
+            }
             let ram = vm
                 .send(IncomingRam)
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
-            let sink = memory::fresh_destination(Arc::clone(&ram))
+            let mut mappings = Vec::new();
+            for (index, image) in created.iter().enumerate() {
+                mappings.push(
+                    memory::DiskMapping::open(index, image, true)
+                        .map_err(|e| format!("mapping the new image {}: {e}", image.display()))?,
+                );
+            }
+            let sink = memory::fresh_destination(Arc::clone(&ram), mappings)
                 .map_err(|e| ferry_transport::report(&e))?;
             let bind: SocketAddr = settings
                 .data_addrs
@@ -308,10 +360,11 @@ impl DestinationMigration {
             let receiver =
                 DataReceiver::start(listener, sink, ReceiverConfig::new(session, placement))
                     .map_err(|e| ferry_transport::report(&e))?;
-            Ok::<_, String>((record, (vm, ram, console_log), receiver, addr))
+            Ok::<_, String>((record, (vm, ram, console_log, created), receiver, addr))
         };
         ctx.wait(work.into_actor(self).map(|result, act, ctx| match result {
-            Ok((record, (vm, ram, console_log), receiver, addr)) => {
+            Ok((record, (vm, ram, console_log, created), receiver, addr)) => {
+                act.created_images = created;
                 act.record = Some(record);
                 act.vm = Some(vm);
                 act.ram = Some(ram);
@@ -344,9 +397,10 @@ impl DestinationMigration {
         ctx: &mut Context<Self>,
         blob: Vec<u8>,
         (console, console_total): (Vec<u8>, u64),
-        memory_hash: Option<[u8; 16]>,
+        (memory_hash, disk_hashes): (Option<[u8; 16]>, Vec<[u8; 16]>),
     ) {
         self.stage(Stage::SwitchOver);
+        let created = self.created_images.clone();
         let Some(data) = self.data.take() else {
             return self.discard(ctx, "state arrived before the data streams".into());
         };
@@ -364,6 +418,13 @@ impl DestinationMigration {
                 .map_err(|e| e.to_string())?
                 .map_err(|e| format!("receiving memory: {}", ferry_transport::report(&e)))?;
             let received_ms = waiting.elapsed().as_secs_f64() * 1e3;
+            if !created.is_empty() {
+                // The moved disks: durable here before the source may delete its images,
+                // and, with --verify, equal to the source's at the pause.
+                actix_rt::task::spawn_blocking(move || check_moved_images(&created, &disk_hashes))
+                    .await
+                    .map_err(|e| e.to_string())??;
+            }
             if fault == Some(Fault::CorruptArrivingMemory)
                 && let Some(ram) = ram
             {
@@ -624,6 +685,7 @@ impl StreamHandler<Result<ToDestination, ControlError>> for DestinationMigration
                 console,
                 console_total,
                 memory_hash,
+                disk_hashes,
                 was_running,
             } => {
                 if self.settings.fault == Some(Fault::DropControlOnState) {
@@ -633,7 +695,12 @@ impl StreamHandler<Result<ToDestination, ControlError>> for DestinationMigration
                 }
                 self.report.state_bytes = blob.len() as u64;
                 self.run_after_commit = was_running;
-                self.load_state(ctx, blob, (console, console_total), memory_hash);
+                self.load_state(
+                    ctx,
+                    blob,
+                    (console, console_total),
+                    (memory_hash, disk_hashes),
+                );
             }
             ToDestination::Commit => {
                 let run = self.run_after_commit;

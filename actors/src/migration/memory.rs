@@ -21,24 +21,148 @@ fn raw_regions(ram: &GuestRam) -> Vec<RawRegion> {
         .collect()
 }
 
-/// The source side: memory the running guest keeps writing. The returned object holds
-/// `ram`, so the mappings and the memfd outlive every copy worker.
-pub fn source(ram: Arc<GuestRam>) -> Result<Arc<GuestRegions>, MemoryError> {
-    // SAFETY: the regions are the VM's memfd mappings, kept mapped (and the memfd open) by
-    // `ram`, which the returned object holds; runtime code touches guest memory only through
-    // vm-memory's volatile copies, never through references.
-    let regions = unsafe { GuestRegions::new(&raw_regions(&ram)) }?;
-    Ok(Arc::new(regions.holding(ram)))
+/// The source side: memory the running guest keeps writing, and the disk images a storage
+/// migration copies (read with `pread`, like memory). The returned object holds `ram` and
+/// `disks`, so the mappings, the memfd and the image files outlive every copy worker.
+pub fn source(
+    ram: Arc<GuestRam>,
+    disks: Vec<DiskMapping>,
+) -> Result<Arc<GuestRegions>, MemoryError> {
+    let mut raw = raw_regions(&ram);
+    raw.extend(disks.iter().map(DiskMapping::raw));
+    // SAFETY: the memory regions are the VM's memfd mappings, kept mapped (and the memfd
+    // open) by `ram`; the disk regions are mappings of the image files kept mapped and open
+    // by `disks`; the returned object holds both. Runtime code touches guest memory only
+    // through vm-memory's volatile copies, and nothing in this process holds references into
+    // the image mappings.
+    let regions = unsafe { GuestRegions::new(&raw) }?;
+    Ok(Arc::new(regions.holding(ram).holding(Arc::new(disks))))
 }
 
 /// The destination side: the freshly created, all-zero memory of an arriving VM, which
-/// nothing else writes until it is resumed.
-pub fn fresh_destination(ram: Arc<GuestRam>) -> Result<Arc<GuestRegions>, MemoryError> {
+/// nothing else writes until it is resumed, and the fresh (all-hole) images of a storage
+/// migration, written with `pwrite`; zero blocks are skipped and stay holes.
+pub fn fresh_destination(
+    ram: Arc<GuestRam>,
+    disks: Vec<DiskMapping>,
+) -> Result<Arc<GuestRegions>, MemoryError> {
+    let mut raw = raw_regions(&ram);
+    raw.extend(disks.iter().map(DiskMapping::raw));
     // SAFETY: as for `source`; in addition the VM was just created from a fresh memfd (all
-    // zero) and is not run before the transfer completes (the destination migration actor
-    // resumes it only after every receiver has finished).
-    let regions = unsafe { GuestRegions::new_zeroed(&raw_regions(&ram)) }?;
-    Ok(Arc::new(regions.holding(ram)))
+    // zero), the images were just created sparse (all zero), and neither is used by anything
+    // else before the transfer completes (the VM runs, and its disks are served, only after
+    // every receiver has finished).
+    let regions = unsafe { GuestRegions::new_zeroed(&raw) }?;
+    Ok(Arc::new(regions.holding(ram).holding(Arc::new(disks))))
+}
+
+/// Where disk `index`'s bytes are in the transfer's address space: far above any guest RAM,
+/// 4 TiB apart, so a storage migration's blocks travel as pages of their own regions.
+pub fn disk_base(index: usize) -> u64 {
+    DISK_SPACE_BASE + index as u64 * DISK_SPACE_STRIDE
+}
+
+/// First address of the disks' space (64 TiB, beyond any RAM a VM here has).
+pub const DISK_SPACE_BASE: u64 = 1 << 46;
+/// Space per disk: the largest image a storage migration moves.
+pub const DISK_SPACE_STRIDE: u64 = 1 << 42;
+
+/// A disk image mapped into this process for a storage copy.
+#[derive(Debug)]
+pub struct DiskMapping {
+    file: std::fs::File,
+    addr: *mut u8,
+    len: usize,
+    base: u64,
+}
+
+// SAFETY: the mapping is shared file memory accessed only through the transport's raw copies;
+// the pointer is not tied to a thread.
+unsafe impl Send for DiskMapping {}
+// SAFETY: as above; no method hands out references into the mapping.
+unsafe impl Sync for DiskMapping {}
+
+impl DiskMapping {
+    /// Maps image `index` at `path` (`writable` on a destination). Its size must be a
+    /// whole number of pages and at most [`DISK_SPACE_STRIDE`].
+    pub fn open(index: usize, path: &std::path::Path, writable: bool) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)?;
+        let len = file.metadata()?.len();
+        let page = ferry_transport::memory::PAGE_SIZE as u64;
+        if len == 0 || !len.is_multiple_of(page) || len > DISK_SPACE_STRIDE {
+            return Err(std::io::Error::other(format!(
+                "{} is {len} bytes; a storage migration moves images of whole 4 KiB pages up to 4 TiB",
+                path.display()
+            )));
+        }
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: a new shared mapping of an open file, of its current length; checked below.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                prot,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(DiskMapping {
+            file,
+            addr: addr.cast(),
+            len: len as usize,
+            base: disk_base(index),
+        })
+    }
+
+    fn raw(&self) -> RawRegion {
+        RawRegion {
+            guest_phys_addr: self.base,
+            host_addr: self.addr,
+            len: self.len,
+            file: Some(RegionFile {
+                fd: self.file.as_raw_fd(),
+                offset: 0,
+            }),
+        }
+    }
+}
+
+impl Drop for DiskMapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `open`, unmapped once, when nothing uses it any more
+        // (the regions holding it are gone).
+        unsafe { libc::munmap(self.addr.cast(), self.len) };
+    }
+}
+
+/// Disk extents (per disk, byte ranges) as the transport's page ranges in the disks' space.
+pub fn disk_ranges(extents: &[Vec<(u64, u64)>]) -> Vec<PageRange> {
+    let page = ferry_transport::memory::PAGE_SIZE as u64;
+    let mut ranges = Vec::new();
+    for (index, disk) in extents.iter().enumerate() {
+        for &(offset, len) in disk {
+            let first = offset / page;
+            let end = (offset + len).div_ceil(page);
+            if end > first {
+                ranges.push(PageRange::new(
+                    (disk_base(index) / page) + first,
+                    end - first,
+                ));
+            }
+        }
+    }
+    ranges
 }
 
 /// Converts the runtime's page ranges (by address) into the transport's (by frame number).

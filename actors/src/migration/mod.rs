@@ -33,6 +33,13 @@ pub struct MigrationOptions {
     /// Cap on the memory copy, bytes per second on the wire over all streams together
     /// (`None`: as fast as the link goes).
     pub max_bandwidth: Option<u64>,
+    /// Compute + storage: move every disk to this datastore of the destination while the
+    /// VM runs (`None`: compute only, the disks stay on a shared datastore).
+    #[serde(default)]
+    pub datastore: Option<String>,
+    /// After a storage migration, keep the source images instead of deleting them.
+    #[serde(default)]
+    pub keep_source_disks: bool,
 }
 
 impl Default for MigrationOptions {
@@ -44,6 +51,8 @@ impl Default for MigrationOptions {
             max_rounds: 30,
             auto_converge: true,
             max_bandwidth: None,
+            datastore: None,
+            keep_source_disks: false,
         }
     }
 }

@@ -43,6 +43,9 @@ pub struct Hello {
     pub verify: bool,
     /// The VM's disks, in slot order.
     pub disks: Vec<MigratingDisk>,
+    /// Compute + storage: the destination datastore every disk moves to.
+    #[serde(default)]
+    pub storage_target: Option<String>,
 }
 
 /// A disk of a migrating VM, as the destination must find it.
@@ -54,6 +57,9 @@ pub struct MigratingDisk {
     pub identity: String,
     /// Image size, bytes.
     pub size: u64,
+    /// Bytes the image holds on the source (for the free-space check of a storage move).
+    #[serde(default)]
+    pub allocated: u64,
 }
 
 /// Source → destination.
@@ -84,6 +90,9 @@ pub enum ToDestination {
         console_total: u64,
         /// xxh3-128 of guest memory at the pause, with `--verify`.
         memory_hash: Option<[u8; 16]>,
+        /// Per moved disk, xxh3-128 of the source image at the pause, with `--verify` of a
+        /// storage migration.
+        disk_hashes: Vec<[u8; 16]>,
         /// Whether the VM was running (resume it) or paused (keep it paused).
         was_running: bool,
     },
@@ -172,6 +181,7 @@ mod tests {
             networks: vec!["net".into()],
             boot: "counter".into(),
             ip: None,
+            storage_target: None,
             disks: vec![MigratingDisk {
                 disk: crate::datastore::DiskRef {
                     datastore: "shared".into(),
@@ -180,6 +190,7 @@ mod tests {
                 },
                 identity: "id".into(),
                 size: 1 << 20,
+                allocated: 4096,
             }],
             capabilities: caps.clone(),
             verify: true,

@@ -29,7 +29,9 @@ use crate::control_server::control_config;
 use crate::host_actor::{CancelRequest, HostActor, MigrationUpdate, VmStateChanged};
 use crate::journal::{Journal, MigrationRecord, Phase, Role};
 use crate::settings::{HostSettings, Peer};
-use crate::vm_actor::{DirtyLog, EndMigrateOut, Freeze, Frozen, OutgoingVm, SetThrottle, VmActor};
+use crate::vm_actor::{
+    DirtyLog, DiskLog, EndMigrateOut, Freeze, Frozen, OutgoingVm, SetThrottle, VmActor,
+};
 
 type Sender = DataSender<GuestRegions>;
 
@@ -37,6 +39,9 @@ type Sender = DataSender<GuestRegions>;
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
 /// Pause between in-doubt queries.
 const QUERY_RETRY: Duration = Duration::from_millis(500);
+/// Granularity of the disk-write bitmap of a storage migration.
+const DISK_CHUNK: u64 = ferry_runtime::devices::virtio::block::dirty_blocks::DEFAULT_CHUNK;
+
 /// After a failure seen here (a data stream broke, a timeout), how long the control channel
 /// may still deliver the destination's own reason before the report is final.
 const REASON_GRACE: Duration = Duration::from_secs(2);
@@ -83,6 +88,8 @@ pub struct SourceMigration {
     /// A rollback whose report waits for the destination's reason (see `REASON_GRACE`):
     /// the final stage and status, and the error seen here.
     awaiting_reason: Option<(Stage, &'static str, String)>,
+    /// Compute + storage: disk blocks written since the last round, still to send.
+    disk_pending: Vec<ferry_transport::memory::PageRange>,
 }
 
 impl std::fmt::Debug for SourceMigration {
@@ -170,7 +177,13 @@ impl SourceMigration {
             cancel_requested: false,
             done: false,
             awaiting_reason: None,
+            disk_pending: Vec::new(),
         }
+    }
+
+    /// Whether the disks move too (compute + storage).
+    fn moves_storage(&self) -> bool {
+        self.options.datastore.is_some() && !self.outgoing.disks.is_empty()
     }
 
     /// The migration a restarted hostd finds recorded with its commit sent and no outcome:
@@ -427,7 +440,23 @@ impl SourceMigration {
         let Some(plan) = self.plan.clone() else {
             return self.fail(ctx, Stage::Prepare, "no transport plan".into());
         };
-        let source = match memory::source(Arc::clone(&self.outgoing.ram)) {
+        let moves_storage = self.moves_storage();
+        let mut mappings = Vec::new();
+        if moves_storage {
+            for (index, disk) in self.outgoing.disks.iter().enumerate() {
+                match memory::DiskMapping::open(index, &disk.path, false) {
+                    Ok(mapping) => mappings.push(mapping),
+                    Err(e) => {
+                        return self.fail(
+                            ctx,
+                            Stage::Prepare,
+                            format!("mapping disk image {}: {e}", disk.path.display()),
+                        );
+                    }
+                }
+            }
+        }
+        let source = match memory::source(Arc::clone(&self.outgoing.ram), mappings) {
             Ok(source) => source,
             Err(e) => return self.fail(ctx, Stage::Prepare, error_chain(&e)),
         };
@@ -469,7 +498,17 @@ impl SourceMigration {
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| format!("starting dirty-page tracking: {e}"))?;
-            Ok::<_, String>((sender, first_round))
+            let mut ranges = to_transport_ranges(first_round.ranges());
+            if moves_storage {
+                // The disks' round one likewise: recording on, then the images' data.
+                let extents = vm
+                    .send(DiskLog::Start { chunk: DISK_CHUNK })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("starting disk-write tracking: {e}"))?;
+                ranges.extend(memory::disk_ranges(&extents));
+            }
+            Ok::<_, String>((sender, ranges))
         };
         ctx.wait(
             connect
@@ -480,9 +519,9 @@ impl SourceMigration {
                         act.data_stats = Some(sender.stats_handle());
                         act.data = Some(sender);
                         act.stage(Stage::PreCopy);
-                        // Round one: everything ever written. Never-touched memory is zero on both
-                        // sides already.
-                        act.run_round(ctx, to_transport_ranges(first_round.ranges()));
+                        // Round one: everything ever written. Never-touched memory and disk
+                        // holes are zero on both sides already.
+                        act.run_round(ctx, first_round);
                     }
                     Err(e) => act.fail(ctx, Stage::Prepare, e),
                 }),
@@ -547,6 +586,7 @@ impl SourceMigration {
         let round = self.report.round;
         let control = self.control.clone();
         let vm = self.vm.clone();
+        let moves_storage = self.moves_storage();
         // One future: the progress message leaves before anything that follows the fetch
         // (actix runs the newest `ctx.wait` future first, so two would run backwards).
         let work = async move {
@@ -556,26 +596,40 @@ impl SourceMigration {
                     .await
                     .map_err(|e| format!("control channel: {}", error_chain(&e)))?;
             }
-            vm.send(DirtyLog::Fetch)
+            let pages = vm
+                .send(DirtyLog::Fetch)
                 .await
                 .map_err(|e| e.to_string())?
-                .map_err(|e| format!("fetching dirty pages: {e}"))
+                .map_err(|e| format!("fetching dirty pages: {e}"))?;
+            let blocks = if moves_storage {
+                let extents = vm
+                    .send(DiskLog::Fetch)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("fetching written disk blocks: {e}"))?;
+                memory::disk_ranges(&extents)
+            } else {
+                Vec::new()
+            };
+            Ok::<_, String>((pages, blocks))
         };
         ctx.wait(
             work
                 .into_actor(self)
                 .map(move |result, act, ctx| {
-                    let dirty = match result {
+                    let (dirty, blocks) = match result {
                         Ok(dirty) => dirty,
                         Err(e) => return act.fail(ctx, Stage::PreCopy, e),
                     };
-                    act.report.remaining_bytes = dirty.bytes();
+                    let block_bytes: u64 = blocks.iter().map(|r| r.bytes()).sum();
+                    let dirty_bytes = dirty.bytes() + block_bytes;
+                    act.report.remaining_bytes = dirty_bytes;
                     let decision = decide(
                         RoundOutcome {
                             rounds_done: act.report.round,
                             sent_bytes: bytes,
                             seconds,
-                            dirty_bytes: dirty.bytes(),
+                            dirty_bytes,
                             throttle: act.throttle,
                         },
                         act.options.downtime_ms,
@@ -583,7 +637,7 @@ impl SourceMigration {
                         act.options.auto_converge,
                     );
                     let rate = act.report.rate_bytes_per_s.max(1.0);
-                    act.report.eta_ms = Some(dirty.bytes() as f64 / rate * 1000.0);
+                    act.report.eta_ms = Some(dirty_bytes as f64 / rate * 1000.0);
                     match decision {
                         Decision::Continue { throttle } => {
                             if throttle != act.throttle {
@@ -592,7 +646,9 @@ impl SourceMigration {
                                 act.report.throttle_pct = act.report.throttle_pct.max(throttle);
                                 act.vm.do_send(SetThrottle(throttle));
                             }
-                            act.run_round(ctx, to_transport_ranges(dirty.ranges()));
+                            let mut ranges = to_transport_ranges(dirty.ranges());
+                            ranges.extend(blocks);
+                            act.run_round(ctx, ranges);
                         }
                         Decision::StopAndCopy {
                             expected_downtime_ms,
@@ -601,6 +657,7 @@ impl SourceMigration {
                             if forced {
                                 tracing::warn!(migration = %act.id, expected_downtime_ms, "round limit reached; stopping the guest above the downtime target");
                             }
+                            act.disk_pending = blocks;
                             act.stop_and_copy(ctx, dirty);
                         }
                     }
@@ -668,12 +725,24 @@ impl SourceMigration {
             return self.fail(ctx, Stage::StopAndCopy, "control channel missing".into());
         };
         let was_running = self.outgoing.was_running;
+        let mut blocks = std::mem::take(&mut self.disk_pending);
+        if self.moves_storage() {
+            // Disk blocks the last round left and those written since; a block in both is
+            // sent twice, both times as the paused guest left it.
+            blocks.extend(memory::disk_ranges(&frozen.dirty_disks));
+        }
+        let disk_hashes = if self.moves_storage() {
+            frozen.disk_hashes.clone()
+        } else {
+            Vec::new()
+        };
         let work = async move {
             let frozen_ms = ms(frozen.paused_at.elapsed());
             // What the last round left plus what changed since: each page once.
             let mut all = pending;
             all.union_with(&frozen.dirty).map_err(|e| e.to_string())?;
-            let ranges = to_transport_ranges(all.ranges());
+            let mut ranges = to_transport_ranges(all.ranges());
+            ranges.extend(blocks);
             let pages: u64 = ranges.iter().map(|r| r.count).sum();
             let copy = actix_rt::task::spawn_blocking(move || {
                 sender.send(&ranges)?;
@@ -689,6 +758,7 @@ impl SourceMigration {
                     console: frozen.state.console,
                     console_total: frozen.state.console_total,
                     memory_hash: frozen.state.memory_hash.map(u128::to_le_bytes),
+                    disk_hashes,
                     was_running,
                 })
                 .await
@@ -757,8 +827,24 @@ impl SourceMigration {
         // and the source copy's teardown (its VMM process ending) is not part of it.
         self.publish();
         let vm = self.vm.clone();
+        // Compute + storage: the images now live on the destination; the source's go, as
+        // vMotion removes them, unless the operator keeps them.
+        let obsolete: Vec<std::path::PathBuf> =
+            if self.moves_storage() && !self.options.keep_source_disks {
+                self.outgoing.disks.iter().map(|d| d.path.clone()).collect()
+            } else {
+                Vec::new()
+            };
         ctx.wait(
-            async move { vm.send(EndMigrateOut::Complete).await }
+            async move {
+                let ended = vm.send(EndMigrateOut::Complete).await;
+                for image in obsolete {
+                    if let Err(error) = std::fs::remove_file(&image) {
+                        tracing::error!(image = %image.display(), %error, "removing the source image after a storage migration failed");
+                    }
+                }
+                ended
+            }
                 .into_actor(self)
                 .map(|result, act, ctx| {
                     match result {
@@ -964,6 +1050,7 @@ fn migrating_disks(settings: &HostSettings, outgoing: &OutgoingVm) -> Vec<Migrat
                 disk: disk.clone(),
                 identity,
                 size: outgoing.disks.get(i).map_or(0, |d| d.size),
+                allocated: outgoing.disks.get(i).map_or(0, |d| d.allocated),
             }
         })
         .collect()
@@ -1004,15 +1091,13 @@ impl Actor for SourceMigration {
             capabilities: capabilities.clone(),
             verify: self.options.verify,
             disks: migrating_disks(&self.settings, &self.outgoing),
+            storage_target: self.options.datastore.clone(),
         };
-        self.report.storage = Some(
-            if hello.disks.is_empty() {
-                "none"
-            } else {
-                "shared"
-            }
-            .into(),
-        );
+        self.report.storage = Some(match (&hello.storage_target, hello.disks.is_empty()) {
+            (_, true) => "none".into(),
+            (Some(target), false) => format!("copied to {target}"),
+            (None, false) => "shared".into(),
+        });
         self.report.disks = hello
             .disks
             .iter()

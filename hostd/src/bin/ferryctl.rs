@@ -181,6 +181,14 @@ struct MigrateArgs {
     /// 64MiB/s, or `none` (default from the configuration: uncapped).
     #[arg(long)]
     max_bandwidth: Option<String>,
+    /// Compute + storage: move every disk to this datastore of the destination while the VM
+    /// runs (no shared storage needed). Without it, the disks must be on a datastore both
+    /// hosts share.
+    #[arg(long)]
+    datastore: Option<String>,
+    /// After a storage migration, keep the source images instead of deleting them.
+    #[arg(long, requires = "datastore")]
+    keep_source_disks: bool,
     /// Print one JSON object when done instead of progress and a report.
     #[arg(long)]
     json: bool,
@@ -392,6 +400,8 @@ fn migrate(client: &Client, args: &MigrateArgs) -> Result<i32> {
         max_rounds: args.max_rounds,
         auto_converge: args.no_auto_converge.then_some(false),
         max_bandwidth: args.max_bandwidth.clone(),
+        datastore: args.datastore.clone(),
+        keep_source_disks: args.keep_source_disks,
     };
     let (source, started) = client.migrate(&args.name, &request)?;
     let view = (!args.json).then(|| ProgressView::new(&args.name, &source.name, &args.to));

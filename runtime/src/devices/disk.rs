@@ -362,6 +362,16 @@ impl Disk {
             .stop_dirty_tracking();
     }
 
+    /// xxh3-128 of the image's content (for `--verify` of a storage migration).
+    pub fn hash(&self) -> Result<u128, DiskError> {
+        let core = self.shared.lock();
+        let image = core.transport.device().image();
+        hash_image(image).map_err(|source| DiskError::Scan {
+            path: image.path().to_path_buf(),
+            source,
+        })
+    }
+
     /// What the operator sees of this disk.
     pub fn info(&self) -> DiskInfo {
         let core = self.shared.lock();
@@ -404,6 +414,20 @@ impl Drop for Disk {
             tracing::error!(disk = self.shared.index, "disk I/O thread panicked");
         }
     }
+}
+
+/// xxh3-128 of an image's content, read in 1 MiB pieces.
+pub fn hash_image(image: &DiskImage) -> std::io::Result<u128> {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < image.size() {
+        let n = (image.size() - at).min(buf.len() as u64) as usize;
+        image.read_at(&mut buf[..n], at)?;
+        hasher.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(hasher.digest128())
 }
 
 fn io_thread(shared: &Shared, notify: &EventFd, wake: &EventFd) {

@@ -142,6 +142,21 @@ impl DiskImage {
         }
     }
 
+    /// Creates a sparse image of `size` bytes at `path`; refuses if anything is there (a
+    /// migration's new image never replaces one).
+    pub fn create_new_sparse(path: &Path, size: u64) -> Result<(), ImageError> {
+        let open_error = |source| ImageError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(open_error)?;
+        file.set_len(size).map_err(open_error)
+    }
+
     /// Takes the lock again (a migration that failed after the handover started).
     pub fn lock(&mut self) -> Result<(), ImageError> {
         let kind = if self.read_only {
