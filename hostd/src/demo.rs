@@ -3,7 +3,8 @@
 //! realistic memory content, migrated to the other host and back with live progress, then a
 //! check that the guest's ticks continued without gap or repeat; then a VM whose disk is on
 //! the shared datastore, with the `disk` guest writing and checking blocks, moved compute
-//! only (the image stays, its lock changes hands) there and back.
+//! only (the image stays, its lock changes hands) there and back, then with its disk (compute
+//! + storage) to the other host's own datastore.
 
 use std::fs::File;
 use std::net::TcpListener;
@@ -177,9 +178,10 @@ fn ticks(console: &[u8]) -> Vec<u64> {
         .collect()
 }
 
-fn migrate(client: &Client, vm: &str, to: &str) -> Result<()> {
+fn migrate(client: &Client, vm: &str, to: &str, datastore: Option<&str>) -> Result<()> {
     let request = MigrateRequest {
         to: to.into(),
+        datastore: datastore.map(str::to_string),
         ..Default::default()
     };
     let (source, started) = client.migrate(vm, &request)?;
@@ -220,10 +222,16 @@ fn disk_vm(client: &Client) -> Result<bool> {
         format_bytes(disk.size)
     );
     std::thread::sleep(Duration::from_secs(2));
-    migrate(client, DISK_VM, "beta")?;
+    migrate(client, DISK_VM, "beta", None)?;
     std::thread::sleep(Duration::from_secs(2));
-    migrate(client, DISK_VM, "alpha")?;
+    migrate(client, DISK_VM, "alpha", None)?;
     std::thread::sleep(Duration::from_secs(1));
+    let shared_path = client.find_vm(DISK_VM)?.1.disks[0].path.clone();
+    println!(
+        "\n▶ and now compute + storage: {DISK_VM} moves to beta with its disk, to beta's own datastore beta-local"
+    );
+    migrate(client, DISK_VM, "beta", Some("beta-local"))?;
+    std::thread::sleep(Duration::from_secs(2));
     let (host, info) = client.find_vm(DISK_VM)?;
     let counters = &info.disks[0].counters;
     let ok = info.guest_failures == 0 && counters.writes > 0;
@@ -240,13 +248,25 @@ fn disk_vm(client: &Client) -> Result<bool> {
             format!("{} MISMATCHES ✘", info.guest_failures)
         }
     );
-    println!(
-        "  the image never moved: {} is the only copy, its lock handed over at each switch-over",
-        info.disks[0]
-            .path
-            .as_ref()
+    let shown = |p: &Option<PathBuf>| {
+        p.as_ref()
             .map_or_else(String::new, |p| p.display().to_string())
+    };
+    println!(
+        "  compute only: the image stayed at {} (its lock handed over at each switch-over)",
+        shown(&shared_path)
     );
+    let moved = shared_path.as_ref().is_some_and(|p| !p.exists());
+    println!(
+        "  compute + storage: the disk is now {} on beta-local; the shared image {}",
+        shown(&info.disks[0].path),
+        if moved {
+            "was removed ✔"
+        } else {
+            "IS STILL THERE ✘"
+        }
+    );
+    let ok = ok && moved && info.disks[0].datastore == "beta-local";
     client.operate(DISK_VM, "stop")?;
     Ok(ok)
 }
@@ -319,7 +339,7 @@ pub fn run(memory: &str, content_size: &str, keep: bool) -> Result<()> {
         before.last().copied().unwrap_or(0)
     );
 
-    migrate(&client, VM, "beta")?;
+    migrate(&client, VM, "beta", None)?;
     std::thread::sleep(Duration::from_secs(2));
     let (host, _) = client.find_vm(VM)?;
     let on_beta = ticks(&client.console_history(VM)?);
@@ -329,7 +349,7 @@ pub fn run(memory: &str, content_size: &str, keep: bool) -> Result<()> {
         on_beta.last().copied().unwrap_or(0)
     );
 
-    migrate(&client, VM, "alpha")?;
+    migrate(&client, VM, "alpha", None)?;
     std::thread::sleep(Duration::from_secs(1));
     let (host, last) = client.find_vm(VM)?;
     let all = ticks(&client.console_history(VM)?);

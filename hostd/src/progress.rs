@@ -124,6 +124,13 @@ pub fn describe(report: &MigrationReport) -> String {
         if !report.disks.is_empty() {
             out.push_str(&format!("  disks:       {}\n", report.disks.join(", ")));
         }
+        if report.disk_bytes > 0 {
+            out.push_str(&format!(
+                "  disk copy:   {} of blocks ({} of them with the guest paused)\n",
+                format_bytes(report.disk_bytes),
+                format_bytes(report.disk_final_bytes)
+            ));
+        }
     }
     if let Some(rate) = report.max_bandwidth {
         out.push_str(&format!("  bandwidth:   capped at {}\n", format_rate(rate)));
@@ -205,5 +212,7 @@ pub fn report_json(report: &MigrationReport) -> serde_json::Value {
         "state_bytes": report.state_bytes,
         "storage": report.storage,
         "disks": report.disks,
+        "disk_bytes": report.disk_bytes,
+        "disk_final_bytes": report.disk_final_bytes,
     })
 }

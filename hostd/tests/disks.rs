@@ -371,6 +371,14 @@ fn compute_and_storage_migration_to_a_local_datastore_while_the_guest_writes_hea
         let report = cluster.ferryctl(&args).json();
         assert_eq!(report["status"], "completed", "leg {leg}: {report:#}");
         assert_eq!(report["storage"], format!("copied to {datastore}"));
+        // At least what the guest wrote went over (it wrote 512+ blocks of 4 KiB first).
+        assert!(
+            report["disk_bytes"].as_u64().unwrap() >= 512 * 4096,
+            "{report:#}"
+        );
+        assert!(
+            report["disk_final_bytes"].as_u64().unwrap() <= report["disk_bytes"].as_u64().unwrap()
+        );
         if leg == 0 {
             assert_eq!(report["memory_verified"], true, "{report:#}");
         }

@@ -190,6 +190,13 @@ pub struct MigrationReport {
     /// The VM's disks, as `DATASTORE:FILE`.
     #[serde(default)]
     pub disks: Vec<String>,
+    /// Compute + storage: bytes of disk blocks sent, over all rounds and the final copy
+    /// (before compression; included in `guest_bytes`).
+    #[serde(default)]
+    pub disk_bytes: u64,
+    /// Compute + storage: of those, bytes sent with the guest paused.
+    #[serde(default)]
+    pub disk_final_bytes: u64,
 }
 
 impl MigrationReport {

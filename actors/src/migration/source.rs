@@ -499,6 +499,7 @@ impl SourceMigration {
                 .map_err(|e| e.to_string())?
                 .map_err(|e| format!("starting dirty-page tracking: {e}"))?;
             let mut ranges = to_transport_ranges(first_round.ranges());
+            let mut disk_bytes = 0;
             if moves_storage {
                 // The disks' round one likewise: recording on, then the images' data.
                 let extents = vm
@@ -506,16 +507,19 @@ impl SourceMigration {
                     .await
                     .map_err(|e| e.to_string())?
                     .map_err(|e| format!("starting disk-write tracking: {e}"))?;
-                ranges.extend(memory::disk_ranges(&extents));
+                let blocks = memory::disk_ranges(&extents);
+                disk_bytes = blocks.iter().map(|r| r.bytes()).sum();
+                ranges.extend(blocks);
             }
-            Ok::<_, String>((sender, ranges))
+            Ok::<_, String>((sender, ranges, disk_bytes))
         };
         ctx.wait(
             connect
                 .into_actor(self)
                 .map(move |result, act, ctx| match result {
-                    Ok((sender, _)) if act.done => discard(sender),
-                    Ok((sender, first_round)) => {
+                    Ok((sender, _, _)) if act.done => discard(sender),
+                    Ok((sender, first_round, disk_bytes)) => {
+                        act.report.disk_bytes += disk_bytes;
                         act.data_stats = Some(sender.stats_handle());
                         act.data = Some(sender);
                         act.stage(Stage::PreCopy);
@@ -647,6 +651,7 @@ impl SourceMigration {
                                 act.vm.do_send(SetThrottle(throttle));
                             }
                             let mut ranges = to_transport_ranges(dirty.ranges());
+                            act.report.disk_bytes += block_bytes;
                             ranges.extend(blocks);
                             act.run_round(ctx, ranges);
                         }
@@ -731,6 +736,9 @@ impl SourceMigration {
             // sent twice, both times as the paused guest left it.
             blocks.extend(memory::disk_ranges(&frozen.dirty_disks));
         }
+        let final_disk_bytes: u64 = blocks.iter().map(|r| r.bytes()).sum();
+        self.report.disk_bytes += final_disk_bytes;
+        self.report.disk_final_bytes = final_disk_bytes;
         let disk_hashes = if self.moves_storage() {
             frozen.disk_hashes.clone()
         } else {
