@@ -91,6 +91,8 @@ pub struct NetnsPair {
     pub interfaces: [String; 2],
     /// Address of each side.
     pub addrs: [Ipv4Addr; 2],
+    /// The namespace routing between the two, when they are in different subnets.
+    pub router: Option<String>,
 }
 
 fn run(cmd: &mut Command) -> Output {
@@ -163,6 +165,112 @@ impl NetnsPair {
             names,
             interfaces,
             addrs,
+            router: None,
+        }
+    }
+
+    /// Two datacenters: each host namespace on a subnet of its own (10.81.X.0/24 and
+    /// 10.82.X.0/24), joined through a third namespace that routes between them, with every
+    /// link out of the router limited by `tc tbf` to `rate` (e.g. `100mbit`).
+    pub fn routed(rate: &str) -> NetnsPair {
+        let id = unique();
+        let names = [format!("ferry{id}a"), format!("ferry{id}b")];
+        let router = format!("ferry{id}r");
+        let interfaces = [format!("fv{id}a"), format!("fv{id}b")];
+        let router_ends = [format!("fr{id}a"), format!("fr{id}b")];
+        let subnet = (id % 250) as u8;
+        let addrs = [
+            Ipv4Addr::new(10, 81, subnet, 2),
+            Ipv4Addr::new(10, 82, subnet, 2),
+        ];
+        let gateways = [
+            Ipv4Addr::new(10, 81, subnet, 1),
+            Ipv4Addr::new(10, 82, subnet, 1),
+        ];
+        for ns in names.iter().chain([&router]) {
+            ip(&["netns", "add", ns]);
+        }
+        let exec = |ns: &str, args: &[&str]| {
+            let mut full = vec!["netns", "exec", ns, "ip"];
+            full.extend_from_slice(args);
+            ip(&full);
+        };
+        exec(&router, &["link", "set", "lo", "up"]);
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &router,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_forward=1",
+        ]));
+        for i in 0..2 {
+            ip(&[
+                "link",
+                "add",
+                &interfaces[i],
+                "netns",
+                &names[i],
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &router_ends[i],
+                "netns",
+                &router,
+            ]);
+            exec(
+                &names[i],
+                &[
+                    "addr",
+                    "add",
+                    &format!("{}/24", addrs[i]),
+                    "dev",
+                    &interfaces[i],
+                ],
+            );
+            exec(&names[i], &["link", "set", &interfaces[i], "up"]);
+            exec(&names[i], &["link", "set", "lo", "up"]);
+            exec(
+                &names[i],
+                &["route", "add", "default", "via", &gateways[i].to_string()],
+            );
+            exec(
+                &router,
+                &[
+                    "addr",
+                    "add",
+                    &format!("{}/24", gateways[i]),
+                    "dev",
+                    &router_ends[i],
+                ],
+            );
+            exec(&router, &["link", "set", &router_ends[i], "up"]);
+            run(Command::new("ip").args([
+                "netns",
+                "exec",
+                &router,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                &router_ends[i],
+                "root",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                "256kb",
+                "latency",
+                "100ms",
+            ]));
+        }
+        NetnsPair {
+            names,
+            interfaces,
+            addrs,
+            router: Some(router),
         }
     }
 
@@ -183,7 +291,7 @@ impl NetnsPair {
 
 impl Drop for NetnsPair {
     fn drop(&mut self) {
-        for ns in &self.names {
+        for ns in self.names.iter().chain(self.router.as_ref()) {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
     }
@@ -384,6 +492,18 @@ impl TestCluster {
     /// Starts two hosts, each in its own network namespace, joined by a veth pair.
     pub fn in_namespaces(hostd: &Path, ferryctl: &Path, hosts: [HostSpec; 2]) -> TestCluster {
         let pair = NetnsPair::create();
+        Self::start(hostd, ferryctl, hosts.to_vec(), Some(pair))
+    }
+
+    /// Starts two hosts in two datacenters: namespaces on different subnets, routed through
+    /// a third, every routed link limited to `rate`.
+    pub fn across_datacenters(
+        hostd: &Path,
+        ferryctl: &Path,
+        hosts: [HostSpec; 2],
+        rate: &str,
+    ) -> TestCluster {
+        let pair = NetnsPair::routed(rate);
         Self::start(hostd, ferryctl, hosts.to_vec(), Some(pair))
     }
 
