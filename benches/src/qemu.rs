@@ -96,6 +96,9 @@ pub struct QemuSpec {
     pub settle: Duration,
     /// Longest wait for each step (boot, migration, checks on the destination).
     pub timeout: Duration,
+    /// A raw disk on each side (source image, destination image): then [`migrate`] moves
+    /// it as libvirt's `--copy-storage-all` does (see [`migrate`]).
+    pub disks: Option<(PathBuf, PathBuf)>,
 }
 
 impl QemuSpec {
@@ -110,6 +113,7 @@ impl QemuSpec {
             work_dir: work_dir.to_path_buf(),
             settle: Duration::from_secs(2),
             timeout: Duration::from_secs(120),
+            disks: None,
         }
     }
 }
@@ -141,6 +145,10 @@ pub struct QemuMigrationReport {
     /// The workload's progress word on the source just before the migration and on the
     /// destination at the end of the checks.
     pub progress: (u64, u64),
+    /// With disks: from `blockdev-mirror` until the mirror job was ready, ms.
+    pub mirror_ready_ms: Option<u64>,
+    /// With disks: from `blockdev-mirror` until the destination ran, ms (the whole move).
+    pub with_storage_ms: Option<u64>,
 }
 
 /// Errors from driving QEMU.
@@ -471,6 +479,21 @@ impl QemuProcess {
             .arg("-initrd")
             .arg(&spec.module)
             .args(["-append", &spec.cmdline]);
+        if let Some((source_image, destination_image)) = &spec.disks {
+            let image = if incoming {
+                destination_image
+            } else {
+                source_image
+            };
+            command
+                .arg("-blockdev")
+                .arg(format!(
+                    "driver=file,filename={},node-name=f0,cache.direct=off",
+                    image.display()
+                ))
+                .args(["-blockdev", "driver=raw,file=f0,node-name=d0"])
+                .args(["-device", "virtio-blk-pci,drive=d0"]);
+        }
         if incoming {
             command.args(["-incoming", "defer"]);
         }
@@ -690,6 +713,50 @@ pub fn migrate(spec: &QemuSpec, preset: Preset) -> Result<QemuMigrationReport, Q
     let uri = format!("tcp:127.0.0.1:{}", free_loopback_port()?);
     destination_qmp.execute("migrate-incoming", json!({ "uri": uri }))?;
 
+    // With disks, libvirt's --copy-storage-all sequence: the destination exports its empty
+    // image over NBD, the source mirrors into it and, once the mirror is ready (in sync and
+    // mirroring every write), migrates; the job is cancelled at the switch (a ready mirror
+    // cancelled completes without pivoting: the destination has the disk).
+    let mut mirror = None;
+    if spec.disks.is_some() {
+        let nbd_port = free_loopback_port()?;
+        destination_qmp.execute(
+            "nbd-server-start",
+            json!({ "addr": { "type": "inet", "data": { "host": "127.0.0.1", "port": nbd_port.to_string() } } }),
+        )?;
+        destination_qmp.execute(
+            "block-export-add",
+            json!({ "type": "nbd", "id": "e0", "node-name": "d0", "name": "d0", "writable": true }),
+        )?;
+        let mirror_started = Instant::now();
+        source_qmp.execute(
+            "blockdev-add",
+            json!({ "driver": "nbd", "node-name": "t0", "export": "d0",
+                    "server": { "type": "inet", "host": "127.0.0.1", "port": nbd_port.to_string() } }),
+        )?;
+        source_qmp.execute(
+            "blockdev-mirror",
+            json!({ "job-id": "m0", "device": "d0", "target": "t0", "sync": "full" }),
+        )?;
+        poll(
+            &mut source,
+            "the disk mirror to be ready",
+            timeout,
+            Duration::from_millis(10),
+            |_| {
+                let jobs = source_qmp.execute("query-block-jobs", Value::Null)?;
+                let ready = jobs
+                    .as_array()
+                    .and_then(|jobs| jobs.first())
+                    .and_then(|job| job.get("ready"))
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                Ok(ready.then_some(()))
+            },
+        )?;
+        mirror = Some((mirror_started, mirror_started.elapsed().as_millis() as u64));
+    }
+
     let progress_before = source_qmp.read_u64(progress_gpa)?;
     let source_ticks_before = ticks(&source.console()).last().copied();
     let started = Instant::now();
@@ -726,6 +793,11 @@ pub fn migrate(spec: &QemuSpec, preset: Preset) -> Result<QemuMigrationReport, Q
         |_| Ok((destination_qmp.run_status()? == "running").then_some(())),
     )?;
     let until_destination_runs_ms = started.elapsed().as_millis() as u64;
+    let with_storage_ms = mirror.map(|(began, _)| began.elapsed().as_millis() as u64);
+    if mirror.is_some() {
+        source_qmp.execute("block-job-cancel", json!({ "device": "m0" }))?;
+        destination_qmp.execute("nbd-server-stop", Value::Null)?;
+    }
 
     let progress_after = wait_progress(
         &mut destination,
@@ -767,6 +839,8 @@ pub fn migrate(spec: &QemuSpec, preset: Preset) -> Result<QemuMigrationReport, Q
             .unwrap_or(0.0),
         until_destination_runs_ms,
         progress: (progress_before, progress_after),
+        mirror_ready_ms: mirror.map(|(_, ready)| ready),
+        with_storage_ms,
     })
 }
 

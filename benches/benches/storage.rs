@@ -1,0 +1,300 @@
+//! Compute + storage migration: Ferry's `--datastore` against QEMU's `--copy-storage-all`
+//! sequence, in one run on this machine.
+//!
+//! The VM: 256 MiB of RAM, 1 vCPU, a 4 GiB raw image holding 2 GiB of mixed data (40% zero,
+//! 30% text, 20% random, 10% sparse pages, written out, so the zeros are allocated), moved
+//! over loopback from one host's local datastore to the other's. Cases:
+//! - idle: the `counter` guest (Ferry) / the workload kernel's counter (QEMU); no disk I/O;
+//! - writing (Ferry only: the QEMU guest has no disk driver): the `disk` guest writing
+//!   `FERRY_BENCH_DISK_RATE` 4 KiB blocks a second (default 2000, 8 MB/s) throughout.
+//!
+//! QEMU 7.2, by hand over QMP as libvirt does it: the destination (`-incoming defer`) exports
+//! its empty image with `nbd-server-start` + `block-export-add`; the source runs
+//! `blockdev-mirror` (sync full) into it, waits until the job is ready, migrates (best
+//! settings: no bandwidth cap, multifd), and cancels the job at the switch. Its figure is
+//! from `blockdev-mirror` until the destination runs.
+//!
+//! Run: `cargo bench -p ferry-benches --bench storage` (`FERRY_BENCH_RUNS`, default 3;
+//! `FERRY_BENCH_NO_QEMU=1` skips QEMU).
+
+use std::error::Error;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use ferry_actors::migration::MigrationReport;
+use ferry_benches::qemu::{self, Preset, QemuSpec};
+use ferry_benches::{Table, env_number, median};
+use ferry_runtime::content::{self, Content};
+use ferry_runtime::guest::multiboot_workload;
+use ferry_runtime::layout::MIN_MEMORY;
+use ferry_runtime::{Boot, GuestOptions, TestGuest, Vm, VmConfig};
+use hostd::api_types::{CreateVmRequest, MigrateRequest};
+use hostd::client::Client;
+use hostd::config::Cluster;
+
+const MIB: u64 = 1 << 20;
+const MEMORY: u64 = 256 * MIB;
+const IMAGE: u64 = 4 << 30;
+const DATA: u64 = 2 << 30;
+
+fn free_port() -> Result<u16, std::io::Error> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn start_cluster(dir: &Path) -> Result<Client, Box<dyn Error>> {
+    let mut text = String::from(
+        "[cluster]\nname = \"storage-bench\"\n[[networks]]\nname = \"vmnet\"\n[[datastores]]\nname = \"alpha-local\"\n[[datastores]]\nname = \"beta-local\"\n",
+    );
+    for host in ["alpha", "beta"] {
+        text.push_str(&format!(
+            "[[hosts]]\nname = \"{host}\"\napi = \"127.0.0.1:{}\"\ncontrol = \"127.0.0.1:{}\"\ndata = [\"127.0.0.1:0\"]\nmemory = \"4G\"\nnetworks = [{{ name = \"vmnet\" }}]\ndatastores = [{{ name = \"{host}-local\", path = \"{dir}/{host}/disks\" }}]\nstate_dir = \"{dir}/{host}\"\n",
+            free_port()?,
+            free_port()?,
+            dir = dir.display()
+        ));
+    }
+    let path = dir.join("cluster.toml");
+    std::fs::write(&path, text)?;
+    let cluster = Cluster::load(&path)?;
+    for host in ["alpha", "beta"] {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = hostd::daemon::run(&path, host) {
+                eprintln!("storage bench: hostd {host}: {e:#}");
+            }
+        });
+    }
+    let client = Client::new(cluster);
+    for host in ["alpha", "beta"] {
+        let mut tries = 0;
+        while client.host_info(host).is_err() {
+            tries += 1;
+            if tries > 400 {
+                return Err(format!("hostd {host} did not start").into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(client)
+}
+
+/// A 4 GiB image whose first 2 GiB hold the mixed content.
+fn write_image(path: &Path) -> Result<(), Box<dyn Error>> {
+    content::write_file(path, Content::Mixed, DATA, 0x5707_a9e)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)?
+        .set_len(IMAGE)?;
+    Ok(())
+}
+
+fn ferry_runs(
+    client: &Client,
+    dir: &Path,
+    guest: &str,
+    disk_rate: Option<u64>,
+    runs: u64,
+) -> Result<Vec<MigrationReport>, Box<dyn Error>> {
+    let name = format!("bench-{guest}");
+    let file = format!("{name}.raw");
+    let alpha_disks = dir.join("alpha").join("disks");
+    write_image(&alpha_disks.join(&file))?;
+    let request = CreateVmRequest {
+        name: name.clone(),
+        guest: guest.into(),
+        vcpus: 1,
+        memory: Some(format!("{}M", MEMORY / MIB)),
+        options: GuestOptions {
+            disk_rate,
+            ..Default::default()
+        },
+        disks: vec![format!("alpha-local:{file}")],
+        start: true,
+        ..Default::default()
+    };
+    client.create_vm("alpha", &request)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let mut reports = Vec::new();
+    for run in 0..runs {
+        let to = if run % 2 == 0 { "beta" } else { "alpha" };
+        eprintln!("storage bench: Ferry, {guest}, run {}/{runs}", run + 1);
+        let request = MigrateRequest {
+            to: to.into(),
+            datastore: Some(format!("{to}-local")),
+            ..Default::default()
+        };
+        let (source, started) = client.migrate(&name, &request)?;
+        let report = client.wait_migration(&source, &started.id, |_| {})?;
+        if report.status != "completed" {
+            return Err(format!(
+                "Ferry migration ended {}: {:?}",
+                report.status, report.error
+            )
+            .into());
+        }
+        reports.push(report);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (_, info) = client.find_vm(&name)?;
+    if info.guest_failures != 0 {
+        return Err(format!(
+            "the {guest} guest reported {} failures",
+            info.guest_failures
+        )
+        .into());
+    }
+    client.operate(&name, "stop")?;
+    Ok(reports)
+}
+
+fn median_by<T>(items: &[T], field: impl Fn(&T) -> f64) -> f64 {
+    median(&items.iter().map(field).collect::<Vec<_>>())
+}
+
+fn range(values: impl Iterator<Item = f64> + Clone) -> String {
+    let min = values.clone().fold(f64::INFINITY, f64::min);
+    let max = values.fold(0.0, f64::max);
+    format!("{min:.0}-{max:.0}")
+}
+
+fn run() -> Result<(), Box<dyn Error>> {
+    let runs = env_number("FERRY_BENCH_RUNS", 3)?;
+    let disk_rate = env_number("FERRY_BENCH_DISK_RATE", 2000)?;
+    let with_qemu = std::env::var_os("FERRY_BENCH_NO_QEMU").is_none();
+    let qemu_binary = std::path::PathBuf::from(
+        std::env::var_os("FERRY_BENCH_QEMU").unwrap_or_else(|| qemu::DEFAULT_QEMU.into()),
+    );
+    let version = if with_qemu {
+        qemu::qemu_version(&qemu_binary)?
+    } else {
+        "QEMU skipped".into()
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-storage-bench")
+        .tempdir_in("/var/tmp")?;
+    let client = start_cluster(dir.path())?;
+    let mut table = Table::new([
+        "case",
+        "migrator",
+        "total ms",
+        "range",
+        "downtime ms",
+        "disk MiB sent",
+        "wire MiB",
+        "rounds",
+    ]);
+    for (label, guest, rate) in [
+        ("idle", "counter", None),
+        ("writing", "disk", Some(disk_rate)),
+    ] {
+        let reports = ferry_runs(&client, dir.path(), guest, rate, runs)?;
+        let case = match rate {
+            Some(rate) => format!("{label} ({rate} writes/s)"),
+            None => label.to_string(),
+        };
+        table.row([
+            case,
+            "Ferry (--datastore)".to_string(),
+            format!("{:.0}", median_by(&reports, |r| r.total_ms)),
+            range(reports.iter().map(|r| r.total_ms)),
+            format!(
+                "{:.1}",
+                median_by(&reports, |r| r.downtime_ms.unwrap_or(0.0))
+            ),
+            format!(
+                "{:.0}",
+                median_by(&reports, |r| r.disk_bytes as f64) / MIB as f64
+            ),
+            format!(
+                "{:.0}",
+                median_by(&reports, |r| r.wire_bytes as f64) / MIB as f64
+            ),
+            format!("{:.0}", median_by(&reports, |r| r.rounds.len() as f64)),
+        ]);
+    }
+    if with_qemu {
+        let probe = Vm::create(
+            &VmConfig::new("tsc-probe", 1, MIN_MEMORY),
+            &Boot::Guest(TestGuest::Counter { ticks_per_sec: 1 }),
+            &[],
+        )?;
+        let tsc_khz = u64::from(probe.tsc_khz());
+        drop(probe);
+        let guest = TestGuest::Counter { ticks_per_sec: 10 };
+        let kernel = multiboot_workload::build(&guest, MEMORY, tsc_khz)?;
+        let kernel_path = dir.path().join("counter.elf");
+        std::fs::write(&kernel_path, &kernel.elf)?;
+        let module = dir.path().join("module.bin");
+        std::fs::write(&module, vec![0u8; 4096])?;
+        let source_image = dir.path().join("qemu-source.raw");
+        write_image(&source_image)?;
+        let destination_image = dir.path().join("qemu-destination.raw");
+        let mut spec = QemuSpec::new(
+            &kernel_path,
+            &module,
+            &format!("tsc_khz={tsc_khz}"),
+            &dir.path().join("qemu"),
+        );
+        spec.qemu = qemu_binary;
+        spec.memory_mib = MEMORY / MIB;
+        spec.disks = Some((source_image, destination_image.clone()));
+        let mut reports = Vec::new();
+        for run in 1..=runs {
+            eprintln!("storage bench: QEMU, idle, run {run}/{runs}");
+            let _ = std::fs::remove_file(&destination_image);
+            std::fs::File::create(&destination_image)?.set_len(IMAGE)?;
+            reports.push(qemu::migrate(&spec, Preset::BEST)?);
+        }
+        let total = |r: &qemu::QemuMigrationReport| r.with_storage_ms.unwrap_or(0) as f64;
+        table.row([
+            "idle".to_string(),
+            format!("QEMU 7.2 (mirror + migrate, {})", Preset::BEST.describe()),
+            format!("{:.0}", median_by(&reports, total)),
+            range(reports.iter().map(total)),
+            format!("{:.1}", median_by(&reports, |r| r.downtime_ms as f64)),
+            "-".into(),
+            "-".into(),
+            format!(
+                "mirror ready after {:.0} ms",
+                median_by(&reports, |r| r.mirror_ready_ms.unwrap_or(0) as f64)
+            ),
+        ]);
+    }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "Compute + storage migration over loopback: {} MiB RAM, 1 vCPU, a {} GiB raw image with {} GiB of mixed data\n\
+         Ferry vs {version}; {runs} run(s) per case, medians; load average at the end: {}\n\
+         total: Ferry from the migrate request until the destination runs the VM; QEMU from \
+         blockdev-mirror until the destination runs. downtime: Ferry from the pause until the \
+         destination confirmed it runs the VM; QEMU its downtime. disk MiB sent: Ferry's disk \
+         blocks sent over all rounds (before lz4); wire: all of Ferry's bytes on the wire.\n{}",
+        MEMORY / MIB,
+        IMAGE >> 30,
+        DATA >> 30,
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+        table.render()
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    ferry_vmm::run_if_vmm();
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("storage bench: {error}");
+            let mut cause = error.source();
+            while let Some(inner) = cause {
+                eprintln!("  caused by: {inner}");
+                cause = inner.source();
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
