@@ -183,6 +183,15 @@ pub struct VmDisk {
 }
 
 impl VmDisk {
+    /// The disk by name.
+    pub fn reference(&self) -> DiskRef {
+        DiskRef {
+            datastore: self.datastore.clone(),
+            file: self.file.clone(),
+            read_only: self.read_only,
+        }
+    }
+
     /// `disk` as the VMM reports it (`live`, when it does).
     pub fn describe(disk: &DiskRef, live: Option<&ferry_runtime::DiskInfo>) -> VmDisk {
         VmDisk {

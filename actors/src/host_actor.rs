@@ -18,7 +18,7 @@ use ferry_vmm::{CreateSpec, EmptySpec, VmmClient};
 use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
 
-use crate::datastore::{Datastore, DatastoreInfo, DiskRef, DiskRequest};
+use crate::datastore::{Datastore, DatastoreInfo, DiskRef, DiskRequest, VmDisk};
 use crate::journal::{Journal, Phase, Role, VmRecord};
 use crate::lifecycle::{Event, Lifecycle};
 use crate::migration::protocol::Hello;
@@ -440,16 +440,7 @@ impl HostActor {
                     VmAttachments {
                         network: record.info.network.clone(),
                         ip: record.info.ip,
-                        disks: record
-                            .info
-                            .disks
-                            .iter()
-                            .map(|d| DiskRef {
-                                datastore: d.datastore.clone(),
-                                file: d.file.clone(),
-                                read_only: d.read_only,
-                            })
-                            .collect(),
+                        disks: record.info.disks.iter().map(VmDisk::reference).collect(),
                     },
                     record.stale,
                 ),

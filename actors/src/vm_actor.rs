@@ -177,15 +177,7 @@ impl VmActor {
             attachments: VmAttachments {
                 network: last.network.clone(),
                 ip: last.ip,
-                disks: last
-                    .disks
-                    .iter()
-                    .map(|d| DiskRef {
-                        datastore: d.datastore.clone(),
-                        file: d.file.clone(),
-                        read_only: d.read_only,
-                    })
-                    .collect(),
+                disks: last.disks.iter().map(VmDisk::reference).collect(),
             },
             last_info: Some(last),
             crash: Some(why),

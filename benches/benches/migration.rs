@@ -31,7 +31,6 @@ use ferry_runtime::layout::MIN_MEMORY;
 use ferry_runtime::{Boot, GuestOptions, TestGuest, Vm, VmConfig};
 use hostd::api_types::{CreateVmRequest, MigrateRequest};
 use hostd::client::Client;
-use hostd::config::Cluster;
 
 const MIB: u64 = 1 << 20;
 const MEMORY: u64 = 1 << 30;
@@ -43,68 +42,6 @@ const CONTENT_AT: u64 = 4 * MIB;
 const IDLE_TICKS_PER_SEC: u32 = 10;
 const DIRTY_WORKING_SET: u64 = 64 * MIB;
 const DIRTY_PAGES_PER_SEC: u64 = 20_000;
-
-fn free_port() -> Result<u16, std::io::Error> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// Starts two hostd (alpha, beta) in threads of this process; returns an API client.
-fn start_ferry_cluster(dir: &Path) -> Result<Client, Box<dyn Error>> {
-    let text = format!(
-        r#"
-[cluster]
-name = "bench"
-[[networks]]
-name = "vmnet"
-[[hosts]]
-name = "alpha"
-api = "127.0.0.1:{}"
-control = "127.0.0.1:{}"
-data = ["127.0.0.1:0"]
-memory = "4G"
-networks = [{{ name = "vmnet" }}]
-state_dir = "{dir}/alpha"
-[[hosts]]
-name = "beta"
-api = "127.0.0.1:{}"
-control = "127.0.0.1:{}"
-data = ["127.0.0.1:0"]
-memory = "4G"
-networks = [{{ name = "vmnet" }}]
-state_dir = "{dir}/beta"
-"#,
-        free_port()?,
-        free_port()?,
-        free_port()?,
-        free_port()?,
-        dir = dir.display()
-    );
-    let path = dir.join("cluster.toml");
-    std::fs::write(&path, text)?;
-    let cluster = Cluster::load(&path)?;
-    for host in ["alpha", "beta"] {
-        let path = path.clone();
-        std::thread::spawn(move || {
-            if let Err(e) = hostd::daemon::run(&path, host) {
-                eprintln!("migration bench: hostd {host}: {e:#}");
-            }
-        });
-    }
-    let client = Client::new(cluster);
-    for host in ["alpha", "beta"] {
-        let mut tries = 0;
-        while client.host_info(host).is_err() {
-            tries += 1;
-            if tries > 400 {
-                return Err(format!("hostd {host} did not start").into());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-    Ok(client)
-}
 
 /// Creates the VM on alpha and migrates it `runs` times, alternating direction.
 fn ferry_runs(
@@ -241,7 +178,7 @@ fn run() -> Result<(), Box<dyn Error>> {
         "wire MiB",
         "rounds",
     ]);
-    let client = start_ferry_cluster(dir.path())?;
+    let client = ferry_benches::cluster::start(dir.path(), "bench", false)?;
     for (label, guest) in &workloads {
         let reports = ferry_runs(&client, &module, guest, runs);
         if reports.is_err() {

@@ -31,55 +31,11 @@ use ferry_runtime::layout::MIN_MEMORY;
 use ferry_runtime::{Boot, GuestOptions, TestGuest, Vm, VmConfig};
 use hostd::api_types::{CreateVmRequest, MigrateRequest};
 use hostd::client::Client;
-use hostd::config::Cluster;
 
 const MIB: u64 = 1 << 20;
 const MEMORY: u64 = 256 * MIB;
 const IMAGE: u64 = 4 << 30;
 const DATA: u64 = 2 << 30;
-
-fn free_port() -> Result<u16, std::io::Error> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn start_cluster(dir: &Path) -> Result<Client, Box<dyn Error>> {
-    let mut text = String::from(
-        "[cluster]\nname = \"storage-bench\"\n[[networks]]\nname = \"vmnet\"\n[[datastores]]\nname = \"alpha-local\"\n[[datastores]]\nname = \"beta-local\"\n",
-    );
-    for host in ["alpha", "beta"] {
-        text.push_str(&format!(
-            "[[hosts]]\nname = \"{host}\"\napi = \"127.0.0.1:{}\"\ncontrol = \"127.0.0.1:{}\"\ndata = [\"127.0.0.1:0\"]\nmemory = \"4G\"\nnetworks = [{{ name = \"vmnet\" }}]\ndatastores = [{{ name = \"{host}-local\", path = \"{dir}/{host}/disks\" }}]\nstate_dir = \"{dir}/{host}\"\n",
-            free_port()?,
-            free_port()?,
-            dir = dir.display()
-        ));
-    }
-    let path = dir.join("cluster.toml");
-    std::fs::write(&path, text)?;
-    let cluster = Cluster::load(&path)?;
-    for host in ["alpha", "beta"] {
-        let path = path.clone();
-        std::thread::spawn(move || {
-            if let Err(e) = hostd::daemon::run(&path, host) {
-                eprintln!("storage bench: hostd {host}: {e:#}");
-            }
-        });
-    }
-    let client = Client::new(cluster);
-    for host in ["alpha", "beta"] {
-        let mut tries = 0;
-        while client.host_info(host).is_err() {
-            tries += 1;
-            if tries > 400 {
-                return Err(format!("hostd {host} did not start").into());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-    Ok(client)
-}
 
 /// A 4 GiB image whose first 2 GiB hold the mixed content.
 fn write_image(path: &Path) -> Result<(), Box<dyn Error>> {
@@ -175,7 +131,7 @@ fn run() -> Result<(), Box<dyn Error>> {
     let dir = tempfile::Builder::new()
         .prefix("ferry-storage-bench")
         .tempdir_in("/var/tmp")?;
-    let client = start_cluster(dir.path())?;
+    let client = ferry_benches::cluster::start(dir.path(), "storage-bench", true)?;
     let mut table = Table::new([
         "case",
         "migrator",

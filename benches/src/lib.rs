@@ -1,5 +1,6 @@
 //! Shared helpers for Ferry's benchmark targets: statistics and table printing.
 
+pub mod cluster;
 pub mod qemu;
 
 use std::fmt::Write as _;

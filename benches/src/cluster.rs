@@ -1,0 +1,65 @@
+//! Two hostd (`alpha`, `beta`) on loopback in threads of the benchmark's own process, driven
+//! through their HTTP API like `ferryctl`.
+
+use std::error::Error;
+use std::path::Path;
+use std::time::Duration;
+
+use hostd::client::Client;
+use hostd::config::Cluster;
+
+fn free_port() -> Result<u16, std::io::Error> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Starts the two hosts with state under `dir`; with `local_datastores`, each has a
+/// datastore `HOST-local` at `dir/HOST/disks`. Returns an API client once both answer.
+pub fn start(dir: &Path, name: &str, local_datastores: bool) -> Result<Client, Box<dyn Error>> {
+    let mut text = format!("[cluster]\nname = \"{name}\"\n[[networks]]\nname = \"vmnet\"\n");
+    for host in ["alpha", "beta"] {
+        if local_datastores {
+            text.push_str(&format!("[[datastores]]\nname = \"{host}-local\"\n"));
+        }
+    }
+    for host in ["alpha", "beta"] {
+        let datastores = if local_datastores {
+            format!(
+                "datastores = [{{ name = \"{host}-local\", path = \"{}/{host}/disks\" }}]\n",
+                dir.display()
+            )
+        } else {
+            String::new()
+        };
+        text.push_str(&format!(
+            "[[hosts]]\nname = \"{host}\"\napi = \"127.0.0.1:{}\"\ncontrol = \"127.0.0.1:{}\"\ndata = [\"127.0.0.1:0\"]\nmemory = \"4G\"\nnetworks = [{{ name = \"vmnet\" }}]\n{datastores}state_dir = \"{}/{host}\"\n",
+            free_port()?,
+            free_port()?,
+            dir.display()
+        ));
+    }
+    let path = dir.join("cluster.toml");
+    std::fs::write(&path, text)?;
+    let cluster = Cluster::load(&path)?;
+    for host in ["alpha", "beta"] {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = hostd::daemon::run(&path, host) {
+                eprintln!("bench: hostd {host}: {e:#}");
+            }
+        });
+    }
+    let client = Client::new(cluster);
+    for host in ["alpha", "beta"] {
+        let mut tries = 0;
+        while client.host_info(host).is_err() {
+            tries += 1;
+            if tries > 400 {
+                return Err(format!("hostd {host} did not start").into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(client)
+}
