@@ -39,7 +39,7 @@ const DATA: u64 = 2 << 30;
 
 /// A 4 GiB image whose first 2 GiB hold the mixed content.
 fn write_image(path: &Path) -> Result<(), Box<dyn Error>> {
-    content::write_file(path, Content::Mixed, DATA, 0x5707_a9e)?;
+    content::write_file(path, Content::Mixed, DATA, 0x0570_7a9e)?;
     std::fs::OpenOptions::new()
         .write(true)
         .open(path)?
