@@ -91,6 +91,8 @@ pub struct DestinationMigration {
     console_log: Option<ConsoleLogClaim>,
     /// Images this migration created (compute + storage): removed if the copy is dropped.
     created_images: Vec<std::path::PathBuf>,
+    /// A background flush of those images is running.
+    flushing: Arc<std::sync::atomic::AtomicBool>,
     data: Option<DataReceiver>,
     /// Resume at commit (the VM was running on the source) or keep it paused.
     run_after_commit: bool,
@@ -140,6 +142,7 @@ impl DestinationMigration {
             ram: None,
             console_log: None,
             created_images: Vec::new(),
+            flushing: Arc::default(),
             data: None,
             run_after_commit: true,
             owned: false,
@@ -289,6 +292,50 @@ impl DestinationMigration {
                 ctx.stop();
             }),
         );
+    }
+
+    /// Makes the blocks received so far durable, then tells the source (which pauses the
+    /// guest only after that).
+    fn flush_disks(&mut self, ctx: &mut Context<Self>) {
+        let images = self.created_images.clone();
+        ctx.wait(
+            actix_rt::task::spawn_blocking(move || {
+                for image in &images {
+                    std::fs::File::open(image)
+                        .and_then(|f| f.sync_data())
+                        .map_err(|e| format!("flushing the new image {}: {e}", image.display()))?;
+                }
+                Ok::<_, String>(())
+            })
+            .into_actor(self)
+            .map(|result, act, ctx| match result {
+                Ok(Ok(())) => act.reply(ctx, ToSource::DisksFlushed),
+                Ok(Err(reason)) => act.fail(ctx, reason),
+                Err(e) => act.fail(ctx, format!("flush task failed: {e}")),
+            }),
+        );
+    }
+
+    /// Writes the blocks that arrived so far back to the images while the guest still runs
+    /// on the source, so the flush before the commit (inside the guest's pause) has only the
+    /// last ones left. A round's blocks are all written here when the source says it is done.
+    fn flush_images_in_background(&self) {
+        use std::sync::atomic::Ordering;
+        if self.created_images.is_empty() || self.flushing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let images = self.created_images.clone();
+        let flushing = Arc::clone(&self.flushing);
+        actix_rt::task::spawn_blocking(move || {
+            for image in &images {
+                if let Ok(file) = std::fs::File::open(image)
+                    && let Err(error) = file.sync_data()
+                {
+                    tracing::warn!(image = %image.display(), %error, "background flush failed (the flush before the commit will say so)");
+                }
+            }
+            flushing.store(false, Ordering::SeqCst);
+        });
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -679,6 +726,7 @@ impl StreamHandler<Result<ToDestination, ControlError>> for DestinationMigration
                     ..Default::default()
                 });
                 self.publish();
+                self.flush_images_in_background();
             }
             ToDestination::State {
                 blob,
@@ -702,6 +750,7 @@ impl StreamHandler<Result<ToDestination, ControlError>> for DestinationMigration
                     (memory_hash, disk_hashes),
                 );
             }
+            ToDestination::FlushDisks => self.flush_disks(ctx),
             ToDestination::Commit => {
                 let run = self.run_after_commit;
                 self.commit(ctx, run);

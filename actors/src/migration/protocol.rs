@@ -96,6 +96,9 @@ pub enum ToDestination {
         /// Whether the VM was running (resume it) or paused (keep it paused).
         was_running: bool,
     },
+    /// Compute + storage, before the pause: make the disk blocks received so far durable,
+    /// so the flush inside the guest's pause has only the last ones to write.
+    FlushDisks,
     /// Switch-over: the source has given up the VM; run it.
     Commit,
     /// The migration is abandoned; discard the copy.
@@ -134,6 +137,8 @@ pub enum ToSource {
         /// Data addresses to connect the streams to.
         data_addrs: Vec<SocketAddr>,
     },
+    /// Answer to `FlushDisks`: the blocks received so far are durable.
+    DisksFlushed,
     /// State loaded (and memory verified, if asked); ready to run on commit.
     Ready {
         /// With verify: whether the hashes matched (a mismatch is sent as `Failed`).

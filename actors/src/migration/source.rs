@@ -90,6 +90,8 @@ pub struct SourceMigration {
     awaiting_reason: Option<(Stage, &'static str, String)>,
     /// Compute + storage: disk blocks written since the last round, still to send.
     disk_pending: Vec<ferry_transport::memory::PageRange>,
+    /// Compute + storage: the pages still to send while the destination flushes its disks.
+    pending_pages: Option<DirtySet>,
 }
 
 impl std::fmt::Debug for SourceMigration {
@@ -178,6 +180,7 @@ impl SourceMigration {
             done: false,
             awaiting_reason: None,
             disk_pending: Vec::new(),
+            pending_pages: None,
         }
     }
 
@@ -663,7 +666,14 @@ impl SourceMigration {
                                 tracing::warn!(migration = %act.id, expected_downtime_ms, "round limit reached; stopping the guest above the downtime target");
                             }
                             act.disk_pending = blocks;
-                            act.stop_and_copy(ctx, dirty);
+                            if act.moves_storage() {
+                                // The destination makes the copied blocks durable first,
+                                // so its flush inside the pause has only the last ones.
+                                act.pending_pages = Some(dirty);
+                                act.send(ctx, ToDestination::FlushDisks);
+                            } else {
+                                act.stop_and_copy(ctx, dirty);
+                            }
                         }
                     }
                 }),
@@ -1195,6 +1205,14 @@ impl StreamHandler<Result<ToSource, ControlError>> for SourceMigration {
             ),
             (Some(Stage::Prepare), ToSource::Prepared { data_addrs }) => {
                 self.start_copy(ctx, data_addrs)
+            }
+            (Some(Stage::PreCopy), ToSource::DisksFlushed) if self.pending_pages.is_some() => {
+                if self.cancel_requested {
+                    return self.fail(ctx, Stage::Cancelled, "cancelled by the operator".into());
+                }
+                if let Some(pending) = self.pending_pages.take() {
+                    self.stop_and_copy(ctx, pending);
+                }
             }
             (Some(Stage::SwitchOver), ToSource::Ready { memory_verified }) => {
                 self.report.memory_verified = memory_verified;
