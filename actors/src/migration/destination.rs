@@ -32,6 +32,9 @@ use crate::settings::{Fault, HostSettings};
 use crate::vm_actor::{EndMigrateIn, IncomingRam, LoadIncomingState, VmActor};
 
 /// Writes `record` to the journal off the actor's thread (it fsyncs).
+/// How often a storage migration's destination writes arrived blocks back during the copy.
+const BACKGROUND_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Flushes the images a storage migration wrote and compares them with the source's
 /// hashes, when the source sent any.
 fn check_moved_images(images: &[std::path::PathBuf], hashes: &[[u8; 16]]) -> Result<(), String> {
@@ -412,6 +415,15 @@ impl DestinationMigration {
         ctx.wait(work.into_actor(self).map(|result, act, ctx| match result {
             Ok((record, (vm, ram, console_log, created), receiver, addr)) => {
                 act.created_images = created;
+                if !act.created_images.is_empty() {
+                    // Write the arriving blocks back while they arrive, so neither the flush
+                    // before the pause nor the one inside it has much left to do.
+                    ctx.run_interval(BACKGROUND_FLUSH_INTERVAL, |act, _| {
+                        if !act.done {
+                            act.flush_images_in_background();
+                        }
+                    });
+                }
                 act.record = Some(record);
                 act.vm = Some(vm);
                 act.ram = Some(ram);
