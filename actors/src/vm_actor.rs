@@ -615,6 +615,8 @@ pub struct Frozen {
 pub struct Freeze {
     /// Hash guest memory too (`--verify`).
     pub hash_memory: bool,
+    /// Hash the disk images too (`--verify` of a storage migration).
+    pub hash_disks: bool,
 }
 
 impl Handler<Freeze> for VmActor {
@@ -622,7 +624,7 @@ impl Handler<Freeze> for VmActor {
 
     fn handle(&mut self, msg: Freeze, _: &mut Self::Context) -> Self::Result {
         let paused_at = Instant::now();
-        let frozen = self.vmm()?.freeze(msg.hash_memory)?;
+        let frozen = self.vmm()?.freeze(msg.hash_memory, msg.hash_disks)?;
         Ok(Frozen {
             paused_at,
             dirty: frozen.dirty,

@@ -242,8 +242,15 @@ impl VmmClient {
     }
 
     /// Stop-and-copy's one step in the VMM.
-    pub fn freeze(&mut self, hash_memory: bool) -> Result<FrozenState, VmmClientError> {
-        match self.call(&Request::Freeze { hash_memory })? {
+    pub fn freeze(
+        &mut self,
+        hash_memory: bool,
+        hash_disks: bool,
+    ) -> Result<FrozenState, VmmClientError> {
+        match self.call(&Request::Freeze {
+            hash_memory,
+            hash_disks,
+        })? {
             Response::Frozen(state) => Ok(*state),
             other => Err(self.unexpected("Freeze", other)),
         }

@@ -103,6 +103,9 @@ pub enum Request {
     Freeze {
         /// Hash guest memory too.
         hash_memory: bool,
+        /// Hash the disk images too (`--verify` of a storage migration; a shared disk is
+        /// the same file on both hosts, nothing to compare).
+        hash_disks: bool,
     },
     /// Load an arrived state into the empty VM, comparing memory first if a hash is given,
     /// and take the disks' locks.

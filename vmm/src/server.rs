@@ -224,7 +224,10 @@ impl Server {
                 Response::DiskExtents(vm.begin_disk_tracking(chunk).map_err(runtime_error)?)
             }
             Request::FetchDirtyBlocks => Response::DiskExtents(vm.fetch_dirty_blocks()),
-            Request::Freeze { hash_memory } => Response::Frozen(Box::new(freeze(vm, hash_memory)?)),
+            Request::Freeze {
+                hash_memory,
+                hash_disks,
+            } => Response::Frozen(Box::new(freeze(vm, hash_memory, hash_disks)?)),
             Request::LoadState(state) => Response::Loaded {
                 verified: load_state(vm, &state)?,
             },
@@ -364,7 +367,7 @@ fn lock_disks_waiting(vm: &mut Vm) -> Result<(), ferry_runtime::VmError> {
     }
 }
 
-fn freeze(vm: &mut Vm, hash_memory: bool) -> Result<FrozenState, VmmError> {
+fn freeze(vm: &mut Vm, hash_memory: bool, hash_disks: bool) -> Result<FrozenState, VmmError> {
     let started = Instant::now();
     vm.pause().map_err(runtime_error)?;
     vm.set_throttle(0);
@@ -372,7 +375,7 @@ fn freeze(vm: &mut Vm, hash_memory: bool) -> Result<FrozenState, VmmError> {
     let dirty_disks = vm.fetch_dirty_blocks();
     let state = vm.capture_state().map_err(runtime_error)?;
     vm.release_disks().map_err(runtime_error)?;
-    let disk_hashes = if hash_memory {
+    let disk_hashes = if hash_disks {
         vm.disk_hashes()
             .map_err(runtime_error)?
             .into_iter()

@@ -111,7 +111,7 @@ fn a_vm_in_its_own_process_is_driven_over_its_socket() {
         .unwrap();
     let in_memory = u64::from_le_bytes(n);
     assert!(in_memory >= 10, "counter in guest memory: {in_memory}");
-    let frozen = client.freeze(true).unwrap();
+    let frozen = client.freeze(true, false).unwrap();
     assert!(!frozen.blob.is_empty());
     assert_eq!(
         frozen.memory_hash,
@@ -165,7 +165,7 @@ fn an_empty_vm_takes_memory_and_state_from_outside() {
     wait_until("ticks", || source.info().unwrap().console_bytes > 100);
     let source_ram = source.memory().unwrap();
     source.begin_tracking().unwrap();
-    let frozen = source.freeze(true).unwrap();
+    let frozen = source.freeze(true, false).unwrap();
 
     let (mut target_child, mut target) =
         spawn(&dir.path().join("t.sock"), &dir.path().join("t.log")).unwrap();

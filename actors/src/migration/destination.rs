@@ -320,8 +320,8 @@ impl DestinationMigration {
     }
 
     /// Writes the blocks that arrived so far back to the images while the guest still runs
-    /// on the source, so the flush before the commit (inside the guest's pause) has only the
-    /// last ones left. A round's blocks are all written here when the source says it is done.
+    /// on the source (every `BACKGROUND_FLUSH_INTERVAL`), so the flushes before and inside
+    /// the pause have little left to do.
     fn flush_images_in_background(&self) {
         use std::sync::atomic::Ordering;
         if self.created_images.is_empty() || self.flushing.swap(true, Ordering::SeqCst) {
@@ -738,7 +738,6 @@ impl StreamHandler<Result<ToDestination, ControlError>> for DestinationMigration
                     ..Default::default()
                 });
                 self.publish();
-                self.flush_images_in_background();
             }
             ToDestination::State {
                 blob,

@@ -691,6 +691,7 @@ impl SourceMigration {
         self.stage(Stage::StopAndCopy);
         let vm = self.vm.clone();
         let verify = self.options.verify;
+        let moves_storage = self.moves_storage();
         let record = self.record.as_ref().map(|r| r.with_phase(Phase::Committed));
         self.record = record.clone();
         let journal = Arc::clone(&self.journal);
@@ -713,6 +714,7 @@ impl SourceMigration {
                 }
                 vm.send(Freeze {
                     hash_memory: verify,
+                    hash_disks: verify && moves_storage,
                 })
                 .await
                 .map_err(|e| crate::vm_actor::VmActorError::BadState(e.to_string()))?
@@ -749,11 +751,7 @@ impl SourceMigration {
         let final_disk_bytes: u64 = blocks.iter().map(|r| r.bytes()).sum();
         self.report.disk_bytes += final_disk_bytes;
         self.report.disk_final_bytes = final_disk_bytes;
-        let disk_hashes = if self.moves_storage() {
-            frozen.disk_hashes.clone()
-        } else {
-            Vec::new()
-        };
+        let disk_hashes = frozen.disk_hashes.clone();
         let work = async move {
             let frozen_ms = ms(frozen.paused_at.elapsed());
             // What the last round left plus what changed since: each page once.

@@ -188,8 +188,6 @@ fn assemble() -> Result<GuestCode, IcedError> {
         a.set_label(&mut dirty)?;
         let mut pass = a.create_label();
         let mut page = a.create_label();
-        let mut pace = a.create_label();
-        let mut early = a.create_label();
         let mut pass_done = a.create_label();
         let mut no_report = a.create_label();
         a.mov(r8, qword_ptr(rsi + offsets::WS_START))?;
@@ -215,19 +213,8 @@ fn assemble() -> Result<GuestCode, IcedError> {
         a.test(r10, r10)?;
         a.jz(page)?;
         a.add(r13, r10)?;
-        a.set_label(&mut pace)?;
-        read_tsc(&mut a)?;
-        a.mov(rdx, rax)?;
-        a.sub(rdx, r13)?;
-        a.js(early)?;
         // More than 64 pages behind (we were paused): resynchronise rather than burst.
-        a.cmp(rdx, r15)?;
-        a.jbe(page)?;
-        a.mov(r13, rax)?;
-        a.jmp(page)?;
-        a.set_label(&mut early)?;
-        a.pause()?;
-        a.jmp(pace)?;
+        wait_until(&mut a, r13, r15, page)?;
         a.set_label(&mut pass_done)?;
         a.test(edi, edi)?;
         a.jnz(no_report)?;
@@ -468,6 +455,31 @@ struct DiskLabels<'a> {
     msg_ready: CodeLabel,
 }
 
+/// Spins until the TSC reaches `deadline`, then jumps to `next`. Further behind than `slack`
+/// cycles (the guest was paused), it moves the deadline to now instead of bursting to catch
+/// up. Clobbers RAX, RDX.
+fn wait_until(
+    a: &mut CodeAssembler,
+    deadline: AsmRegister64,
+    slack: AsmRegister64,
+    next: CodeLabel,
+) -> Result<(), IcedError> {
+    let mut wait = a.create_label();
+    let mut early = a.create_label();
+    a.set_label(&mut wait)?;
+    read_tsc(a)?;
+    a.mov(rdx, rax)?;
+    a.sub(rdx, deadline)?;
+    a.js(early)?;
+    a.cmp(rdx, slack)?;
+    a.jbe(next)?;
+    a.mov(deadline, rax)?;
+    a.jmp(next)?;
+    a.set_label(&mut early)?;
+    a.pause()?;
+    a.jmp(wait)
+}
+
 /// Linear congruential step of R12, then RBX = (R12 >> 33) mod R9. Clobbers RAX, RDX.
 fn next_block(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.mov(rax, LCG_MUL)?;
@@ -502,8 +514,6 @@ fn disk_guest(a: &mut CodeAssembler, l: DiskLabels<'_>) -> Result<(), IcedError>
     let mut write = a.create_label();
     let mut read_back = a.create_label();
     let mut pace = a.create_label();
-    let mut pace_wait = a.create_label();
-    let mut pace_early = a.create_label();
     let mut io_error = a.create_label();
 
     a.set_label(l.entry)?;
@@ -641,18 +651,7 @@ fn disk_guest(a: &mut CodeAssembler, l: DiskLabels<'_>) -> Result<(), IcedError>
     a.test(r14, r14)?;
     a.jz(write)?;
     a.add(r15, r14)?;
-    a.set_label(&mut pace_wait)?;
-    read_tsc(a)?;
-    a.mov(rdx, rax)?;
-    a.sub(rdx, r15)?;
-    a.js(pace_early)?;
-    a.cmp(rdx, rbp)?;
-    a.jbe(write)?;
-    a.mov(r15, rax)?;
-    a.jmp(write)?;
-    a.set_label(&mut pace_early)?;
-    a.pause()?;
-    a.jmp(pace_wait)?;
+    wait_until(a, r15, rbp, write)?;
     a.set_label(&mut io_error)?;
     a.mov(qword_ptr(state), 0)?;
     a.mov(eax, DISK_IO_ERROR)?;
