@@ -160,6 +160,97 @@ pub struct DiskRef {
     pub read_only: bool,
 }
 
+impl DiskRef {
+    /// `DATASTORE:FILE`.
+    pub fn name(&self) -> String {
+        format!("{}:{}", self.datastore, self.file)
+    }
+}
+
+/// Where each disk of a compute + storage migration goes, in slot order: the datastore
+/// `per_disk` names for it (keyed by `FILE` or `DATASTORE:FILE`), else `all`. `Ok(None)`:
+/// compute only (neither is given, or the VM has no disks). A storage migration moves every
+/// disk, so a disk left without a target is an error, as is a key that names no disk of the
+/// VM (or two), or two disks that would land on the same image.
+pub fn storage_targets(
+    disks: &[DiskRef],
+    all: Option<&str>,
+    per_disk: &BTreeMap<String, String>,
+) -> Result<Option<Vec<String>>, String> {
+    if disks.is_empty() && per_disk.is_empty() {
+        return Ok(None);
+    }
+    let names = || {
+        if disks.is_empty() {
+            "none".to_string()
+        } else {
+            disks
+                .iter()
+                .map(DiskRef::name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
+    let mut targets: Vec<Option<String>> = vec![None; disks.len()];
+    for (key, datastore) in per_disk {
+        if datastore.is_empty() {
+            return Err(format!("--disk-target {key}= names no datastore"));
+        }
+        let matching: Vec<usize> = (0..disks.len())
+            .filter(|&i| disks[i].name() == *key || disks[i].file == *key)
+            .collect();
+        match matching.as_slice() {
+            [] => {
+                return Err(format!(
+                    "--disk-target {key}={datastore}: the VM has no disk '{key}' (its disks: {})",
+                    names()
+                ));
+            }
+            [i] if targets[*i].is_some() => {
+                return Err(format!("disk {} is given two targets", disks[*i].name()));
+            }
+            [i] => targets[*i] = Some(datastore.clone()),
+            _ => {
+                return Err(format!(
+                    "--disk-target {key}={datastore}: '{key}' names several disks ({}); name one as DATASTORE:FILE",
+                    matching
+                        .iter()
+                        .map(|&i| disks[i].name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+        }
+    }
+    if all.is_none() && per_disk.is_empty() {
+        return Ok(None);
+    }
+    let mut resolved = Vec::with_capacity(disks.len());
+    for (disk, target) in disks.iter().zip(targets) {
+        let Some(target) = target.or_else(|| all.map(str::to_string)) else {
+            return Err(format!(
+                "disk {} has no target datastore: a storage migration moves every disk (give --datastore DS for the rest, or --disk-target {}=DS)",
+                disk.name(),
+                disk.file
+            ));
+        };
+        if let Some(other) = disks
+            .iter()
+            .zip(&resolved)
+            .find(|(d, t): &(&DiskRef, &String)| d.file == disk.file && **t == target)
+        {
+            return Err(format!(
+                "disks {} and {} would both become {target}:{}",
+                other.0.name(),
+                disk.name(),
+                disk.file
+            ));
+        }
+        resolved.push(target);
+    }
+    Ok((!resolved.is_empty()).then_some(resolved))
+}
+
 /// A VM's disk as `vm show` lists it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmDisk {
@@ -318,6 +409,70 @@ mod tests {
             let error = DiskRequest::parse(bad).unwrap_err();
             assert!(error.contains(says), "{bad}: {error}");
         }
+    }
+
+    #[test]
+    fn storage_targets_cover_every_disk_or_say_which_is_missing() {
+        let disk = |ds: &str, file: &str| DiskRef {
+            datastore: ds.into(),
+            file: file.into(),
+            read_only: false,
+        };
+        let disks = [disk("shared", "a.raw"), disk("local", "b.raw")];
+        let map = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let targets =
+            |all: Option<&str>, per: &[(&str, &str)]| storage_targets(&disks, all, &map(per));
+        assert_eq!(targets(None, &[]), Ok(None));
+        assert_eq!(storage_targets(&[], Some("x"), &map(&[])), Ok(None));
+        let both = |a: &str, b: &str| Ok(Some(vec![a.to_string(), b.to_string()]));
+        assert_eq!(targets(Some("dst"), &[]), both("dst", "dst"));
+        assert_eq!(
+            targets(Some("dst"), &[("local:b.raw", "fast")]),
+            both("dst", "fast")
+        );
+        assert_eq!(
+            targets(None, &[("a.raw", "x"), ("b.raw", "y")]),
+            both("x", "y")
+        );
+        for (all, per, says) in [
+            (
+                None,
+                vec![("a.raw", "x")],
+                "disk local:b.raw has no target datastore",
+            ),
+            (
+                Some("x"),
+                vec![("c.raw", "y")],
+                "the VM has no disk 'c.raw' (its disks: shared:a.raw, local:b.raw)",
+            ),
+            (
+                Some("x"),
+                vec![("a.raw", "y"), ("shared:a.raw", "z")],
+                "given two targets",
+            ),
+            (Some("x"), vec![("a.raw", "")], "names no datastore"),
+        ] {
+            let error = targets(all, &per).unwrap_err();
+            assert!(error.contains(says), "{per:?}: {error}");
+        }
+        let twins = [disk("one", "a.raw"), disk("two", "a.raw")];
+        let error = storage_targets(&twins, Some("x"), &map(&[])).unwrap_err();
+        assert!(error.contains("would both become x:a.raw"), "{error}");
+        let error = storage_targets(&twins, None, &map(&[("a.raw", "x")])).unwrap_err();
+        assert!(error.contains("names several disks"), "{error}");
+        assert_eq!(
+            storage_targets(
+                &twins,
+                None,
+                &map(&[("one:a.raw", "x"), ("two:a.raw", "y")])
+            ),
+            Ok(Some(vec!["x".into(), "y".into()]))
+        );
     }
 
     #[test]

@@ -997,6 +997,15 @@ impl Handler<StartMigration> for HostActor {
                     ),
                 ));
             }
+            if msg.options.keep_source_disks
+                && msg.options.datastore.is_none()
+                && msg.options.disk_targets.is_empty()
+            {
+                return Err(HostError::new(
+                    ErrorKind::BadRequest,
+                    "keep_source_disks applies to a storage migration only (give a datastore or disk targets)",
+                ));
+            }
             if msg.options.streams == 0 || msg.options.downtime_ms == 0 {
                 return Err(HostError::new(
                     ErrorKind::BadRequest,
@@ -1016,44 +1025,63 @@ impl Handler<StartMigration> for HostActor {
         }
         let settings = Arc::clone(&self.settings);
         let vm_name = msg.vm.clone();
+        let placement = (
+            msg.options.datastore.clone(),
+            msg.options.disk_targets.clone(),
+        );
         Box::pin(
-            async move { vm_addr.send(BeginMigrateOut).await.map(|r| (r, vm_addr)) }
-                .into_actor(self)
-                .map(move |result, act, ctx| {
-                    let failed = |act: &mut Self, error: HostError| {
-                        if let Some(entry) = act.vms.get_mut(&vm_name) {
-                            entry.migration = None;
-                        }
-                        Err(error)
-                    };
-                    let (outgoing, vm_addr) = match result {
-                        Ok((Ok(outgoing), addr)) => (outgoing, addr),
-                        Ok((Err(e), _)) => return failed(act, e.into()),
-                        Err(e) => return failed(act, e.into()),
-                    };
+            async move {
+                // Where the disks go is checked before the VM is touched: a bad placement
+                // is the operator's error, not a failed migration.
+                let info = vm_addr.send(GetInfo).await?;
+                let disks: Vec<DiskRef> = info.disks.iter().map(VmDisk::reference).collect();
+                if let Err(e) =
+                    crate::datastore::storage_targets(&disks, placement.0.as_deref(), &placement.1)
+                {
+                    return Ok((Err(HostError::new(ErrorKind::BadRequest, e)), vm_addr));
+                }
+                let begun = vm_addr
+                    .send(BeginMigrateOut)
+                    .await?
+                    .map_err(HostError::from);
+                Ok::<_, MailboxError>((begun, vm_addr))
+            }
+            .into_actor(self)
+            .map(move |result, act, ctx| {
+                let failed = |act: &mut Self, error: HostError| {
                     if let Some(entry) = act.vms.get_mut(&vm_name) {
-                        entry.state = Lifecycle::MigratingOut;
+                        entry.migration = None;
                     }
-                    let migration = SourceMigration::new(
-                        id,
-                        settings,
-                        peer,
-                        msg.options,
-                        vm_addr,
-                        outgoing,
-                        (ctx.address(), Arc::clone(&act.journal)),
-                    );
-                    let report = migration.report().clone();
-                    let addr = migration.start();
-                    act.migrations.insert(
-                        id,
-                        MigrationEntry {
-                            report: report.clone(),
-                            cancel: Some(addr.recipient()),
-                        },
-                    );
-                    Ok(report)
-                }),
+                    Err(error)
+                };
+                let (outgoing, vm_addr) = match result {
+                    Ok((Ok(outgoing), addr)) => (outgoing, addr),
+                    Ok((Err(e), _)) => return failed(act, e),
+                    Err(e) => return failed(act, e.into()),
+                };
+                if let Some(entry) = act.vms.get_mut(&vm_name) {
+                    entry.state = Lifecycle::MigratingOut;
+                }
+                let migration = SourceMigration::new(
+                    id,
+                    settings,
+                    peer,
+                    msg.options,
+                    vm_addr,
+                    outgoing,
+                    (ctx.address(), Arc::clone(&act.journal)),
+                );
+                let report = migration.report().clone();
+                let addr = migration.start();
+                act.migrations.insert(
+                    id,
+                    MigrationEntry {
+                        report: report.clone(),
+                        cancel: Some(addr.recipient()),
+                    },
+                );
+                Ok(report)
+            }),
         )
     }
 }
@@ -1478,8 +1506,8 @@ impl HostActor {
     /// the source (same identity), with its image there, of the same size. Compute-only
     /// migration moves no disk, so anything else is refused at verify.
     fn arriving_disks(&self, hello: &Hello) -> Result<ArrivingDisks, String> {
-        if let Some(target) = &hello.storage_target {
-            return self.disks_moving_to(target, hello);
+        if hello.moves_storage() {
+            return self.disks_moving_to(hello);
         }
         let specs = hello
             .disks
@@ -1532,40 +1560,42 @@ impl HostActor {
         })
     }
 
-    /// Compute + storage: every disk gets a new image in datastore `target` here, which must
-    /// exist, have room for what the source images hold (plus a margin), and not have an
-    /// image of that name already.
-    fn disks_moving_to(&self, target: &str, hello: &Hello) -> Result<ArrivingDisks, String> {
-        let store = self.datastore(target)?;
-        let store = Datastore::open(&store.name, &store.path).map_err(|e| e.to_string())?;
-        let needed: u64 = hello.disks.iter().map(|m| m.allocated).sum::<u64>() + STORAGE_MARGIN;
-        let free = store.info().free_bytes;
-        if free < needed {
-            return Err(format!(
-                "datastore '{target}' on host '{}' has {} free; the disks need {} (what their images hold, plus a {} margin)",
-                self.settings.name,
-                ferry_runtime::units::format_bytes(free),
-                ferry_runtime::units::format_bytes(needed),
-                ferry_runtime::units::format_bytes(STORAGE_MARGIN)
-            ));
-        }
+    /// Compute + storage: every disk gets a new image in its target datastore here, which
+    /// must exist, have room for what the source images moving to it hold (plus a margin),
+    /// and not have an image of that name already.
+    fn disks_moving_to(&self, hello: &Hello) -> Result<ArrivingDisks, String> {
         let mut arriving = ArrivingDisks {
             specs: Vec::new(),
             refs: Vec::new(),
             create: Vec::new(),
         };
+        let mut stores: BTreeMap<&str, (Datastore, u64)> = BTreeMap::new();
         for m in &hello.disks {
+            let Some(target) = m.target.as_deref() else {
+                return Err(format!(
+                    "disk {} has no target datastore: a storage migration moves every disk",
+                    m.disk.name()
+                ));
+            };
+            if !stores.contains_key(target) {
+                let store = self.datastore(target)?;
+                let store = Datastore::open(&store.name, &store.path).map_err(|e| e.to_string())?;
+                stores.insert(target, (store, STORAGE_MARGIN));
+            }
+            let (store, needed) = stores.get_mut(target).expect("inserted above");
+            *needed += m.allocated;
             if !m
                 .size
                 .is_multiple_of(ferry_transport::memory::PAGE_SIZE as u64)
             {
                 return Err(format!(
-                    "disk image {}:{} is {} bytes; a storage migration moves images of whole 4 KiB pages",
-                    m.disk.datastore, m.disk.file, m.size
+                    "disk image {} is {} bytes; a storage migration moves images of whole 4 KiB pages",
+                    m.disk.name(),
+                    m.size
                 ));
             }
             let path = store.image_path(&m.disk.file);
-            if path.exists() {
+            if path.exists() || arriving.create.iter().any(|(p, _)| *p == path) {
                 return Err(format!(
                     "datastore '{target}' on host '{}' already has an image named '{}' ({}); Ferry does not overwrite it",
                     self.settings.name,
@@ -1585,6 +1615,18 @@ impl HostActor {
                 read_only: m.disk.read_only,
             });
             arriving.create.push((path, m.size));
+        }
+        for (target, (store, needed)) in &stores {
+            let free = store.info().free_bytes;
+            if free < *needed {
+                return Err(format!(
+                    "datastore '{target}' on host '{}' has {} free; the disks moving there need {} (what their images hold, plus a {} margin)",
+                    self.settings.name,
+                    ferry_runtime::units::format_bytes(free),
+                    ferry_runtime::units::format_bytes(*needed),
+                    ferry_runtime::units::format_bytes(STORAGE_MARGIN)
+                ));
+            }
         }
         Ok(arriving)
     }

@@ -121,6 +121,10 @@ pub struct MigrateRequest {
     /// Compute + storage: move every disk to this datastore of the destination.
     #[serde(default)]
     pub datastore: Option<String>,
+    /// Compute + storage, per disk: `{"FILE" (or "DATASTORE:FILE"): "DS"}`; disks not named
+    /// go to `datastore`.
+    #[serde(default)]
+    pub disk_targets: std::collections::BTreeMap<String, String>,
     /// After a storage migration, keep the source images.
     #[serde(default)]
     pub keep_source_disks: bool,
@@ -142,6 +146,7 @@ impl MigrateRequest {
             auto_converge: self.auto_converge.unwrap_or(defaults.auto_converge),
             max_bandwidth,
             datastore: self.datastore.clone(),
+            disk_targets: self.disk_targets.clone(),
             keep_source_disks: self.keep_source_disks,
         })
     }

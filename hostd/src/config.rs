@@ -373,6 +373,7 @@ fn validate(file: &Path, raw: ClusterFile) -> Result<Cluster, ConfigError> {
                 ),
             },
             datastore: None,
+            disk_targets: Default::default(),
             keep_source_disks: false,
         },
         max_concurrent: m

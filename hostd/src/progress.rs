@@ -131,6 +131,22 @@ pub fn describe(report: &MigrationReport) -> String {
                 format_bytes(report.disk_final_bytes)
             ));
         }
+        for copy in &report.disk_copies {
+            out.push_str(&format!(
+                "  disk {} → {}: {} of {} allocated, {} on the wire, {} zero blocks, {} round{}, {:.0} ms (workers {:.0} ms); {} with the guest paused\n",
+                copy.disk,
+                copy.target,
+                format_bytes(copy.bytes),
+                format_bytes(copy.allocated),
+                format_bytes(copy.wire_bytes),
+                copy.zero_blocks,
+                copy.rounds,
+                if copy.rounds == 1 { "" } else { "s" },
+                copy.time_ms,
+                copy.busy_ms,
+                format_bytes(copy.final_bytes),
+            ));
+        }
     }
     if let Some(rate) = report.max_bandwidth {
         out.push_str(&format!("  bandwidth:   capped at {}\n", format_rate(rate)));
@@ -214,5 +230,6 @@ pub fn report_json(report: &MigrationReport) -> serde_json::Value {
         "disks": report.disks,
         "disk_bytes": report.disk_bytes,
         "disk_final_bytes": report.disk_final_bytes,
+        "disk_copies": report.disk_copies,
     })
 }

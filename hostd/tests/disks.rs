@@ -356,17 +356,13 @@ fn compute_and_storage_migration_to_a_local_datastore_while_the_guest_writes_hea
     .into_iter()
     .enumerate()
     {
-        let mut args = vec![
-            "migrate",
-            "s1",
-            "--to",
-            to,
-            "--datastore",
-            datastore,
-            "--json",
-        ];
+        // There by --datastore, back by naming the disk's target.
+        let disk_target = format!("s1.raw={datastore}");
+        let mut args = vec!["migrate", "s1", "--to", to, "--json"];
         if leg == 0 {
-            args.push("--verify");
+            args.extend(["--datastore", datastore, "--verify"]);
+        } else {
+            args.extend(["--disk-target", &disk_target]);
         }
         let report = cluster.ferryctl(&args).json();
         assert_eq!(report["status"], "completed", "leg {leg}: {report:#}");
@@ -379,6 +375,26 @@ fn compute_and_storage_migration_to_a_local_datastore_while_the_guest_writes_hea
         assert!(
             report["disk_final_bytes"].as_u64().unwrap() <= report["disk_bytes"].as_u64().unwrap()
         );
+        // The disk's own figures: the only disk, so all the disk bytes are its own; the
+        // guest kept writing, so blocks went in more than the first round.
+        let copy = &report["disk_copies"][0];
+        let from = if leg == 0 {
+            "alpha-local"
+        } else {
+            "beta-local"
+        };
+        assert_eq!(copy["disk"], format!("{from}:s1.raw"), "{report:#}");
+        assert_eq!(copy["target"], format!("{datastore}:s1.raw"));
+        assert_eq!(copy["bytes"], report["disk_bytes"], "{report:#}");
+        assert_eq!(copy["final_bytes"], report["disk_final_bytes"]);
+        let wire = copy["wire_bytes"].as_u64().unwrap();
+        assert!(
+            wire > 0 && wire < report["wire_bytes"].as_u64().unwrap(),
+            "{report:#}"
+        );
+        assert!(copy["rounds"].as_u64().unwrap() >= 1, "{report:#}");
+        assert!(copy["time_ms"].as_f64().unwrap() > 0.0, "{report:#}");
+        assert!(copy["time_ms"].as_f64().unwrap() <= report["total_ms"].as_f64().unwrap());
         if leg == 0 {
             assert_eq!(report["memory_verified"], true, "{report:#}");
         }
@@ -390,12 +406,137 @@ fn compute_and_storage_migration_to_a_local_datastore_while_the_guest_writes_hea
             vm["disks"][0]["path"],
             to_dir.join("s1.raw").display().to_string()
         );
-        assert!(files_in(from_dir).is_empty(), "the source image is deleted");
+        // Deleted once the destination runs the VM, just after the report says so.
+        cluster.wait_for("the source image deleted", Duration::from_secs(10), |_| {
+            files_in(from_dir).is_empty()
+        });
         assert_eq!(files_in(to_dir), vec!["s1.raw"]);
         wait_for_writes(&cluster, "s1", 256);
         let vm = cluster.vm("s1").unwrap();
         assert_eq!(vm["guest_failures"], 0, "leg {leg}: {vm:#}");
     }
+}
+
+/// A VM with two disks, each moved to a datastore of its own (`--disk-target`), one of them
+/// from a host's local datastore to the shared one; the idle second disk arrives byte for
+/// byte, its holes as holes, and its own figures show exactly what it held. Placements that
+/// cannot work are refused before the VM is touched, and say why.
+#[test]
+fn each_disk_moves_to_its_own_target_datastore() {
+    let cluster = cluster(vec![HostSpec::new("alpha"), HostSpec::new("beta")]);
+    let alpha_local = cluster.dir().join("alpha").join("disks");
+    // The second disk: 1 MiB of pattern, 1 MiB of written zeros, then 6 MiB of hole.
+    let mut content: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 + i / 4096) as u8).collect();
+    content.resize(2 << 20, 0);
+    let second = alpha_local.join("t2.raw");
+    std::fs::write(&second, &content).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&second)
+        .unwrap();
+    file.set_len(8 << 20).unwrap();
+    drop(file);
+    cluster.ferryctl_ok(&[
+        "vm",
+        "create",
+        "t1",
+        "--host",
+        "alpha",
+        "--guest",
+        "disk",
+        "--memory",
+        "64M",
+        "--disk",
+        "alpha-local:t1.raw,size=16M",
+        "--disk",
+        "alpha-local:t2.raw",
+        "--disk-rate",
+        "0",
+    ]);
+    wait_for_writes(&cluster, "t1", 512);
+    for (args, says) in [
+        (
+            vec!["--disk-target", "t1.raw=beta-local"],
+            "disk alpha-local:t2.raw has no target datastore",
+        ),
+        (
+            vec![
+                "--datastore",
+                "beta-local",
+                "--disk-target",
+                "nope.raw=shared",
+            ],
+            "the VM has no disk 'nope.raw' (its disks: alpha-local:t1.raw, alpha-local:t2.raw)",
+        ),
+        (vec!["--keep-source-disks"], "storage migration only"),
+        (vec!["--disk-target", "t1.raw"], "not FILE=DATASTORE"),
+    ] {
+        let mut full = vec!["migrate", "t1", "--to", "beta"];
+        full.extend(args.iter().copied());
+        let result = cluster.ferryctl(&full);
+        assert_ne!(result.code, Some(0), "{args:?}");
+        assert!(result.stderr.contains(says), "{args:?}: {}", result.stderr);
+    }
+    assert_eq!(cluster.vm("t1").unwrap()["state"], "running");
+
+    let report = cluster
+        .ferryctl(&[
+            "migrate",
+            "t1",
+            "--to",
+            "beta",
+            "--disk-target",
+            "t1.raw=beta-local",
+            "--disk-target",
+            "alpha-local:t2.raw=shared",
+            "--verify",
+            "--json",
+        ])
+        .json();
+    assert_eq!(report["status"], "completed", "{report:#}");
+    assert_eq!(report["storage"], "copied to beta-local, shared");
+    let second_copy = &report["disk_copies"][1];
+    assert_eq!(second_copy["target"], "shared:t2.raw", "{report:#}");
+    assert_eq!(
+        second_copy["bytes"],
+        2 << 20,
+        "only what the image held: {report:#}"
+    );
+    assert_eq!(second_copy["zero_blocks"], 256, "{report:#}");
+    assert_eq!(
+        second_copy["rounds"], 1,
+        "nothing wrote it after the first pass"
+    );
+    assert_eq!(second_copy["final_bytes"], 0);
+    let first = report["disk_copies"][0]["bytes"].as_u64().unwrap();
+    assert_eq!(
+        first + (2 << 20),
+        report["disk_bytes"].as_u64().unwrap(),
+        "{report:#}"
+    );
+    let vm = cluster.vm("t1").unwrap();
+    assert_eq!(vm["host"], "beta");
+    assert_eq!(vm["disks"][0]["datastore"], "beta-local", "{vm:#}");
+    assert_eq!(vm["disks"][1]["datastore"], "shared", "{vm:#}");
+    cluster.wait_for("the source images deleted", Duration::from_secs(10), |_| {
+        files_in(&alpha_local).is_empty()
+    });
+    let moved = cluster.dir().join("shared").join("t2.raw");
+    let arrived = std::fs::read(&moved).unwrap();
+    assert_eq!(arrived.len(), 8 << 20);
+    assert!(
+        arrived[..2 << 20] == content[..],
+        "the idle disk arrived changed"
+    );
+    assert!(arrived[2 << 20..].iter().all(|&b| b == 0));
+    use std::os::unix::fs::MetadataExt;
+    let allocated = std::fs::metadata(&moved).unwrap().blocks() * 512;
+    assert!(
+        allocated <= (1 << 20) + (64 << 10),
+        "zero blocks and holes landed as holes: {allocated} bytes allocated"
+    );
+    wait_for_writes(&cluster, "t1", 256);
+    assert_eq!(cluster.vm("t1").unwrap()["guest_failures"], 0);
 }
 
 /// A storage migration that fails before the switch-over: the source runs on its untouched
@@ -528,6 +669,32 @@ fn a_storage_migration_cancelled_mid_copy_leaves_nothing_in_the_target_datastore
     assert_source_runs_on(&cluster, "c1");
 }
 
+/// The data streams break mid disk copy (the control channel stays up): both sides see the
+/// transfer fail, the source keeps running on its untouched disk, and the destination removes
+/// the partial image.
+#[test]
+fn a_data_stream_cut_mid_disk_copy_rolls_back_and_leaves_nothing_in_the_target_datastore() {
+    let cluster = cluster(vec![HostSpec::new("alpha"), HostSpec::new("beta")]);
+    let id = slow_storage_migration(&cluster, "d1");
+    let cut = cluster.cut_data_streams("beta");
+    assert!(cut >= 1, "no data stream to cut");
+    let report = wait_final(&cluster, &id);
+    assert_eq!(report["status"], "rolled_back", "{report:#}");
+    assert!(
+        report["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("copying memory"),
+        "{report:#}"
+    );
+    let beta_local = cluster.dir().join("beta").join("disks");
+    cluster.wait_for("the partial image removed", Duration::from_secs(10), |_| {
+        files_in(&beta_local).is_empty()
+    });
+    assert!(cluster.vms_on("beta").is_empty());
+    assert_source_runs_on(&cluster, "d1");
+}
+
 #[test]
 fn a_destination_killed_mid_disk_copy_rolls_back_and_its_restart_removes_the_partial_image() {
     let mut cluster = cluster(vec![HostSpec::new("alpha"), HostSpec::new("beta")]);
@@ -639,7 +806,10 @@ fn compute_and_storage_migration_between_routed_rate_limited_datacenters() {
     let vm = cluster.vm("dc1").unwrap();
     assert_eq!(vm["host"], "west");
     assert_eq!(vm["disks"][0]["datastore"], "west-local");
-    assert!(files_in(&cluster.dir().join("east").join("disks")).is_empty());
+    let east_local = cluster.dir().join("east").join("disks");
+    cluster.wait_for("the source image deleted", Duration::from_secs(10), |_| {
+        files_in(&east_local).is_empty()
+    });
     assert_eq!(
         files_in(&cluster.dir().join("west").join("disks")),
         vec!["dc1.raw"]

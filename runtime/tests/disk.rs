@@ -334,3 +334,85 @@ fn a_disk_copied_in_rounds_while_the_guest_writes_heavily_arrives_whole_with_its
     assert_eq!(moved.test_device().state().failure_count, 0);
     assert!(moved.disks()[0].path == target_path);
 }
+
+/// The lock handover as a migration drives it, step by step, with two disks: who holds each
+/// image after every step, that a VM takes all of its locks or none, and that a handover
+/// that failed gives the locks back to the source, whose guest carries on.
+#[test]
+fn the_lock_handover_moves_both_locks_together_and_a_failed_one_gives_them_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = image(dir.path(), 4 * MIB);
+    let second = dir.path().join("second.raw");
+    DiskImage::create_sparse(&second, 4 * MIB).unwrap();
+    let mut spec = config("holder", &first);
+    spec.disks.push(DiskSpec {
+        path: second.clone(),
+        read_only: false,
+        id: "second".into(),
+        lock: true,
+    });
+    let locked = |vm: &Vm| -> Vec<bool> { vm.disks().iter().map(|d| d.locked).collect() };
+    let free = |path: &Path| DiskImage::open(path, false).is_ok();
+    let mut source = Vm::create(&spec, &disk_guest(Some(2000)), &[]).unwrap();
+    source.resume().unwrap();
+    wait_for_writes(&source, 64);
+    assert_eq!(locked(&source), [true, true]);
+
+    // Running: the locks cannot be given up (the guest still writes).
+    assert!(source.release_disks().is_err());
+    assert_eq!(locked(&source), [true, true]);
+    assert!(!free(&first) && !free(&second));
+
+    // Paused and flushed: released; the destination takes both.
+    source.pause().unwrap();
+    source.release_disks().unwrap();
+    assert_eq!(locked(&source), [false, false]);
+    let mut target_disks = spec.disks.clone();
+    for disk in &mut target_disks {
+        disk.lock = false;
+    }
+    let target = Vm::create_empty(
+        source.identity(),
+        source.shape(),
+        source.boot_description(),
+        ferry_runtime::DirtyLogMode::Bitmap,
+        None,
+        &target_disks,
+    )
+    .unwrap();
+    assert_eq!(
+        locked(&target),
+        [false, false],
+        "an arriving VM holds no lock yet"
+    );
+    let mut target = target;
+    target.lock_disks().unwrap();
+    assert_eq!(locked(&target), [true, true]);
+    // The source cannot take them back while the destination holds them.
+    assert!(source.lock_disks().is_err());
+    assert_eq!(locked(&source), [false, false]);
+
+    // The destination gives up (its state was rejected, say); someone else grabs the second
+    // image meanwhile: the source gets neither lock, the first image stays free.
+    target.release_disks().unwrap();
+    let intruder = DiskImage::open(&second, false).unwrap();
+    let error = source.lock_disks().unwrap_err().to_string();
+    assert!(error.contains("second.raw"), "{error}");
+    assert_eq!(locked(&source), [false, false], "all or none");
+    assert!(free(&first));
+    drop(intruder);
+
+    // The failed handover ends with the source holding both again, and its guest writing on.
+    source.lock_disks().unwrap();
+    assert_eq!(locked(&source), [true, true]);
+    assert!(target.lock_disks().is_err());
+    assert_eq!(locked(&target), [false, false]);
+    drop(target);
+    source.resume().unwrap();
+    wait_for_writes(&source, 64);
+    let state = source.test_device().state();
+    assert_eq!(state.failure_count, 0, "{:?}", state.failures);
+    source.pause().unwrap();
+    let (written, wrong) = wrong_blocks(&source, &first);
+    assert!(written > 0 && wrong.is_empty(), "{wrong:?}");
+}

@@ -421,6 +421,7 @@ impl Drop for Capture {
 struct HostProcess {
     spec: HostSpec,
     api: SocketAddr,
+    control: SocketAddr,
     netns: Option<String>,
     child: Option<Child>,
     log: PathBuf,
@@ -554,6 +555,7 @@ impl TestCluster {
             ));
             hosts.push(HostProcess {
                 api: SocketAddr::new(addr, api_port),
+                control: SocketAddr::new(addr, control_port),
                 log: dir.path().join(format!("{}.log", spec.name)),
                 spec,
                 netns: ns,
@@ -734,6 +736,58 @@ impl TestCluster {
             .iter()
             .find(|h| h.spec.name == name)
             .unwrap_or_else(|| panic!("no host {name}"))
+    }
+
+    /// Cuts the data streams of the migrations arriving at host `name`, as a broken link
+    /// would, and leaves its control connections alone: every established TCP connection of
+    /// its hostd on a local port other than its API and control ports (the data streams it
+    /// accepted; their listener is closed by then) is destroyed (`ss -K`). Returns how many
+    /// were.
+    pub fn cut_data_streams(&self, name: &str) -> usize {
+        let host = self.host(name);
+        let pid = host.child.as_ref().expect("host running").id();
+        let ss = |args: &[&str]| {
+            let mut command = match &host.netns {
+                Some(ns) => {
+                    let mut c = Command::new("ip");
+                    c.args(["netns", "exec", ns, "ss"]);
+                    c
+                }
+                None => Command::new("ss"),
+            };
+            let out = command.args(args).output().expect("running ss");
+            assert!(out.status.success(), "ss {args:?}: {out:?}");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let owner = format!("pid={pid},");
+        let mut ports: Vec<u16> = ss(&["-tnpH", "state", "established"])
+            .lines()
+            .filter(|line| line.contains(&owner))
+            .filter_map(|line| {
+                line.split_whitespace()
+                    .nth(2)?
+                    .rsplit_once(':')?
+                    .1
+                    .parse()
+                    .ok()
+            })
+            .filter(|port| ![host.api.port(), host.control.port()].contains(port))
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+            .iter()
+            .map(|port| {
+                ss(&[
+                    "-tnKH",
+                    "state",
+                    "established",
+                    &format!("( sport = :{port} )"),
+                ])
+                .lines()
+                .count()
+            })
+            .sum()
     }
 
     /// SIGKILLs a host's hostd.

@@ -56,6 +56,11 @@ pub struct TransferStats {
     pub streams: Vec<StreamStats>,
     /// Sum over all streams.
     pub total: StreamStats,
+    /// Per account of the sender's configuration (`SenderConfig::accounts`), in its order:
+    /// the frames whose pages lie in that account's range, over all streams (`busy` is the
+    /// workers' time on them, summed). Empty on a receiver.
+    #[serde(default)]
+    pub accounts: Vec<StreamStats>,
 }
 
 /// Live counters of one stream.
@@ -124,17 +129,25 @@ impl StreamCounters {
 #[derive(Debug, Clone)]
 pub struct StatsHandle {
     streams: Arc<[StreamCounters]>,
+    accounts: Arc<[StreamCounters]>,
 }
 
 impl StatsHandle {
-    pub(crate) fn new(streams: usize) -> Self {
+    pub(crate) fn new(streams: usize, accounts: usize) -> Self {
+        let counters = |n| (0..n).map(|_| StreamCounters::default()).collect();
         Self {
-            streams: (0..streams).map(|_| StreamCounters::default()).collect(),
+            streams: counters(streams),
+            accounts: counters(accounts),
         }
     }
 
     pub(crate) fn stream(&self, index: usize) -> &StreamCounters {
         &self.streams[index]
+    }
+
+    /// Counters of account `index`, if there is one.
+    pub(crate) fn account(&self, index: Option<usize>) -> Option<&StreamCounters> {
+        index.and_then(|i| self.accounts.get(i))
     }
 
     /// The statistics as of now.
@@ -144,7 +157,11 @@ impl StatsHandle {
         for stream in &streams {
             total.accumulate(stream);
         }
-        TransferStats { streams, total }
+        TransferStats {
+            streams,
+            total,
+            accounts: self.accounts.iter().map(StreamCounters::snapshot).collect(),
+        }
     }
 }
 
@@ -168,7 +185,7 @@ mod tests {
 
     #[test]
     fn snapshot_sums_streams() {
-        let handle = StatsHandle::new(2);
+        let handle = StatsHandle::new(2, 1);
         let frame = FrameCounts {
             guest_bytes: 8192,
             wire_bytes: 100,
@@ -185,6 +202,10 @@ mod tests {
         assert_eq!(stats.total.pages(), 4);
         assert_eq!(stats.total.frames, 2);
         assert_eq!(stats.total.busy, Duration::from_millis(3));
+        assert_eq!(stats.accounts, vec![StreamStats::default()]);
+        handle.account(Some(0)).unwrap().add_frame(&frame);
+        assert!(handle.account(Some(1)).is_none() && handle.account(None).is_none());
+        assert_eq!(handle.snapshot().accounts[0].guest_bytes, 8192);
     }
 
     #[test]

@@ -34,6 +34,22 @@ where
     S: PageSource + 'static,
     K: PageSink + 'static,
 {
+    transfer_accounted(source, sink, ranges, streams, policy, Vec::new())
+}
+
+/// [`transfer`], with the sender keeping `accounts`.
+fn transfer_accounted<S, K>(
+    source: Arc<S>,
+    sink: Arc<K>,
+    ranges: Vec<PageRange>,
+    streams: usize,
+    policy: CompressionPolicy,
+    accounts: Vec<PageRange>,
+) -> (TransferStats, TransferStats)
+where
+    S: PageSource + 'static,
+    K: PageSink + 'static,
+{
     let session = SessionId::random();
     let listener = loopback();
     let addr = listener.local_addr();
@@ -47,6 +63,7 @@ where
     let mut config = SenderConfig::new(session, WorkerPlacement::pinned(streams, cpus));
     config.compression = policy;
     config.pages_per_frame = 16;
+    config.accounts = accounts;
     let mut sender = DataSender::connect(&[addr], source, config).unwrap();
     sender.send(&ranges).unwrap();
     sender.flush().unwrap();
@@ -137,6 +154,46 @@ fn every_compression_policy_delivers_mixed_content() {
                 assert_eq!(sent.total.pages_compressed, 0);
             }
         }
+    });
+}
+
+#[test]
+fn accounts_count_exactly_their_own_pages_even_inside_one_range() {
+    within(Duration::from_secs(20), "accounted transfer", || {
+        // Random, then zero, then text pages (the zero ones fall inside frames the random
+        // ones would otherwise share), sent as one range.
+        let mut bytes = content(100, Content::Random, 5);
+        bytes.extend(content(100, Content::Zero, 6));
+        bytes.extend(content(100, Content::Text, 7));
+        let source = Arc::new(VecMemory::from_bytes(0, &bytes).unwrap());
+        let sink = Arc::new(VecMemory::new(0, 300));
+        let accounts = vec![PageRange::new(95, 105), PageRange::new(200, 100)];
+        let (sent, received) = transfer_accounted(
+            source,
+            Arc::clone(&sink),
+            vec![PageRange::new(0, 300)],
+            2,
+            CompressionPolicy::Lz4,
+            accounts,
+        );
+        assert!(
+            sink.to_vec() == bytes,
+            "accounted transfer corrupted the content"
+        );
+        assert!(received.accounts.is_empty());
+        let [zeroes, text] = sent.accounts.as_slice() else {
+            panic!("expected two accounts, got {:?}", sent.accounts);
+        };
+        assert_eq!((zeroes.pages(), zeroes.pages_zero), (105, 100));
+        assert_eq!(zeroes.guest_bytes, 105 * PAGE_SIZE as u64);
+        assert_eq!((text.pages(), text.pages_zero), (100, 0));
+        assert!(text.pages_compressed > 0, "text pages went uncompressed");
+        let accounted = zeroes.wire_bytes + text.wire_bytes;
+        assert!(
+            accounted < sent.total.wire_bytes && zeroes.frames + text.frames < sent.total.frames,
+            "the random pages outside every account were counted in one"
+        );
+        assert!(text.wire_bytes < text.guest_bytes);
     });
 }
 

@@ -162,8 +162,8 @@ impl DestinationMigration {
     }
 
     fn publish(&mut self) {
-        let totals = self.data.as_ref().map(|d| d.stats().total);
-        self.report.refresh(self.started, totals);
+        let totals = self.data.as_ref().map(|d| d.stats());
+        self.report.refresh(self.started, totals.as_ref());
         self.host.do_send(MigrationUpdate(self.report.clone()));
     }
 

@@ -165,6 +165,46 @@ pub fn disk_ranges(extents: &[Vec<(u64, u64)>]) -> Vec<PageRange> {
     ranges
 }
 
+/// Disk `index`'s whole space, as page frames (one account of a storage migration's sender).
+pub fn disk_pages(index: usize) -> PageRange {
+    let page = ferry_transport::memory::PAGE_SIZE as u64;
+    PageRange::new(disk_base(index) / page, DISK_SPACE_STRIDE / page)
+}
+
+/// The disk whose space page frame `pfn` is in, if any.
+fn disk_of(pfn: u64) -> Option<usize> {
+    let addr = pfn.checked_mul(ferry_transport::memory::PAGE_SIZE as u64)?;
+    let index = addr.checked_sub(DISK_SPACE_BASE)? / DISK_SPACE_STRIDE;
+    usize::try_from(index).ok()
+}
+
+/// The disks (slot indices, ascending) that `ranges` carry blocks of.
+pub fn disks_in(ranges: &[PageRange]) -> Vec<usize> {
+    let mut disks: Vec<usize> = ranges
+        .iter()
+        .filter(|r| r.count > 0)
+        .filter_map(|r| disk_of(r.first_pfn))
+        .collect();
+    disks.sort_unstable();
+    disks.dedup();
+    disks
+}
+
+/// Bytes of disk blocks in `ranges`, per disk (slot index; as long as the highest disk
+/// they carry).
+pub fn bytes_per_disk(ranges: &[PageRange]) -> Vec<u64> {
+    let mut bytes = Vec::new();
+    for range in ranges {
+        if let Some(index) = disk_of(range.first_pfn) {
+            if bytes.len() <= index {
+                bytes.resize(index + 1, 0);
+            }
+            bytes[index] += range.bytes();
+        }
+    }
+    bytes
+}
+
 /// Converts the runtime's page ranges (by address) into the transport's (by frame number).
 pub fn to_transport_ranges(
     ranges: impl Iterator<Item = ferry_runtime::PageRange>,
@@ -172,4 +212,28 @@ pub fn to_transport_ranges(
     ranges
         .map(|r| PageRange::new(r.gpa / ferry_transport::memory::PAGE_SIZE as u64, r.pages))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_blocks_are_told_apart_by_disk_and_from_memory() {
+        let ranges = disk_ranges(&[vec![(0, 8192), (1 << 20, 100)], vec![], vec![(4096, 4096)]]);
+        let memory = PageRange::new(0x100, 4);
+        let mut all = vec![memory];
+        all.extend(ranges.iter().copied());
+        assert_eq!(disks_in(&all), [0, 2]);
+        assert_eq!(bytes_per_disk(&all), [3 * 4096, 0, 4096]);
+        assert_eq!(disks_in(&[memory]), Vec::<usize>::new());
+        for (index, range) in [(0, ranges[0]), (2, ranges[2])] {
+            let account = disk_pages(index);
+            assert!(
+                range.first_pfn >= account.first_pfn
+                    && range.end_pfn() <= account.end_pfn()
+                    && disk_of(account.end_pfn().unwrap()) == Some(index + 1)
+            );
+        }
+    }
 }

@@ -37,6 +37,10 @@ pub struct MigrationOptions {
     /// VM runs (`None`: compute only, the disks stay on a shared datastore).
     #[serde(default)]
     pub datastore: Option<String>,
+    /// Compute + storage, per disk: the destination datastore of the disk named by the key
+    /// (`FILE` or `DATASTORE:FILE`); disks not named go to `datastore`.
+    #[serde(default)]
+    pub disk_targets: std::collections::BTreeMap<String, String>,
     /// After a storage migration, keep the source images instead of deleting them.
     #[serde(default)]
     pub keep_source_disks: bool,
@@ -52,6 +56,7 @@ impl Default for MigrationOptions {
             auto_converge: true,
             max_bandwidth: None,
             datastore: None,
+            disk_targets: Default::default(),
             keep_source_disks: false,
         }
     }
@@ -197,6 +202,39 @@ pub struct MigrationReport {
     /// Compute + storage: of those, bytes sent with the guest paused.
     #[serde(default)]
     pub disk_final_bytes: u64,
+    /// Compute + storage: each disk's copy, in slot order.
+    #[serde(default)]
+    pub disk_copies: Vec<DiskCopyReport>,
+}
+
+/// One disk of a compute + storage migration, as the source sent it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DiskCopyReport {
+    /// The disk on the source, `DATASTORE:FILE`.
+    pub disk: String,
+    /// Where it goes on the destination, `DATASTORE:FILE`.
+    pub target: String,
+    /// Image size, bytes.
+    pub size: u64,
+    /// Bytes the source image held when the copy began (only those are read: holes stay
+    /// holes).
+    pub allocated: u64,
+    /// Bytes of blocks sent, over all rounds and the final copy (4 KiB pages, whatever their
+    /// encoding).
+    pub bytes: u64,
+    /// Bytes on the wire for them, frame headers included.
+    pub wire_bytes: u64,
+    /// 4 KiB blocks sent as zero markers (they land as holes).
+    pub zero_blocks: u64,
+    /// Of `bytes`, those sent with the guest paused.
+    pub final_bytes: u64,
+    /// Pre-copy rounds that carried blocks of this disk (the first pass is round 1).
+    pub rounds: u32,
+    /// From the start of the copy until the last round (or the stop-and-copy) that carried
+    /// blocks of this disk had landed on the destination.
+    pub time_ms: f64,
+    /// The copy workers' time on this disk's blocks, summed over streams.
+    pub busy_ms: f64,
 }
 
 impl MigrationReport {
@@ -224,12 +262,18 @@ impl MigrationReport {
     pub fn refresh(
         &mut self,
         started: std::time::Instant,
-        totals: Option<ferry_transport::stats::StreamStats>,
+        totals: Option<&ferry_transport::stats::TransferStats>,
     ) {
-        if let Some(total) = totals {
-            self.guest_bytes = total.guest_bytes;
-            self.wire_bytes = total.wire_bytes;
-            self.zero_pages = total.pages_zero;
+        if let Some(stats) = totals {
+            self.guest_bytes = stats.total.guest_bytes;
+            self.wire_bytes = stats.total.wire_bytes;
+            self.zero_pages = stats.total.pages_zero;
+            for (copy, account) in self.disk_copies.iter_mut().zip(&stats.accounts) {
+                copy.bytes = account.guest_bytes;
+                copy.wire_bytes = account.wire_bytes;
+                copy.zero_blocks = account.pages_zero;
+                copy.busy_ms = account.busy.as_secs_f64() * 1000.0;
+            }
         }
         self.total_ms = started.elapsed().as_secs_f64() * 1000.0;
     }

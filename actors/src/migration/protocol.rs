@@ -43,9 +43,13 @@ pub struct Hello {
     pub verify: bool,
     /// The VM's disks, in slot order.
     pub disks: Vec<MigratingDisk>,
-    /// Compute + storage: the destination datastore every disk moves to.
-    #[serde(default)]
-    pub storage_target: Option<String>,
+}
+
+impl Hello {
+    /// Whether the disks move (compute + storage): then every one has a target.
+    pub fn moves_storage(&self) -> bool {
+        self.disks.iter().any(|d| d.target.is_some())
+    }
 }
 
 /// A disk of a migrating VM, as the destination must find it.
@@ -60,6 +64,10 @@ pub struct MigratingDisk {
     /// Bytes the image holds on the source (for the free-space check of a storage move).
     #[serde(default)]
     pub allocated: u64,
+    /// Compute + storage: the destination datastore it moves to (`None`: it stays on a
+    /// shared datastore).
+    #[serde(default)]
+    pub target: Option<String>,
 }
 
 /// Source → destination.
@@ -186,7 +194,6 @@ mod tests {
             networks: vec!["net".into()],
             boot: "counter".into(),
             ip: None,
-            storage_target: None,
             disks: vec![MigratingDisk {
                 disk: crate::datastore::DiskRef {
                     datastore: "shared".into(),
@@ -196,6 +203,7 @@ mod tests {
                 identity: "id".into(),
                 size: 1 << 20,
                 allocated: 4096,
+                target: Some("local".into()),
             }],
             capabilities: caps.clone(),
             verify: true,
@@ -205,7 +213,7 @@ mod tests {
         match back {
             ToDestination::Hello(h) => {
                 assert_eq!(h.shape.memory, 1 << 30);
-                assert!(h.verify);
+                assert!(h.verify && h.moves_storage());
             }
             other => panic!("{other:?}"),
         }

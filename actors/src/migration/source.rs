@@ -23,7 +23,8 @@ use super::convergence::{Decision, RoundOutcome, SWITCH_OVER_OVERHEAD_MS, decide
 use super::memory::{self, to_transport_ranges};
 use super::protocol::{Hello, MigratingDisk, ToDestination, ToSource};
 use super::{
-    DestinationOutcome, MigrationId, MigrationOptions, MigrationReport, RoundReport, Stage,
+    DestinationOutcome, DiskCopyReport, MigrationId, MigrationOptions, MigrationReport,
+    RoundReport, Stage,
 };
 use crate::control_server::control_config;
 use crate::host_actor::{CancelRequest, HostActor, MigrationUpdate, VmStateChanged};
@@ -92,6 +93,13 @@ pub struct SourceMigration {
     disk_pending: Vec<ferry_transport::memory::PageRange>,
     /// Compute + storage: the pages still to send while the destination flushes its disks.
     pending_pages: Option<DirtySet>,
+    /// Where each disk goes (`Ok(None)`: compute only), or why the options name no valid
+    /// placement.
+    storage: Result<Option<Vec<String>>, String>,
+    /// Compute + storage: disks (slot indices) whose blocks the round in flight carries.
+    round_disks: Vec<usize>,
+    /// When the first round began.
+    copy_started: Option<Instant>,
 }
 
 impl std::fmt::Debug for SourceMigration {
@@ -149,6 +157,11 @@ impl SourceMigration {
             options.streams,
         );
         report.max_bandwidth = options.max_bandwidth;
+        let storage = crate::datastore::storage_targets(
+            &outgoing.attachments.disks,
+            options.datastore.as_deref(),
+            &options.disk_targets,
+        );
         SourceMigration {
             id,
             settings,
@@ -181,12 +194,29 @@ impl SourceMigration {
             awaiting_reason: None,
             disk_pending: Vec::new(),
             pending_pages: None,
+            storage,
+            round_disks: Vec::new(),
+            copy_started: None,
         }
     }
 
     /// Whether the disks move too (compute + storage).
     fn moves_storage(&self) -> bool {
-        self.options.datastore.is_some() && !self.outgoing.disks.is_empty()
+        matches!(self.storage, Ok(Some(_)))
+    }
+
+    /// Counts a round (pre-copy, or the final copy when `final_copy`) that just landed for
+    /// every disk it carried.
+    fn disks_landed(&mut self, final_copy: bool) {
+        let now = self
+            .copy_started
+            .map_or(0.0, |started| ms(started.elapsed()));
+        for index in std::mem::take(&mut self.round_disks) {
+            if let Some(copy) = self.report.disk_copies.get_mut(index) {
+                copy.rounds += u32::from(!final_copy);
+                copy.time_ms = now;
+            }
+        }
     }
 
     /// The migration a restarted hostd finds recorded with its commit sent and no outcome:
@@ -246,8 +276,8 @@ impl SourceMigration {
     }
 
     fn publish(&mut self) {
-        let totals = self.data_stats.as_ref().map(|s| s.snapshot().total);
-        self.report.refresh(self.started, totals);
+        let totals = self.data_stats.as_ref().map(|s| s.snapshot());
+        self.report.refresh(self.started, totals.as_ref());
         self.host.do_send(MigrationUpdate(self.report.clone()));
     }
 
@@ -471,6 +501,11 @@ impl SourceMigration {
         };
         let mut config = SenderConfig::new(session_of(self.id), placement);
         config.max_bandwidth = self.options.max_bandwidth;
+        if moves_storage {
+            config.accounts = (0..self.outgoing.disks.len())
+                .map(memory::disk_pages)
+                .collect();
+        }
         let vm = self.vm.clone();
         let mut record = MigrationRecord::new(
             self.id,
@@ -526,6 +561,7 @@ impl SourceMigration {
                         act.data_stats = Some(sender.stats_handle());
                         act.data = Some(sender);
                         act.stage(Stage::PreCopy);
+                        act.copy_started = Some(Instant::now());
                         // Round one: everything ever written. Never-touched memory and disk
                         // holes are zero on both sides already.
                         act.run_round(ctx, first_round);
@@ -544,6 +580,7 @@ impl SourceMigration {
             return self.fail(ctx, Stage::PreCopy, "data sender missing".into());
         };
         self.report.round += 1;
+        self.round_disks = memory::disks_in(&ranges);
         self.round_base = sender.stats();
         self.round_started = Instant::now();
         self.publish();
@@ -575,6 +612,7 @@ impl SourceMigration {
 
     fn round_done(&mut self, ctx: &mut Context<Self>, pages: u64) {
         let seconds = self.round_started.elapsed().as_secs_f64();
+        self.disks_landed(false);
         let stats = self.data.as_ref().map(|s| s.stats()).unwrap_or_default();
         let bytes = stats.total.guest_bytes - self.round_base.total.guest_bytes;
         self.report.rounds.push(RoundReport {
@@ -751,6 +789,15 @@ impl SourceMigration {
         let final_disk_bytes: u64 = blocks.iter().map(|r| r.bytes()).sum();
         self.report.disk_bytes += final_disk_bytes;
         self.report.disk_final_bytes = final_disk_bytes;
+        self.round_disks = memory::disks_in(&blocks);
+        for (copy, bytes) in self
+            .report
+            .disk_copies
+            .iter_mut()
+            .zip(memory::bytes_per_disk(&blocks))
+        {
+            copy.final_bytes = bytes;
+        }
         let disk_hashes = frozen.disk_hashes.clone();
         let work = async move {
             let frozen_ms = ms(frozen.paused_at.elapsed());
@@ -795,6 +842,8 @@ impl SourceMigration {
                 act.report.guest_bytes = totals.total.guest_bytes;
                 act.report.wire_bytes = totals.total.wire_bytes;
                 act.report.zero_pages = totals.total.pages_zero;
+                act.report.refresh(act.started, Some(&totals));
+                act.disks_landed(true);
                 act.report.source_downtime_ms = Some(sent_ms);
                 act.data_stats = None;
                 act.report.state_bytes = state_bytes;
@@ -1039,10 +1088,32 @@ fn session_of(id: MigrationId) -> SessionId {
     SessionId(id.as_u64_pair().0)
 }
 
+/// How the disks move, for the report: "none", "shared", or "copied to DS[, DS2...]".
+fn storage_label(hello: &Hello) -> String {
+    if hello.disks.is_empty() {
+        return "none".into();
+    }
+    let mut targets: Vec<&str> = hello
+        .disks
+        .iter()
+        .filter_map(|d| d.target.as_deref())
+        .collect();
+    if targets.is_empty() {
+        return "shared".into();
+    }
+    targets.sort_unstable();
+    targets.dedup();
+    format!("copied to {}", targets.join(", "))
+}
+
 /// The VM's disks as the destination must find them: each with its datastore's identity
 /// here (read from the datastore's root; a datastore this host cannot open gets an identity
 /// no host has, so the destination refuses the migration and says which datastore).
-fn migrating_disks(settings: &HostSettings, outgoing: &OutgoingVm) -> Vec<MigratingDisk> {
+fn migrating_disks(
+    settings: &HostSettings,
+    outgoing: &OutgoingVm,
+    targets: Option<&[String]>,
+) -> Vec<MigratingDisk> {
     outgoing
         .attachments
         .disks
@@ -1067,6 +1138,7 @@ fn migrating_disks(settings: &HostSettings, outgoing: &OutgoingVm) -> Vec<Migrat
                 identity,
                 size: outgoing.disks.get(i).map_or(0, |d| d.size),
                 allocated: outgoing.disks.get(i).map_or(0, |d| d.allocated),
+                target: targets.and_then(|t| t.get(i)).cloned(),
             }
         })
         .collect()
@@ -1088,6 +1160,10 @@ impl Actor for SourceMigration {
         }
         tracing::info!(migration = %self.id, vm = %self.report.vm, to = %self.peer.name, "migration starting");
         self.publish();
+        let targets = match self.storage.clone() {
+            Ok(targets) => targets,
+            Err(e) => return self.fail(ctx, Stage::Refused, e),
+        };
         let addr = self.peer.control_addr;
         let config = control_config(&self.settings);
         let capabilities =
@@ -1106,18 +1182,22 @@ impl Actor for SourceMigration {
             ip: self.outgoing.attachments.ip,
             capabilities: capabilities.clone(),
             verify: self.options.verify,
-            disks: migrating_disks(&self.settings, &self.outgoing),
-            storage_target: self.options.datastore.clone(),
+            disks: migrating_disks(&self.settings, &self.outgoing, targets.as_deref()),
         };
-        self.report.storage = Some(match (&hello.storage_target, hello.disks.is_empty()) {
-            (_, true) => "none".into(),
-            (Some(target), false) => format!("copied to {target}"),
-            (None, false) => "shared".into(),
-        });
-        self.report.disks = hello
+        self.report.storage = Some(storage_label(&hello));
+        self.report.disks = hello.disks.iter().map(|d| d.disk.name()).collect();
+        self.report.disk_copies = hello
             .disks
             .iter()
-            .map(|d| format!("{}:{}", d.disk.datastore, d.disk.file))
+            .filter_map(|d| {
+                Some(DiskCopyReport {
+                    disk: d.disk.name(),
+                    target: format!("{}:{}", d.target.as_ref()?, d.disk.file),
+                    size: d.size,
+                    allocated: d.allocated,
+                    ..DiskCopyReport::default()
+                })
+            })
             .collect();
         let peer = self.peer.name.clone();
         ctx.wait(

@@ -186,8 +186,13 @@ struct MigrateArgs {
     /// hosts share.
     #[arg(long)]
     datastore: Option<String>,
+    /// Compute + storage, one disk: FILE=DS moves the disk named FILE (or DATASTORE:FILE) to
+    /// datastore DS of the destination. Repeat it per disk; disks not named go to
+    /// --datastore. A storage migration moves every disk.
+    #[arg(long, value_name = "FILE=DS", value_parser = parse_disk_target)]
+    disk_target: Vec<(String, String)>,
     /// After a storage migration, keep the source images instead of deleting them.
-    #[arg(long, requires = "datastore")]
+    #[arg(long)]
     keep_source_disks: bool,
     /// Print one JSON object when done instead of progress and a report.
     #[arg(long)]
@@ -385,7 +390,24 @@ fn operate(client: &Client, name: &str, op: &str) -> Result<i32> {
     Ok(0)
 }
 
+/// `FILE=DS` of `--disk-target`.
+fn parse_disk_target(text: &str) -> std::result::Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((file, ds)) if !file.is_empty() && !ds.is_empty() => {
+            Ok((file.to_string(), ds.to_string()))
+        }
+        _ => Err(format!(
+            "'{text}' is not FILE=DATASTORE (e.g. web.raw=beta-local)"
+        )),
+    }
+}
+
 fn migrate(client: &Client, args: &MigrateArgs) -> Result<i32> {
+    for (i, (file, _)) in args.disk_target.iter().enumerate() {
+        if args.disk_target[..i].iter().any(|(f, _)| f == file) {
+            bail!("--disk-target names disk '{file}' twice");
+        }
+    }
     if args.streams == Some(0) {
         bail!("--streams must be at least 1");
     }
@@ -401,6 +423,7 @@ fn migrate(client: &Client, args: &MigrateArgs) -> Result<i32> {
         auto_converge: args.no_auto_converge.then_some(false),
         max_bandwidth: args.max_bandwidth.clone(),
         datastore: args.datastore.clone(),
+        disk_targets: args.disk_target.iter().cloned().collect(),
         keep_source_disks: args.keep_source_disks,
     };
     let (source, started) = client.migrate(&args.name, &request)?;

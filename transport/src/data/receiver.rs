@@ -168,7 +168,7 @@ impl DataReceiver {
             .map_err(|reason| ReceiveError::Config { reason })?;
         config.workers.validate().map_err(ReceiveError::Workers)?;
         let shared = Arc::new(Shared::default());
-        let stats = StatsHandle::new(config.workers.count);
+        let stats = StatsHandle::new(config.workers.count, 0);
         let supervisor = {
             let shared = Arc::clone(&shared);
             let stats = stats.clone();

@@ -51,7 +51,15 @@ pub struct SenderConfig {
     pub timeouts: Timeouts,
     /// Cap on the bytes all streams together put on the wire per second (`None`: no cap).
     pub max_bandwidth: Option<u64>,
+    /// Page ranges counted on their own as well (each disk of a storage migration, say):
+    /// [`TransferStats::accounts`] has one entry per range. No frame mixes pages of two
+    /// accounts, or of an account and outside any, so the figures are exact. At most
+    /// [`MAX_ACCOUNTS`], not overlapping.
+    pub accounts: Vec<PageRange>,
 }
+
+/// Most accounts a sender keeps.
+pub const MAX_ACCOUNTS: usize = 64;
 
 impl SenderConfig {
     /// Defaults for `workers` streams in `session`.
@@ -64,6 +72,7 @@ impl SenderConfig {
             queue_depth: 4,
             timeouts: Timeouts::default(),
             max_bandwidth: None,
+            accounts: Vec::new(),
         }
     }
 
@@ -84,6 +93,26 @@ impl SenderConfig {
             return config(format!(
                 "max_bandwidth {rate} B/s is below the smallest cap, {MIN_BANDWIDTH} B/s"
             ));
+        }
+        if self.accounts.len() > MAX_ACCOUNTS {
+            return config(format!(
+                "{} accounts; at most {MAX_ACCOUNTS}",
+                self.accounts.len()
+            ));
+        }
+        for (i, a) in self.accounts.iter().enumerate() {
+            let Some(end) = a.end_pfn().filter(|_| a.count > 0) else {
+                return config(format!(
+                    "account {i} ({:#x}+{}) is empty or overflows",
+                    a.first_pfn, a.count
+                ));
+            };
+            if let Some(j) = self.accounts[..i]
+                .iter()
+                .position(|b| a.first_pfn < b.first_pfn + b.count && b.first_pfn < end)
+            {
+                return config(format!("accounts {j} and {i} overlap"));
+            }
         }
         self.timeouts.validate().or_else(config)?;
         self.workers.validate().map_err(SendError::Workers)
@@ -131,6 +160,8 @@ enum Job {
     /// One frame's runs: ascending, with gaps between them, at most `pages_per_frame` pages.
     Pages {
         runs: Vec<PageRange>,
+        /// The account all of them are in, if any.
+        account: Option<usize>,
     },
     Flush {
         ticket: u64,
@@ -299,7 +330,7 @@ impl<S: PageSource + ?Sized + 'static> DataSender<S> {
             writers,
             version,
         });
-        let stats = StatsHandle::new(streams);
+        let stats = StatsHandle::new(streams, config.accounts.len());
         let policy = effective_policy(config.compression, addrs);
         let pacer = config.max_bandwidth.map(|rate| Arc::new(Pacer::new(rate)));
         let (queue, jobs) = bounded(config.queue_depth * streams);
@@ -387,7 +418,20 @@ impl<S: PageSource + ?Sized + 'static> DataSender<S> {
                 .map_err(|source| SendError::Range { range, source })?;
         }
         let per_frame = u64::from(self.config.pages_per_frame);
-        pack_frames(ranges, per_frame, |runs| self.dispatch(Job::Pages { runs }))
+        if self.config.accounts.is_empty() {
+            return pack_frames(ranges, per_frame, |runs| {
+                self.dispatch(Job::Pages {
+                    runs,
+                    account: None,
+                })
+            });
+        }
+        for (account, group) in by_account(ranges, &self.config.accounts) {
+            pack_frames(&group, per_frame, |runs| {
+                self.dispatch(Job::Pages { runs, account })
+            })?;
+        }
+        Ok(())
     }
 
     /// Returns once every page sent so far has been written into the receiver's memory, as
@@ -534,6 +578,44 @@ impl<S: PageSource + ?Sized + 'static> Drop for DataSender<S> {
     }
 }
 
+/// `ranges` cut where an account begins or ends, as runs of consecutive pieces that lie in
+/// one account (or in none), in order.
+fn by_account(
+    ranges: &[PageRange],
+    accounts: &[PageRange],
+) -> Vec<(Option<usize>, Vec<PageRange>)> {
+    // The account `pfn` is in, and where the piece from `pfn` must end: that account's end,
+    // or the start of the next account above it.
+    let locate = |pfn: u64| {
+        let mut next = u64::MAX;
+        for (i, a) in accounts.iter().enumerate() {
+            let end = a.first_pfn.saturating_add(a.count);
+            if (a.first_pfn..end).contains(&pfn) {
+                return (Some(i), end);
+            }
+            if a.first_pfn > pfn {
+                next = next.min(a.first_pfn);
+            }
+        }
+        (None, next)
+    };
+    let mut groups: Vec<(Option<usize>, Vec<PageRange>)> = Vec::new();
+    for range in ranges {
+        let mut pfn = range.first_pfn;
+        let end = range.end_pfn().unwrap_or(u64::MAX);
+        while pfn < end {
+            let (account, limit) = locate(pfn);
+            let piece = PageRange::new(pfn, end.min(limit) - pfn);
+            match groups.last_mut() {
+                Some((last, pieces)) if *last == account => pieces.push(piece),
+                _ => groups.push((account, vec![piece])),
+            }
+            pfn += piece.count;
+        }
+    }
+    groups
+}
+
 /// Cuts `ranges` into frames of at most `per_frame` pages, in order, and hands each frame's
 /// runs to `emit`. Frames fill across range boundaries, so short ranges share a frame instead
 /// of paying a frame each, while long ranges still cut into full frames. A range that
@@ -637,7 +719,7 @@ impl<S: PageSource + ?Sized> Worker<S> {
             }
             let started = Instant::now();
             let (result, last) = match job {
-                Job::Pages { ref runs } => (self.pages(seq, runs), false),
+                Job::Pages { ref runs, account } => (self.pages(seq, runs, account), false),
                 Job::Flush { ticket } => (self.flush(ticket), false),
                 Job::Finish { ticket } => (
                     self.message(MessageType::Finish, &wire::encode_ticket(ticket)),
@@ -659,7 +741,12 @@ impl<S: PageSource + ?Sized> Worker<S> {
         }
     }
 
-    fn pages(&mut self, seq: u64, runs: &[PageRange]) -> Result<(), StreamError> {
+    fn pages(
+        &mut self,
+        seq: u64,
+        runs: &[PageRange],
+        account: Option<usize>,
+    ) -> Result<(), StreamError> {
         let stream = self.stream;
         let started = Instant::now();
         let compress = self.decider.compress_next();
@@ -686,6 +773,10 @@ impl<S: PageSource + ?Sized> Worker<S> {
         self.decider
             .observe_frame(data_pages * PAGE_SIZE as u64, started.elapsed());
         self.stats.stream(stream).add_frame(&report.counts);
+        if let Some(counters) = self.stats.account(account) {
+            counters.add_frame(&report.counts);
+            counters.add_busy(started.elapsed());
+        }
         Ok(())
     }
 
@@ -869,6 +960,47 @@ mod tests {
             }
         });
         assert_eq!((result, calls), (Err("queue closed"), 2));
+    }
+
+    #[test]
+    fn ranges_are_cut_at_account_boundaries_and_grouped_in_order() {
+        let accounts = [PageRange::new(10, 10), PageRange::new(30, 5)];
+        let groups = by_account(
+            &[(0, 4), (8, 4), (14, 2), (19, 13), (40, 1)].map(PageRange::from),
+            &accounts,
+        );
+        type Pieces = Vec<(u64, u64)>;
+        let shape: Vec<(Option<usize>, Pieces)> = groups
+            .into_iter()
+            .map(|(a, pieces)| (a, pieces.iter().map(|r| (r.first_pfn, r.count)).collect()))
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                (None, vec![(0, 4), (8, 2)]),
+                (Some(0), vec![(10, 2), (14, 2), (19, 1)]),
+                (None, vec![(20, 10)]),
+                (Some(1), vec![(30, 2)]),
+                (None, vec![(40, 1)]),
+            ]
+        );
+    }
+
+    #[test]
+    fn overlapping_or_empty_accounts_are_refused() {
+        let mut config = SenderConfig::new(SessionId(1), WorkerPlacement::unpinned(1));
+        config.accounts = vec![PageRange::new(0, 8), PageRange::new(7, 2)];
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("overlap")
+        );
+        config.accounts = vec![PageRange::new(4, 0)];
+        assert!(config.validate().unwrap_err().to_string().contains("empty"));
+        config.accounts = vec![PageRange::new(0, 8), PageRange::new(8, 2)];
+        assert!(config.validate().is_ok());
     }
 
     proptest::proptest! {
