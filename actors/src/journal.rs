@@ -110,6 +110,11 @@ pub struct MigrationRecord {
     /// discarded (by this process, or by a restarted hostd settling the record).
     #[serde(default)]
     pub created_images: Vec<std::path::PathBuf>,
+    /// Source of a storage migration: its images, removed once the destination owns the VM
+    /// (by this process, or by a restarted hostd that learns the outcome by asking); empty
+    /// when they stay (compute only, or `--keep-source-disks`).
+    #[serde(default)]
+    pub source_images: Vec<std::path::PathBuf>,
     /// Last change, milliseconds since the Unix epoch.
     pub updated_unix_ms: u64,
 }
@@ -131,6 +136,7 @@ impl MigrationRecord {
             peer_journal: None,
             resumed_after_commit_ms: None,
             created_images: Vec::new(),
+            source_images: Vec::new(),
             updated_unix_ms: now_unix_ms(),
         }
     }

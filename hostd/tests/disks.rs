@@ -817,3 +817,133 @@ fn compute_and_storage_migration_between_routed_rate_limited_datacenters() {
     wait_for_writes(&cluster, "dc1", 256);
     assert_eq!(cluster.vm("dc1").unwrap()["guest_failures"], 0);
 }
+
+fn has_image(dir: &Path, vm: &str) -> bool {
+    files_in(dir).contains(&format!("{vm}.raw"))
+}
+
+/// A storage migration to beta-local of a VM whose guest writes its disk heavily.
+fn start_storage_move(cluster: &TestCluster, vm: &str) -> String {
+    create_disk_vm(cluster, vm, &format!("alpha-local:{vm}.raw,size=8M"), "0");
+    wait_for_writes(cluster, vm, 512);
+    start_storage_migration(cluster, vm, r#"{"to":"beta","datastore":"beta-local"}"#)
+}
+
+/// After the switch-over of `vm`: it runs on beta on its new image, which holds what the
+/// guest wrote; alpha's image is gone.
+fn assert_moved_to_beta(cluster: &TestCluster, vm: &str) {
+    let now = cluster.vm(vm).unwrap();
+    assert_eq!(now["host"], "beta", "{now:#}");
+    assert_eq!(now["state"], "running", "{now:#}");
+    assert_eq!(now["disks"][0]["datastore"], "beta-local", "{now:#}");
+    assert_eq!(now["disks"][0]["locked"], true);
+    let alpha_local = cluster.dir().join("alpha").join("disks");
+    cluster.wait_for("the source image deleted", Duration::from_secs(20), |_| {
+        !has_image(&alpha_local, vm)
+    });
+    assert!(has_image(&cluster.dir().join("beta").join("disks"), vm));
+    wait_for_writes(cluster, vm, 256);
+    assert_eq!(cluster.vm(vm).unwrap()["guest_failures"], 0);
+}
+
+/// Beta runs the VM on its new image at the commit, the confirmation is lost in a partition,
+/// and beta's hostd is killed while cut off and restarted. The restarted hostd settles the
+/// arrival as committed: it keeps the VM and its image (only a discarded arrival's images
+/// are removed). Alpha learns the outcome by asking, completes, and deletes its image.
+#[test]
+fn a_destination_hostd_killed_right_after_a_storage_commit_keeps_the_vm_and_its_new_image() {
+    let mut cluster = cluster(vec![
+        HostSpec::new("alpha"),
+        HostSpec::new("beta").fault("partition-after-commit"),
+    ]);
+    let id = start_storage_move(&cluster, "pc1");
+    cluster.wait_for("alpha to be in doubt", Duration::from_secs(60), |c| {
+        migration(c, &id)["status"] == "in_doubt"
+    });
+    assert!(cluster.log("beta").contains("VM taken over"));
+    let alpha_local = cluster.dir().join("alpha").join("disks");
+    assert!(
+        has_image(&alpha_local, "pc1"),
+        "in doubt, the source keeps its image"
+    );
+    cluster.kill("beta");
+    cluster.restart("beta");
+    let report = wait_final(&cluster, &id);
+    assert_eq!(report["status"], "completed", "{report:#}");
+    assert_moved_to_beta(&cluster, "pc1");
+    assert!(cluster.vms_on("alpha").is_empty());
+}
+
+/// The source's hostd is killed right after the commit went out (the confirmation held up
+/// by a partition that heals after 3 s). A cancel then is refused as too late. The restarted
+/// hostd finds the commit on record, asks, learns that beta owns the VM, releases its paused
+/// copy, and deletes the source image as the migration would have: the record carries it.
+#[test]
+fn a_source_hostd_killed_right_after_a_storage_commit_completes_when_restarted() {
+    let mut cluster = cluster(vec![
+        HostSpec::new("alpha"),
+        HostSpec::new("beta").fault("partition-after-commit-healing"),
+    ]);
+    let id = start_storage_move(&cluster, "pc2");
+    cluster.wait_for("alpha to be in doubt", Duration::from_secs(60), |c| {
+        migration(c, &id)["status"] == "in_doubt"
+    });
+    let (status, body) = cluster.api_post("alpha", "/v1/vms/pc2/migrate/cancel", "{}");
+    assert_eq!(status, 409, "{body}");
+    cluster.kill("alpha");
+    cluster.restart("alpha");
+    cluster.wait_for(
+        "alpha to settle the migration",
+        Duration::from_secs(60),
+        |c| migration(c, &id)["status"] == "completed",
+    );
+    assert_moved_to_beta(&cluster, "pc2");
+    cluster.wait_for("alpha to release its copy", Duration::from_secs(20), |c| {
+        c.vms_on("alpha").is_empty()
+    });
+}
+
+/// Cancels fired at a storage migration from a later moment each time, until it is over:
+/// whatever the race decides, exactly one copy of the disk remains, the VM runs on the host
+/// that holds it, and the guest finds every block it wrote.
+#[test]
+fn cancels_racing_a_storage_migration_to_its_end_leave_exactly_one_copy_of_the_disk() {
+    let cluster = cluster(vec![HostSpec::new("alpha"), HostSpec::new("beta")]);
+    let alpha_local = cluster.dir().join("alpha").join("disks");
+    let beta_local = cluster.dir().join("beta").join("disks");
+    let mut outcomes = Vec::new();
+    for round in 0..4u64 {
+        let vm = format!("race{round}");
+        let id = start_storage_move(&cluster, &vm);
+        std::thread::sleep(Duration::from_millis(round * 120));
+        let report = loop {
+            let (status, body) =
+                cluster.api_post("alpha", &format!("/v1/vms/{vm}/migrate/cancel"), "{}");
+            assert_ne!(status, 500, "cancel answered an internal error: {body}");
+            let report = migration(&cluster, &id);
+            if ["completed", "rolled_back", "cancelled"]
+                .contains(&report["status"].as_str().unwrap_or(""))
+            {
+                break report;
+            }
+        };
+        let status = report["status"].as_str().unwrap().to_string();
+        if status == "completed" {
+            assert_moved_to_beta(&cluster, &vm);
+        } else {
+            cluster.wait_for("the partial image removed", Duration::from_secs(20), |_| {
+                !has_image(&beta_local, &vm)
+            });
+            assert!(has_image(&alpha_local, &vm), "{report:#}");
+            let now = cluster.vm(&vm).unwrap();
+            assert_eq!(now["host"], "alpha", "{now:#}");
+            assert_eq!(now["state"], "running", "{now:#}");
+            assert_eq!(now["disks"][0]["locked"], true);
+            wait_for_writes(&cluster, &vm, 256);
+            assert_eq!(cluster.vm(&vm).unwrap()["guest_failures"], 0);
+        }
+        cluster.ferryctl_ok(&["vm", "stop", &vm]);
+        outcomes.push(status);
+    }
+    eprintln!("outcomes: {outcomes:?}");
+}

@@ -515,6 +515,9 @@ impl SourceMigration {
         );
         record.was_running = self.outgoing.was_running;
         record.peer_journal = self.journal_id;
+        if moves_storage && !self.options.keep_source_disks {
+            record.source_images = self.outgoing.disks.iter().map(|d| d.path.clone()).collect();
+        }
         self.record = Some(record.clone());
         let journal = Arc::clone(&self.journal);
         let connect = async move {
@@ -893,13 +896,13 @@ impl SourceMigration {
         self.publish();
         let vm = self.vm.clone();
         // Compute + storage: the images now live on the destination; the source's go, as
-        // vMotion removes them, unless the operator keeps them.
-        let obsolete: Vec<std::path::PathBuf> =
-            if self.moves_storage() && !self.options.keep_source_disks {
-                self.outgoing.disks.iter().map(|d| d.path.clone()).collect()
-            } else {
-                Vec::new()
-            };
+        // vMotion removes them, unless the operator keeps them. From the record, which a
+        // restarted hostd that asked its way here has too.
+        let obsolete = self
+            .record
+            .as_ref()
+            .map(|r| r.source_images.clone())
+            .unwrap_or_default();
         ctx.wait(
             async move {
                 let ended = vm.send(EndMigrateOut::Complete).await;
