@@ -177,9 +177,6 @@ pub fn storage_targets(
     all: Option<&str>,
     per_disk: &BTreeMap<String, String>,
 ) -> Result<Option<Vec<String>>, String> {
-    if disks.is_empty() && per_disk.is_empty() {
-        return Ok(None);
-    }
     let names = || {
         if disks.is_empty() {
             "none".to_string()

@@ -829,6 +829,16 @@ fn start_storage_move(cluster: &TestCluster, vm: &str) -> String {
     start_storage_migration(cluster, vm, r#"{"to":"beta","datastore":"beta-local"}"#)
 }
 
+/// [`start_storage_move`] to a beta whose fault holds up the commit's confirmation, until
+/// alpha is in doubt.
+fn storage_move_in_doubt(cluster: &TestCluster, vm: &str) -> String {
+    let id = start_storage_move(cluster, vm);
+    cluster.wait_for("alpha to be in doubt", Duration::from_secs(60), |c| {
+        migration(c, &id)["status"] == "in_doubt"
+    });
+    id
+}
+
 /// After the switch-over of `vm`: it runs on beta on its new image, which holds what the
 /// guest wrote; alpha's image is gone.
 fn assert_moved_to_beta(cluster: &TestCluster, vm: &str) {
@@ -856,10 +866,7 @@ fn a_destination_hostd_killed_right_after_a_storage_commit_keeps_the_vm_and_its_
         HostSpec::new("alpha"),
         HostSpec::new("beta").fault("partition-after-commit"),
     ]);
-    let id = start_storage_move(&cluster, "pc1");
-    cluster.wait_for("alpha to be in doubt", Duration::from_secs(60), |c| {
-        migration(c, &id)["status"] == "in_doubt"
-    });
+    let id = storage_move_in_doubt(&cluster, "pc1");
     assert!(cluster.log("beta").contains("VM taken over"));
     let alpha_local = cluster.dir().join("alpha").join("disks");
     assert!(
@@ -884,10 +891,7 @@ fn a_source_hostd_killed_right_after_a_storage_commit_completes_when_restarted()
         HostSpec::new("alpha"),
         HostSpec::new("beta").fault("partition-after-commit-healing"),
     ]);
-    let id = start_storage_move(&cluster, "pc2");
-    cluster.wait_for("alpha to be in doubt", Duration::from_secs(60), |c| {
-        migration(c, &id)["status"] == "in_doubt"
-    });
+    let id = storage_move_in_doubt(&cluster, "pc2");
     let (status, body) = cluster.api_post("alpha", "/v1/vms/pc2/migrate/cancel", "{}");
     assert_eq!(status, 409, "{body}");
     cluster.kill("alpha");

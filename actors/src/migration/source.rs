@@ -842,9 +842,6 @@ impl SourceMigration {
             Ok((pages, totals, state_bytes, sent_ms)) => {
                 act.report.final_pages = pages;
                 act.report.remaining_bytes = 0;
-                act.report.guest_bytes = totals.total.guest_bytes;
-                act.report.wire_bytes = totals.total.wire_bytes;
-                act.report.zero_pages = totals.total.pages_zero;
                 act.report.refresh(act.started, Some(&totals));
                 act.disks_landed(true);
                 act.report.source_downtime_ms = Some(sent_ms);
