@@ -37,13 +37,14 @@ use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use socket2::{SockRef, TcpKeepalive};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
-use tokio_util::codec::{Decoder, Encoder, FramedRead, FramedWrite};
+use tokio_util::codec::{Decoder, Encoder, Framed, FramedRead, FramedWrite};
 
+use crate::tls::{HostTls, PeerIdentity, describe_io};
 use crate::wire::{
     self, ChannelKind, FrameError, HEADER_LEN, Header, Hello, MessageType, PayloadError,
     VersionError, Welcome, flags,
@@ -113,6 +114,13 @@ pub enum ControlError {
         /// What did not fit.
         reason: String,
     },
+    /// TLS failed or is missing where it must be: who the peer is cannot be proved, or the
+    /// peer refused this host.
+    #[error("control channel TLS: {reason}")]
+    Tls {
+        /// Why, in words for the operator.
+        reason: String,
+    },
     /// No protocol version in common.
     #[error("control channel cannot agree on a protocol version")]
     Version(#[source] VersionError),
@@ -177,6 +185,12 @@ pub enum ControlError {
     },
 }
 
+fn is_tls(error: &io::Error) -> bool {
+    error
+        .get_ref()
+        .is_some_and(|inner| inner.is::<rustls::Error>())
+}
+
 /// Errors from the codec: the stream's own I/O errors, or bad frames.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -191,6 +205,9 @@ pub enum CodecError {
 impl From<CodecError> for ControlError {
     fn from(error: CodecError) -> Self {
         match error {
+            CodecError::Io(source) if is_tls(&source) => ControlError::Tls {
+                reason: describe_io(&source),
+            },
             CodecError::Io(source) => ControlError::Receive(source),
             CodecError::Frame(source) => ControlError::Frame(source),
         }
@@ -286,7 +303,7 @@ impl Encoder<OutboundFrame> for FrameCodec {
 
 #[derive(Debug)]
 struct Writer {
-    frames: Mutex<FramedWrite<OwnedWriteHalf, FrameCodec>>,
+    frames: Mutex<FramedWrite<WriteHalf<Box<dyn Io>>, FrameCodec>>,
     version: u16,
     config: ControlConfig,
 }
@@ -380,7 +397,7 @@ impl ControlSender {
 /// The receiving half of a control channel.
 #[derive(Debug)]
 pub struct ControlReceiver {
-    frames: FramedRead<OwnedReadHalf, FrameCodec>,
+    frames: FramedRead<ReadHalf<Box<dyn Io>>, FrameCodec>,
     config: ControlConfig,
 }
 
@@ -448,6 +465,7 @@ pub struct ControlChannel {
     receiver: ControlReceiver,
     version: u16,
     peer: SocketAddr,
+    identity: Option<PeerIdentity>,
     keepalive: KeepaliveTask,
 }
 
@@ -461,9 +479,36 @@ impl Drop for KeepaliveTask {
     }
 }
 
+/// What the connecting side brings to the control channel's security.
+#[derive(Debug, Clone, Default)]
+pub struct ClientTls {
+    /// This host's identity; `None`: it has no certificate and offers no TLS.
+    pub identity: Option<HostTls>,
+    /// The host dialled: its certificate must name it.
+    pub peer: String,
+    /// Fail rather than go on in the clear with a peer that has no certificate.
+    pub required: bool,
+}
+
 impl ControlChannel {
-    /// Connects to `addr` and greets the peer.
+    /// Connects to `addr` and greets the peer, in the clear.
     pub async fn connect(addr: SocketAddr, config: ControlConfig) -> Result<Self, ControlError> {
+        Self::connect_secure(addr, config, &ClientTls::default()).await
+    }
+
+    /// Connects to `addr` and greets the peer, upgrading to mutual TLS when both sides
+    /// have certificates.
+    pub async fn connect_secure(
+        addr: SocketAddr,
+        config: ControlConfig,
+        tls: &ClientTls,
+    ) -> Result<Self, ControlError> {
+        if tls.required && tls.identity.is_none() {
+            return Err(ControlError::Tls {
+                reason: "encryption is required, and this host has no TLS certificate configured"
+                    .into(),
+            });
+        }
         let stream = match timeout(config.handshake_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(source)) => return Err(ControlError::Connect { addr, source }),
@@ -473,10 +518,10 @@ impl ControlChannel {
                 });
             }
         };
-        Self::client(stream, config).await
+        Self::client_secure(stream, config, tls).await
     }
 
-    /// Accepts one connection on `listener` and answers its greeting.
+    /// Accepts one connection on `listener` and answers its greeting, in the clear.
     pub async fn accept(
         listener: &TcpListener,
         config: ControlConfig,
@@ -485,20 +530,37 @@ impl ControlChannel {
         Self::server(stream, config).await
     }
 
-    /// Greets the peer over an already connected stream, as the connecting side.
+    /// Greets the peer over an already connected stream, as the connecting side, in the
+    /// clear.
     pub async fn client(stream: TcpStream, config: ControlConfig) -> Result<Self, ControlError> {
-        let (mut frames, mut writer, peer) = split(stream, &config)?;
+        Self::client_secure(stream, config, &ClientTls::default()).await
+    }
+
+    /// Greets the peer over an already connected stream, as the connecting side: offers TLS
+    /// when this host has a certificate, and upgrades when the peer accepts.
+    pub async fn client_secure(
+        stream: TcpStream,
+        config: ControlConfig,
+        tls: &ClientTls,
+    ) -> Result<Self, ControlError> {
+        let peer = configure(&stream, &config)?;
+        let mut framed = Framed::new(stream, FrameCodec::new(config.max_message_len));
         let hello = Hello {
             versions: config.versions.to_vec(),
             channel: ChannelKind::Control,
         };
         let payload = wire::encode_hello(&hello).map_err(ControlError::Payload)?;
+        let offer = if tls.identity.is_some() {
+            flags::TLS
+        } else {
+            0
+        };
         let greeting = async {
-            writer
-                .send(greeting_frame(MessageType::Hello, payload))
+            framed
+                .send(greeting_frame(MessageType::Hello, offer, payload))
                 .await
                 .map_err(send_error)?;
-            match frames.next().await {
+            match framed.next().await {
                 None => Err(ControlError::PeerClosed),
                 Some(Err(error)) => Err(error.into()),
                 Some(Ok(frame)) => match frame.header.kind {
@@ -506,7 +568,7 @@ impl ControlChannel {
                         let Welcome { version } =
                             wire::decode_welcome(&frame.payload).map_err(ControlError::Payload)?;
                         if config.versions.contains(&version) {
-                            Ok(version)
+                            Ok((version, frame.header.flags & flags::TLS != 0))
                         } else {
                             Err(ControlError::Handshake {
                                 reason: format!("peer chose version {version}, never offered"),
@@ -520,22 +582,67 @@ impl ControlChannel {
                 },
             }
         };
-        let version = match timeout(config.handshake_timeout, greeting).await {
-            Ok(result) => result?,
-            Err(_) => {
-                return Err(ControlError::HandshakeTimeout {
-                    after: config.handshake_timeout,
+        let (version, upgrade) = within(config.handshake_timeout, greeting).await?;
+        let (io, identity): (Box<dyn Io>, _) = match (upgrade, &tls.identity) {
+            (true, Some(host)) => {
+                let name = HostTls::server_name(&tls.peer).map_err(|e| ControlError::Tls {
+                    reason: e.to_string(),
+                })?;
+                let connector = tokio_rustls::TlsConnector::from(host.client_config());
+                let stream = unframe(framed)?;
+                let stream = within(config.handshake_timeout, async {
+                    connector
+                        .connect(name, stream)
+                        .await
+                        .map_err(|e| ControlError::Tls {
+                            reason: describe_io(&e),
+                        })
+                })
+                .await?;
+                let identity = PeerIdentity::of(stream.get_ref().1);
+                (Box::new(stream), identity)
+            }
+            (true, None) => {
+                return Err(ControlError::Handshake {
+                    reason: "the peer upgraded to TLS, which this side never offered".into(),
                 });
             }
+            (false, Some(_)) if tls.required => {
+                let reason = format!(
+                    "encryption is required, and {} has no TLS certificate configured",
+                    tls.peer
+                );
+                let _ = framed
+                    .send(greeting_frame(
+                        MessageType::Abandon,
+                        0,
+                        wire::encode_reason(&reason).to_vec(),
+                    ))
+                    .await;
+                return Err(ControlError::Tls { reason });
+            }
+            (false, _) => (Box::new(unframe(framed)?), None),
         };
-        Ok(Self::assemble(frames, writer, version, peer, config))
+        Ok(Self::assemble(io, (version, peer, identity), config))
     }
 
-    /// Answers the greeting of a peer that connected to us.
+    /// Answers the greeting of a peer that connected to us, in the clear.
     pub async fn server(stream: TcpStream, config: ControlConfig) -> Result<Self, ControlError> {
-        let (mut frames, mut writer, peer) = split(stream, &config)?;
+        Self::server_secure(stream, config, None).await
+    }
+
+    /// Answers the greeting of a peer that connected to us. With an identity, this host
+    /// takes only peers that offer TLS, and upgrades: the peer must show a certificate of
+    /// the cluster CA for one of its hosts.
+    pub async fn server_secure(
+        stream: TcpStream,
+        config: ControlConfig,
+        identity: Option<&HostTls>,
+    ) -> Result<Self, ControlError> {
+        let peer = configure(&stream, &config)?;
+        let mut framed = Framed::new(stream, FrameCodec::new(config.max_message_len));
         let greeting = async {
-            let frame = match frames.next().await {
+            let frame = match framed.next().await {
                 None => return Err(ControlError::PeerClosed),
                 Some(Err(error)) => return Err(error.into()),
                 Some(Ok(frame)) => frame,
@@ -545,10 +652,15 @@ impl ControlChannel {
                     kind: frame.header.kind,
                 });
             }
+            let offered = frame.header.flags & flags::TLS != 0;
             let hello = wire::decode_hello(&frame.payload).map_err(ControlError::Payload)?;
             let refusal = if hello.channel != ChannelKind::Control {
                 Some(ControlError::Handshake {
                     reason: "this port takes a control channel, not a data stream".into(),
+                })
+            } else if identity.is_some() && !offered {
+                Some(ControlError::Tls {
+                    reason: "this host requires mutual TLS on its control channel, and the connecting host offered none (it has no [tls] certificate configured)".into(),
                 })
             } else {
                 None
@@ -556,15 +668,20 @@ impl ControlChannel {
             let negotiated = wire::negotiate_version(config.versions, &hello.versions);
             let (error, reason) = match (refusal, negotiated) {
                 (None, Ok(version)) => {
+                    let upgrade = identity.is_some();
                     let payload = wire::encode_welcome(Welcome { version }).to_vec();
-                    writer
-                        .send(greeting_frame(MessageType::Welcome, payload))
+                    let flags = if upgrade { flags::TLS } else { 0 };
+                    framed
+                        .send(greeting_frame(MessageType::Welcome, flags, payload))
                         .await
                         .map_err(send_error)?;
-                    return Ok(version);
+                    return Ok((version, upgrade));
                 }
                 (Some(error), _) => {
-                    let reason = crate::report(&error);
+                    let reason = match &error {
+                        ControlError::Tls { reason } => reason.clone(),
+                        other => crate::report(other),
+                    };
                     (error, reason)
                 }
                 (None, Err(source)) => {
@@ -576,34 +693,47 @@ impl ControlChannel {
                     (ControlError::Version(source), reason)
                 }
             };
-            let _ = writer
+            let _ = framed
                 .send(greeting_frame(
                     MessageType::Abandon,
+                    0,
                     wire::encode_reason(&reason).to_vec(),
                 ))
                 .await;
             Err(error)
         };
-        let version = match timeout(config.handshake_timeout, greeting).await {
-            Ok(result) => result?,
-            Err(_) => {
-                return Err(ControlError::HandshakeTimeout {
-                    after: config.handshake_timeout,
-                });
+        let (version, upgrade) = within(config.handshake_timeout, greeting).await?;
+        let (io, identity): (Box<dyn Io>, _) = match identity.filter(|_| upgrade) {
+            Some(host) => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(host.server_config());
+                let stream = unframe(framed)?;
+                let stream = within(config.handshake_timeout, async {
+                    acceptor
+                        .accept(stream)
+                        .await
+                        .map_err(|e| ControlError::Tls {
+                            reason: describe_io(&e),
+                        })
+                })
+                .await?;
+                let identity = PeerIdentity::of(stream.get_ref().1);
+                (Box::new(stream), identity)
             }
+            None => (Box::new(unframe(framed)?), None),
         };
-        Ok(Self::assemble(frames, writer, version, peer, config))
+        Ok(Self::assemble(io, (version, peer, identity), config))
     }
 
     fn assemble(
-        frames: FramedRead<OwnedReadHalf, FrameCodec>,
-        writer: FramedWrite<OwnedWriteHalf, FrameCodec>,
-        version: u16,
-        peer: SocketAddr,
+        io: Box<dyn Io>,
+        (version, peer, identity): (u16, SocketAddr, Option<PeerIdentity>),
         config: ControlConfig,
     ) -> Self {
+        let (read, write) = tokio::io::split(io);
+        let codec = FrameCodec::new(config.max_message_len);
+        let frames = FramedRead::new(read, codec);
         let writer = Arc::new(Writer {
-            frames: Mutex::new(writer),
+            frames: Mutex::new(FramedWrite::new(write, codec)),
             version,
             config,
         });
@@ -616,8 +746,14 @@ impl ControlChannel {
             receiver: ControlReceiver { frames, config },
             version,
             peer,
+            identity,
             keepalive,
         }
+    }
+
+    /// Who the peer proved to be, when the channel runs over TLS.
+    pub fn peer_identity(&self) -> Option<&PeerIdentity> {
+        self.identity.as_ref()
     }
 
     /// The protocol version agreed.
@@ -657,11 +793,11 @@ impl ControlChannel {
     }
 }
 
-fn greeting_frame(kind: MessageType, payload: Vec<u8>) -> OutboundFrame {
+fn greeting_frame(kind: MessageType, flags: u8, payload: Vec<u8>) -> OutboundFrame {
     OutboundFrame {
         version: wire::HANDSHAKE_VERSION,
         kind,
-        flags: 0,
+        flags,
         payload: Bytes::from(payload),
     }
 }
@@ -673,13 +809,38 @@ fn send_error(error: CodecError) -> ControlError {
     }
 }
 
-type Halves = (
-    FramedRead<OwnedReadHalf, FrameCodec>,
-    FramedWrite<OwnedWriteHalf, FrameCodec>,
-    SocketAddr,
-);
+/// What a control channel runs over: a TCP stream, or TLS on one.
+trait Io: AsyncRead + AsyncWrite + Send + Sync + Unpin + std::fmt::Debug {}
 
-fn split(stream: TcpStream, config: &ControlConfig) -> Result<Halves, ControlError> {
+impl<T: AsyncRead + AsyncWrite + Send + Sync + Unpin + std::fmt::Debug> Io for T {}
+
+/// The stream under a greeting's framing. The peer sends nothing past its greeting before
+/// the answer, so nothing may be left buffered; bytes there would be lost to the upgrade.
+fn unframe(framed: Framed<TcpStream, FrameCodec>) -> Result<TcpStream, ControlError> {
+    let parts = framed.into_parts();
+    if !parts.read_buf.is_empty() {
+        return Err(ControlError::Handshake {
+            reason: format!(
+                "the peer sent {} bytes past its greeting before the answer",
+                parts.read_buf.len()
+            ),
+        });
+    }
+    Ok(parts.io)
+}
+
+/// Runs a greeting step, bounded by the handshake timeout.
+async fn within<T>(
+    limit: Duration,
+    step: impl std::future::Future<Output = Result<T, ControlError>>,
+) -> Result<T, ControlError> {
+    match timeout(limit, step).await {
+        Ok(result) => result,
+        Err(_) => Err(ControlError::HandshakeTimeout { after: limit }),
+    }
+}
+
+fn configure(stream: &TcpStream, config: &ControlConfig) -> Result<SocketAddr, ControlError> {
     stream.set_nodelay(true).map_err(ControlError::Configure)?;
     let peer = stream.peer_addr().map_err(ControlError::Configure)?;
     let second = Duration::from_secs(1);
@@ -687,18 +848,12 @@ fn split(stream: TcpStream, config: &ControlConfig) -> Result<Halves, ControlErr
         .with_time(config.idle_timeout.max(second))
         .with_interval(config.keepalive_interval.max(second))
         .with_retries(3);
-    let sock = SockRef::from(&stream);
+    let sock = SockRef::from(stream);
     sock.set_tcp_keepalive(&keepalive)
         .map_err(ControlError::Configure)?;
     sock.set_tcp_user_timeout(Some(config.send_timeout.max(config.idle_timeout)))
         .map_err(ControlError::Configure)?;
-    let (read, write) = stream.into_split();
-    let codec = FrameCodec::new(config.max_message_len);
-    Ok((
-        FramedRead::new(read, codec),
-        FramedWrite::new(write, codec),
-        peer,
-    ))
+    Ok(peer)
 }
 
 /// Sends a keepalive every `interval` while the channel exists. Sending one even when

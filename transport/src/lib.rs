@@ -50,6 +50,7 @@ pub mod memory;
 pub mod negotiate;
 pub mod rdma;
 pub mod stats;
+pub mod tls;
 pub mod wire;
 pub mod workers;
 

@@ -101,6 +101,7 @@ impl MessageType {
     pub fn allowed_flags(self) -> u8 {
         match self {
             MessageType::Control => flags::LZ4,
+            MessageType::Hello | MessageType::Welcome => flags::TLS,
             _ => 0,
         }
     }
@@ -110,6 +111,9 @@ impl MessageType {
 pub mod flags {
     /// The payload of a `Control` frame is lz4 block data with its decompressed size prepended.
     pub const LZ4: u8 = 0x01;
+    /// On a control `Hello`: the connecting host has a certificate and offers mutual TLS.
+    /// On `Welcome`: the accepting host takes the offer; TLS begins right after the frame.
+    pub const TLS: u8 = 0x02;
 }
 
 /// A decoded, validated frame header.

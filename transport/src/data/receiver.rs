@@ -18,6 +18,8 @@ use super::stream::{self, FrameReader, StreamError};
 use super::{SessionId, Timeouts};
 use crate::memory::PageSink;
 use crate::stats::{FrameCounts, StatsHandle, TransferStats, thread_cpu_time};
+use crate::tls::HostTls;
+use crate::tls::socket::DataSocket;
 use crate::wire::{self, ChannelKind, MessageType, Welcome};
 use crate::workers::{PinnedThread, WorkerError, WorkerPlacement, spawn_pinned};
 
@@ -43,6 +45,8 @@ pub struct ReceiverConfig {
     pub timeouts: Timeouts,
     /// Populating destination memory ahead of the copy.
     pub prefault: Prefault,
+    /// Take only mutual-TLS streams, as this host, from the host named; `None`: plain TCP.
+    pub tls: Option<(HostTls, String)>,
 }
 
 impl ReceiverConfig {
@@ -53,6 +57,7 @@ impl ReceiverConfig {
             workers,
             timeouts: Timeouts::default(),
             prefault: Prefault::default(),
+            tls: None,
         }
     }
 }
@@ -291,7 +296,7 @@ fn supervise<K: PageSink + ?Sized + 'static>(
     }
 }
 
-type Connection = (usize, u16, TcpStream, FrameReader);
+type Connection = (usize, u16, DataSocket, FrameReader);
 
 fn accept_all(
     listener: &DataListener,
@@ -355,14 +360,32 @@ fn accept_all(
 /// Receiver side of the greeting. `Ok(None)` turns away a connection of another session,
 /// which must not disturb this transfer.
 fn welcome(
-    mut socket: TcpStream,
+    tcp: TcpStream,
     config: &ReceiverConfig,
     connections: &[Option<Connection>],
 ) -> Result<Option<Connection>, StreamError> {
     let timeouts = config.timeouts;
     let configure = |source| StreamError::Configure { stream: 0, source };
-    socket.set_nonblocking(false).map_err(configure)?;
-    stream::configure_socket(&socket, &timeouts).map_err(configure)?;
+    tcp.set_nonblocking(false).map_err(configure)?;
+    stream::configure_socket(&tcp, &timeouts).map_err(configure)?;
+    let mut socket = match &config.tls {
+        None => DataSocket::plain(tcp),
+        Some((identity, peer)) => match DataSocket::accept_tls(tcp, identity, timeouts.connect) {
+            // Turned away, not failed: a connection that cannot prove it comes from the
+            // source must not be able to disturb the transfer.
+            Err(reason) => {
+                tracing::warn!(%reason, "turned away a data stream that failed TLS");
+                return Ok(None);
+            }
+            Ok((mut socket, identity)) if !identity.is(peer) => {
+                let reason = format!("this transfer takes data streams from {peer} only");
+                tracing::warn!(%reason, "turned away a data stream from another host");
+                stream::send_abandon(&mut socket, wire::HANDSHAKE_VERSION, &reason);
+                return Ok(None);
+            }
+            Ok((socket, _)) => socket,
+        },
+    };
     let limit = max_batch_payload(MAX_PAGES_PER_FRAME) as u32;
     let mut reader = FrameReader::new(socket.try_clone().map_err(configure)?, 0, limit);
     let Some(header) = reader.next_within(timeouts.connect)? else {
@@ -404,7 +427,7 @@ fn welcome(
         );
         return Ok(None);
     }
-    let reject = |socket: &mut TcpStream, reason: String| {
+    let reject = |socket: &mut DataSocket, reason: String| {
         stream::send_abandon(socket, wire::HANDSHAKE_VERSION, &reason);
         Err(StreamError::Handshake {
             stream: index,
@@ -451,7 +474,7 @@ fn welcome(
 struct StreamReceiver<K: PageSink + ?Sized> {
     stream: usize,
     version: u16,
-    socket: TcpStream,
+    socket: DataSocket,
     reader: FrameReader,
     sink: Arc<K>,
     shared: Arc<Shared>,

@@ -9,6 +9,7 @@
 //! has been taken, so no worker can take two.
 
 use std::net::{Shutdown, SocketAddr, TcpStream};
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
@@ -23,6 +24,8 @@ use super::stream::{self, FrameReader, StreamError};
 use super::{SessionId, Timeouts};
 use crate::memory::{MemoryError, PAGE_SIZE, PageRange, PageSource};
 use crate::stats::{StatsHandle, TransferStats, thread_cpu_time};
+use crate::tls::HostTls;
+use crate::tls::socket::DataSocket;
 use crate::wire::{self, ChannelKind, MessageType};
 use crate::workers::{PinnedThread, WorkerError, WorkerPlacement, spawn_pinned};
 
@@ -56,6 +59,9 @@ pub struct SenderConfig {
     /// accounts, or of an account and outside any, so the figures are exact. At most
     /// [`MAX_ACCOUNTS`], not overlapping.
     pub accounts: Vec<PageRange>,
+    /// Encrypt every stream with mutual TLS as this host, to the host named (whose
+    /// certificate the receiver must show); `None`: plain TCP.
+    pub tls: Option<(HostTls, String)>,
 }
 
 /// Most accounts a sender keeps.
@@ -73,6 +79,7 @@ impl SenderConfig {
             timeouts: Timeouts::default(),
             max_bandwidth: None,
             accounts: Vec::new(),
+            tls: None,
         }
     }
 
@@ -188,10 +195,10 @@ struct Shared {
     barrier: Mutex<(u64, usize)>,
     barrier_changed: Condvar,
     /// Clones of every stream socket, to unblock all threads at once on failure.
-    sockets: Vec<TcpStream>,
+    sockets: Vec<DataSocket>,
     /// The writing side of every stream. Workers hold the lock while writing a frame, so
     /// that an `Abandon` sent on failure never lands in the middle of one.
-    writers: Vec<Mutex<TcpStream>>,
+    writers: Vec<Mutex<DataSocket>>,
     version: u16,
 }
 
@@ -278,21 +285,33 @@ impl<S: PageSource + ?Sized + 'static> DataSender<S> {
         let mut version = wire::HANDSHAKE_VERSION;
         for index in 0..streams {
             let addr = addrs[index % addrs.len()];
-            let mut socket =
-                TcpStream::connect_timeout(&addr, timeouts.connect).map_err(|source| {
-                    transfer(StreamError::Connect {
-                        stream: index,
-                        addr,
-                        source,
-                    })
-                })?;
+            let tcp = TcpStream::connect_timeout(&addr, timeouts.connect).map_err(|source| {
+                transfer(StreamError::Connect {
+                    stream: index,
+                    addr,
+                    source,
+                })
+            })?;
             let configure = |source| {
                 transfer(StreamError::Configure {
                     stream: index,
                     source,
                 })
             };
-            stream::configure_socket(&socket, &timeouts).map_err(configure)?;
+            stream::configure_socket(&tcp, &timeouts).map_err(configure)?;
+            let mut socket = match &config.tls {
+                None => DataSocket::plain(tcp),
+                Some((identity, peer)) => {
+                    DataSocket::connect_tls(tcp, identity, peer, timeouts.connect)
+                        .map_err(|reason| {
+                            transfer(StreamError::Tls {
+                                stream: index,
+                                reason,
+                            })
+                        })?
+                        .0
+                }
+            };
             let mut reader = FrameReader::new(
                 socket.try_clone().map_err(configure)?,
                 index,
@@ -311,7 +330,7 @@ impl<S: PageSource + ?Sized + 'static> DataSender<S> {
         let clone_all = || {
             connections
                 .iter()
-                .map(|(socket, _): &(TcpStream, FrameReader)| socket.try_clone())
+                .map(|(socket, _): &(DataSocket, FrameReader)| socket.try_clone())
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|source| transfer(StreamError::Configure { stream: 0, source }))
         };

@@ -10,6 +10,7 @@ use socket2::{SockRef, TcpKeepalive};
 use super::Timeouts;
 use super::batch::PagesError;
 use crate::memory::MemoryError;
+use crate::tls::socket::DataSocket;
 use crate::wire::{
     self, ChannelKind, FrameError, HEADER_LEN, Header, Hello, MessageType, PayloadError,
     VersionError, Welcome,
@@ -37,6 +38,14 @@ pub enum StreamError {
         /// The OS error.
         #[source]
         source: io::Error,
+    },
+    /// The TLS handshake failed: the peer is not who it must be, or refused this host.
+    #[error("stream {stream}: TLS: {reason}")]
+    Tls {
+        /// Stream index.
+        stream: usize,
+        /// Why, in words for the operator.
+        reason: String,
     },
     /// The handshake did not complete in time.
     #[error("stream {stream}: no handshake answer from the peer within {after:?}")]
@@ -211,7 +220,7 @@ pub(crate) fn configure_socket(socket: &TcpStream, timeouts: &Timeouts) -> io::R
 /// the middle of a frame keeps what has arrived, so slow delivery never corrupts framing.
 #[derive(Debug)]
 pub(crate) struct FrameReader {
-    socket: TcpStream,
+    socket: DataSocket,
     stream: usize,
     buf: Vec<u8>,
     filled: usize,
@@ -222,7 +231,7 @@ pub(crate) struct FrameReader {
 }
 
 impl FrameReader {
-    pub(crate) fn new(socket: TcpStream, stream: usize, max_payload: u32) -> Self {
+    pub(crate) fn new(socket: DataSocket, stream: usize, max_payload: u32) -> Self {
         Self {
             socket,
             stream,
@@ -345,7 +354,7 @@ impl FrameReader {
 
 /// Writes a whole frame; a send timeout becomes [`StreamError::Stalled`].
 pub(crate) fn write_frame(
-    socket: &mut TcpStream,
+    socket: &mut DataSocket,
     frame: &[u8],
     stream: usize,
     kind: MessageType,
@@ -368,7 +377,7 @@ pub(crate) fn write_frame(
 
 /// Encodes and writes a small frame (barriers, keepalives, greetings).
 pub(crate) fn send_message(
-    socket: &mut TcpStream,
+    socket: &mut DataSocket,
     version: u16,
     kind: MessageType,
     payload: &[u8],
@@ -383,7 +392,7 @@ pub(crate) fn send_message(
 
 /// Best-effort `Abandon` so the peer learns why, without waiting on a peer that may be the
 /// reason for giving up.
-pub(crate) fn send_abandon(socket: &mut TcpStream, version: u16, reason: &str) {
+pub(crate) fn send_abandon(socket: &mut DataSocket, version: u16, reason: &str) {
     let mut frame = Vec::new();
     if wire::encode_frame(
         &mut frame,
@@ -401,7 +410,7 @@ pub(crate) fn send_abandon(socket: &mut TcpStream, version: u16, reason: &str) {
 
 /// Sender side of the greeting: `Hello`, then `Welcome` or `Abandon`.
 pub(crate) fn greet(
-    socket: &mut TcpStream,
+    socket: &mut DataSocket,
     reader: &mut FrameReader,
     channel: ChannelKind,
     stream: usize,

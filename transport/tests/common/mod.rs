@@ -157,8 +157,12 @@ pub enum Fault {
 /// (later connections pass untouched).
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// Every byte sent from sender to receiver through the proxy, up to 256 MiB.
+    pub capture: Arc<std::sync::Mutex<Vec<u8>>>,
     stop: Arc<AtomicBool>,
 }
+
+const CAPTURE_LIMIT: usize = 256 << 20;
 
 impl Drop for Proxy {
     fn drop(&mut self) {
@@ -172,6 +176,8 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let stop_accept = Arc::clone(&stop);
+        let capture = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let capturing = Arc::clone(&capture);
         listener.set_nonblocking(true).unwrap();
         thread::spawn(move || {
             let mut first = true;
@@ -182,33 +188,49 @@ impl Proxy {
                         let server = TcpStream::connect(target).unwrap();
                         let fault = if first { fault } else { Fault::None };
                         first = false;
-                        relay(client, server, fault, Arc::clone(&stop_accept));
+                        relay(
+                            (client, server),
+                            fault,
+                            Arc::clone(&stop_accept),
+                            Arc::clone(&capturing),
+                        );
                     }
                     Err(_) => thread::sleep(Duration::from_millis(5)),
                 }
             }
         });
-        Proxy { addr, stop }
+        Proxy {
+            addr,
+            capture,
+            stop,
+        }
     }
 }
 
-fn relay(client: TcpStream, server: TcpStream, fault: Fault, stop: Arc<AtomicBool>) {
+type Capture = Arc<std::sync::Mutex<Vec<u8>>>;
+
+fn relay(
+    (client, server): (TcpStream, TcpStream),
+    fault: Fault,
+    stop: Arc<AtomicBool>,
+    capture: Capture,
+) {
     let stalled = Arc::new(AtomicBool::new(false));
     let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
     {
         let stalled = Arc::clone(&stalled);
         let stop = Arc::clone(&stop);
-        thread::spawn(move || pump(client, server, fault, &stalled, &stop));
+        thread::spawn(move || pump(client, server, fault, (&stalled, &stop), Some(capture)));
     }
-    thread::spawn(move || pump(s2, c2, Fault::None, &stalled, &stop));
+    thread::spawn(move || pump(s2, c2, Fault::None, (&stalled, &stop), None));
 }
 
 fn pump(
     mut from: TcpStream,
     mut to: TcpStream,
     fault: Fault,
-    stalled: &AtomicBool,
-    stop: &AtomicBool,
+    (stalled, stop): (&AtomicBool, &AtomicBool),
+    capture: Option<Capture>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut total = 0usize;
@@ -259,6 +281,12 @@ fn pump(
             _ => {}
         }
         total += n;
+        if let Some(capture) = &capture {
+            let mut capture = capture.lock().unwrap();
+            if capture.len() + n <= CAPTURE_LIMIT {
+                capture.extend_from_slice(chunk);
+            }
+        }
         if to.write_all(chunk).is_err() {
             break;
         }

@@ -1,0 +1,279 @@
+//! A data stream's socket, plain or TLS, that one thread reads while another writes.
+//!
+//! The data plane reads a stream on one thread (frames, or acknowledgements) and writes it
+//! on another, through clones of one socket. A rustls connection is a single state machine,
+//! so the clones of a TLS socket share it behind a mutex that is held only while records
+//! are encrypted or decrypted, never across a blocking socket call: a reader waiting for
+//! bytes does not hold up a writer. Ciphertext goes out in the order it was made because
+//! every write to the socket happens under a second lock, the one the sealing takes first.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use rustls::{ClientConnection, Connection, ServerConnection};
+
+use super::{HostTls, PeerIdentity, TlsError, describe_io};
+
+/// Plaintext sealed per record batch: small enough to keep in cache, large enough that the
+/// per-call cost vanishes.
+const SEAL_CHUNK: usize = 256 * 1024;
+/// Ciphertext read from the socket at a time.
+const READ_CHUNK: usize = 256 * 1024;
+
+#[derive(Debug)]
+struct Tls {
+    conn: Mutex<Connection>,
+    /// Held while ciphertext is made and written, so records reach the socket in order.
+    write: Mutex<()>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic mid-record leaves a connection that fails its next use with a TLS error,
+    // which is what the caller should see.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A connected data socket.
+#[derive(Debug)]
+pub struct DataSocket {
+    tcp: TcpStream,
+    tls: Option<Arc<Tls>>,
+    /// Decrypted bytes not yet read (this clone's).
+    plain: Vec<u8>,
+    plain_at: usize,
+    scratch: Vec<u8>,
+}
+
+impl DataSocket {
+    /// A plaintext socket.
+    pub fn plain(tcp: TcpStream) -> Self {
+        Self {
+            tcp,
+            tls: None,
+            plain: Vec::new(),
+            plain_at: 0,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Completes a TLS handshake as the connecting side, checking that the peer is `peer`.
+    /// The socket's read timeout is the tick; the handshake gives up after `limit`.
+    pub fn connect_tls(
+        tcp: TcpStream,
+        identity: &HostTls,
+        peer: &str,
+        limit: Duration,
+    ) -> Result<(Self, PeerIdentity), String> {
+        let name = HostTls::server_name(peer).map_err(|e: TlsError| e.to_string())?;
+        let conn = ClientConnection::new(identity.client_config(), name)
+            .map_err(|e| super::describe_rustls(&e, false))?;
+        Self::handshake(tcp, conn.into(), limit)
+    }
+
+    /// Completes a TLS handshake as the accepting side.
+    pub fn accept_tls(
+        tcp: TcpStream,
+        identity: &HostTls,
+        limit: Duration,
+    ) -> Result<(Self, PeerIdentity), String> {
+        let conn = ServerConnection::new(identity.server_config())
+            .map_err(|e| super::describe_rustls(&e, false))?;
+        Self::handshake(tcp, conn.into(), limit)
+    }
+
+    fn handshake(
+        mut tcp: TcpStream,
+        mut conn: Connection,
+        limit: Duration,
+    ) -> Result<(Self, PeerIdentity), String> {
+        let deadline = Instant::now() + limit;
+        while conn.is_handshaking() {
+            match conn.complete_io(&mut tcp) {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    if Instant::now() >= deadline {
+                        return Err(format!("TLS handshake did not complete within {limit:?}"));
+                    }
+                }
+                Err(e) => {
+                    // Let the peer read the alert rustls queued, so it learns why too.
+                    let _ = conn.write_tls(&mut tcp);
+                    return Err(describe_io(&e));
+                }
+            }
+        }
+        // Whatever the handshake left to send (the client's Finished).
+        while conn.wants_write() {
+            conn.write_tls(&mut tcp).map_err(|e| describe_io(&e))?;
+        }
+        conn.set_buffer_limit(None);
+        let identity = PeerIdentity::of(&conn).ok_or("the peer presented no certificate")?;
+        let socket = Self {
+            tcp,
+            tls: Some(Arc::new(Tls {
+                conn: Mutex::new(conn),
+                write: Mutex::new(()),
+            })),
+            plain: Vec::new(),
+            plain_at: 0,
+            scratch: Vec::new(),
+        };
+        Ok((socket, identity))
+    }
+
+    /// Another handle on the same stream (and TLS session).
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            tcp: self.tcp.try_clone()?,
+            tls: self.tls.clone(),
+            plain: Vec::new(),
+            plain_at: 0,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// The TCP socket underneath, for socket options.
+    pub fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    /// Whether the stream is encrypted.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// See [`TcpStream::set_read_timeout`].
+    pub fn set_read_timeout(&self, limit: Option<Duration>) -> io::Result<()> {
+        self.tcp.set_read_timeout(limit)
+    }
+
+    /// See [`TcpStream::set_write_timeout`].
+    pub fn set_write_timeout(&self, limit: Option<Duration>) -> io::Result<()> {
+        self.tcp.set_write_timeout(limit)
+    }
+
+    /// See [`TcpStream::shutdown`]; a TLS stream ends without `close_notify`, as every data
+    /// stream's end is agreed in frames (`Finish`) before it.
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        self.tcp.shutdown(how)
+    }
+
+    /// Seals `plain` and writes the records while holding the write lock.
+    fn seal_and_write(&mut self, tls: &Tls, plain: &[u8]) -> io::Result<()> {
+        let _order = lock(&tls.write);
+        self.scratch.clear();
+        {
+            let mut conn = lock(&tls.conn);
+            conn.writer().write_all(plain)?;
+            while conn.wants_write() {
+                conn.write_tls(&mut self.scratch)?;
+            }
+        }
+        self.tcp.write_all(&self.scratch)
+    }
+
+    /// Writes what the connection itself wants to send (a key update answer, an alert).
+    fn flush_pending(&mut self, tls: &Tls) -> io::Result<()> {
+        self.seal_and_write(tls, &[])
+    }
+}
+
+impl Read for DataSocket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(tls) = self.tls.clone() else {
+            return self.tcp.read(buf);
+        };
+        loop {
+            if self.plain_at < self.plain.len() {
+                let n = buf.len().min(self.plain.len() - self.plain_at);
+                buf[..n].copy_from_slice(&self.plain[self.plain_at..self.plain_at + n]);
+                self.plain_at += n;
+                return Ok(n);
+            }
+            self.plain.clear();
+            self.plain_at = 0;
+            // Plaintext can be waiting in the connection already: the handshake may have read
+            // the first records along with its own messages.
+            match lock(&tls.conn).reader().read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            let mut cipher = std::mem::take(&mut self.scratch);
+            cipher.resize(READ_CHUNK, 0);
+            let got = self.tcp.read(&mut cipher);
+            let n = match got {
+                Ok(n) => n,
+                Err(e) => {
+                    self.scratch = cipher;
+                    return Err(e);
+                }
+            };
+            if n == 0 {
+                self.scratch = cipher;
+                return Ok(0);
+            }
+            let opened = {
+                let mut conn = lock(&tls.conn);
+                let mut rest = &cipher[..n];
+                let mut closed = false;
+                let mut failed = None;
+                while !rest.is_empty() {
+                    conn.read_tls(&mut rest)?;
+                    let state = match conn.process_new_packets() {
+                        Ok(state) => state,
+                        Err(e) => {
+                            failed = Some(super::describe_rustls(&e, false));
+                            break;
+                        }
+                    };
+                    let available = state.plaintext_bytes_to_read();
+                    if available > 0 {
+                        let at = self.plain.len();
+                        self.plain.resize(at + available, 0);
+                        conn.reader().read_exact(&mut self.plain[at..])?;
+                    }
+                    closed |= state.peer_has_closed();
+                }
+                (conn.wants_write(), closed, failed)
+            };
+            self.scratch = cipher;
+            let (pending, closed, failed) = opened;
+            if let Some(reason) = failed {
+                // The alert rustls queued tells the peer why.
+                let _ = self.flush_pending(&tls);
+                return Err(io::Error::new(io::ErrorKind::InvalidData, reason));
+            }
+            if pending {
+                self.flush_pending(&tls)?;
+            }
+            if closed && self.plain.is_empty() {
+                return Ok(0);
+            }
+        }
+    }
+}
+
+impl Write for DataSocket {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let Some(tls) = self.tls.clone() else {
+            return self.tcp.write(buf);
+        };
+        let n = buf.len().min(SEAL_CHUNK);
+        self.seal_and_write(&tls, &buf[..n])?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.tcp.flush()
+    }
+}
