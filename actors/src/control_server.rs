@@ -27,6 +27,23 @@ pub fn control_config(settings: &HostSettings) -> ControlConfig {
     }
 }
 
+/// Why a peer claiming to be `claimed` may not migrate in, if it may not: a host this host
+/// does not list, or — under TLS — a certificate for another host than the one claimed.
+fn impostor(channel: &ControlChannel, claimed: &str, settings: &HostSettings) -> Option<String> {
+    if !settings.peers.contains_key(claimed) {
+        return Some(format!(
+            "'{claimed}' is not a host of this cluster's configuration on {}",
+            settings.name
+        ));
+    }
+    match channel.peer_identity() {
+        Some(identity) if !identity.is(claimed) => Some(format!(
+            "the connecting host claims to be '{claimed}', but its certificate is not for '{claimed}'"
+        )),
+        _ => None,
+    }
+}
+
 /// Accepts control connections until the listener fails.
 pub async fn serve(
     listener: TcpListener,
@@ -58,7 +75,7 @@ async fn handle(
     settings: Arc<HostSettings>,
 ) -> Result<(), String> {
     let config = control_config(&settings);
-    let mut channel = ControlChannel::server(stream, config)
+    let mut channel = ControlChannel::server_secure(stream, config, settings.tls.as_ref())
         .await
         .map_err(|e| ferry_transport::report(&e))?;
     let first: ToDestination = channel
@@ -67,6 +84,14 @@ async fn handle(
         .map_err(|e| ferry_transport::report(&e))?;
     match first {
         ToDestination::Hello(hello) => {
+            if let Some(reason) = impostor(&channel, &hello.source_host, &settings) {
+                let _ = channel
+                    .send(&ToSource::Refused {
+                        reason: reason.clone(),
+                    })
+                    .await;
+                return Err(reason);
+            }
             let (sender, receiver, keepalive) = channel.into_split();
             DestinationMigration::new(
                 hello,

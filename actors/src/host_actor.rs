@@ -49,6 +49,8 @@ pub enum ErrorKind {
     Conflict,
     /// Something failed while doing it.
     Internal,
+    /// The request did not prove who sent it (API only).
+    Unauthorized,
 }
 
 /// An error with the kind the API maps to a status code.

@@ -15,8 +15,6 @@ pub struct Peer {
     pub name: String,
     /// Where its migration control channel listens.
     pub control_addr: SocketAddr,
-    /// Its HTTP API.
-    pub api_addr: SocketAddr,
     /// Its datacenter.
     pub datacenter: Option<String>,
 }
@@ -173,9 +171,22 @@ pub struct HostSettings {
     pub protocol_versions: &'static [u16],
     /// How to start a VM's VMM process (`None`: this executable, as `EXE vmm`).
     pub vmm_program: Option<ferry_vmm::VmmProgram>,
+    /// This host's certificate in the cluster (`None`: it has none, and speaks plain TCP
+    /// to its peers).
+    pub tls: Option<ferry_transport::tls::HostTls>,
 }
 
 impl HostSettings {
+    /// The encryption a migration out of here uses when the operator names none: required
+    /// with a certificate, disabled without one.
+    pub fn default_encryption(&self) -> crate::migration::Encryption {
+        match (&self.migration.defaults.encryption, &self.tls) {
+            (Some(mode), _) => *mode,
+            (None, Some(_)) => crate::migration::Encryption::Required,
+            (None, None) => crate::migration::Encryption::Disabled,
+        }
+    }
+
     /// Where VMM sockets and VMM logs live.
     pub fn vmm_dir(&self) -> PathBuf {
         self.state_dir.join("vmm")

@@ -34,6 +34,7 @@ impl ResponseError for ApiError {
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::Conflict => StatusCode::CONFLICT,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
         }
     }
 

@@ -128,6 +128,9 @@ pub struct MigrateRequest {
     /// After a storage migration, keep the source images.
     #[serde(default)]
     pub keep_source_disks: bool,
+    /// `required`, `opportunistic` or `disabled`; the cluster's default when absent.
+    #[serde(default)]
+    pub encryption: Option<String>,
 }
 
 impl MigrateRequest {
@@ -148,6 +151,10 @@ impl MigrateRequest {
             datastore: self.datastore.clone(),
             disk_targets: self.disk_targets.clone(),
             keep_source_disks: self.keep_source_disks,
+            encryption: match self.encryption.as_deref() {
+                None => defaults.encryption,
+                Some(text) => Some(text.parse().map_err(|e| format!("encryption: {e}"))?),
+            },
         })
     }
 }

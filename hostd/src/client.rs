@@ -67,8 +67,72 @@ impl ClientError {
 fn unreachable(host: &HostConfig, source: reqwest::Error) -> ClientError {
     ClientError::Unreachable {
         host: host.name.clone(),
-        addr: host.api.to_string(),
+        addr: endpoint_label(host),
         source,
+    }
+}
+
+/// How a host's API is reached from here: its unix socket when this is the host's machine
+/// (the socket is in its state directory), otherwise its TCP API with its bearer token.
+#[derive(Debug, Clone)]
+struct Endpoint {
+    socket: std::path::PathBuf,
+    /// Clients over the socket: (requests, streams).
+    local: (reqwest::blocking::Client, reqwest::blocking::Client),
+    /// Over TCP: base URL, clients, and the token (or why there is none).
+    tcp: Option<(String, reqwest::blocking::Client, reqwest::blocking::Client)>,
+    token: Result<Option<String>, String>,
+}
+
+fn pick<'a>(
+    streaming: bool,
+    requests: &'a reqwest::blocking::Client,
+    streams: &'a reqwest::blocking::Client,
+) -> &'a reqwest::blocking::Client {
+    if streaming { streams } else { requests }
+}
+
+fn endpoint_label(host: &HostConfig) -> String {
+    let socket = crate::daemon::api_socket(&host.state_dir);
+    match host.api {
+        Some(addr) => format!("{addr} or {}", socket.display()),
+        None => socket.display().to_string(),
+    }
+}
+
+fn endpoint(host: &HostConfig) -> Endpoint {
+    let socket = crate::daemon::api_socket(&host.state_dir);
+    let build = |timeout: Option<Duration>, unix: bool| {
+        let builder = reqwest::blocking::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(timeout);
+        let builder = if unix {
+            builder.unix_socket(socket.clone())
+        } else {
+            builder
+        };
+        builder
+            .build()
+            .unwrap_or_else(|_| reqwest::blocking::Client::new())
+    };
+    let requests = Some(Duration::from_secs(120));
+    let token = match &host.api_token_file {
+        Some(file) if host.api.is_some() => crate::auth::ApiToken::load(file)
+            .map(|t| Some(t.text()))
+            .map_err(|e| format!("{e:#}")),
+        _ => Ok(None),
+    };
+    Endpoint {
+        local: (build(requests, true), build(None, true)),
+        tcp: host.api.map(|addr| {
+            (
+                format!("http://{addr}"),
+                build(requests, false),
+                build(None, false),
+            )
+        }),
+        socket,
+        token,
     }
 }
 
@@ -85,27 +149,54 @@ fn rank(state: Lifecycle) -> u8 {
 #[derive(Debug, Clone)]
 pub struct Client {
     cluster: Cluster,
-    http: reqwest::blocking::Client,
-    streaming: reqwest::blocking::Client,
+    endpoints: std::collections::BTreeMap<String, Endpoint>,
 }
 
 impl Client {
     /// A client for `cluster`.
     pub fn new(cluster: Cluster) -> Self {
-        let http = reqwest::blocking::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(120))
-            .build()
-            .unwrap_or_else(|_| reqwest::blocking::Client::new());
-        let streaming = reqwest::blocking::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(None)
-            .build()
-            .unwrap_or_else(|_| reqwest::blocking::Client::new());
-        Client {
-            cluster,
-            http,
-            streaming,
+        let endpoints = cluster
+            .hosts
+            .iter()
+            .map(|host| (host.name.clone(), endpoint(host)))
+            .collect();
+        Client { cluster, endpoints }
+    }
+
+    /// A request to `path` on `host`: over its unix socket if this machine has it, else
+    /// over TCP with the host's token.
+    fn request(
+        &self,
+        host: &HostConfig,
+        method: reqwest::Method,
+        path: &str,
+        streaming: bool,
+    ) -> Result<reqwest::blocking::RequestBuilder, ClientError> {
+        let endpoint = self
+            .endpoints
+            .get(&host.name)
+            .ok_or_else(|| ClientError::NotFound(format!("no host named '{}'", host.name)))?;
+        if endpoint.socket.exists() {
+            let client = pick(streaming, &endpoint.local.0, &endpoint.local.1);
+            return Ok(client.request(method, format!("http://localhost{path}")));
+        }
+        let problem = |message: String| ClientError::Api {
+            host: host.name.clone(),
+            status: 0,
+            message,
+        };
+        let Some((base, requests, streams)) = &endpoint.tcp else {
+            return Err(problem(format!(
+                "host '{}' has no TCP API, and its API socket {} is not on this machine (run ferryctl on that host, or give it an api address and api_token_file)",
+                host.name,
+                endpoint.socket.display()
+            )));
+        };
+        let request = pick(streaming, requests, streams).request(method, format!("{base}{path}"));
+        match &endpoint.token {
+            Ok(Some(token)) => Ok(request.bearer_auth(token)),
+            Ok(None) => Ok(request),
+            Err(e) => Err(problem(e.clone())),
         }
     }
 
@@ -119,10 +210,6 @@ impl Client {
         self.cluster
             .host(name)
             .map_err(|e| ClientError::NotFound(e.to_string()))
-    }
-
-    fn url(host: &HostConfig, path: &str) -> String {
-        format!("http://{}{path}", host.api)
     }
 
     fn answer<T: DeserializeOwned>(
@@ -157,7 +244,11 @@ impl Client {
         host: &HostConfig,
         path: &str,
     ) -> Result<T, ClientError> {
-        Self::answer(host, self.http.get(Self::url(host, path)).send())
+        Self::answer(
+            host,
+            self.request(host, reqwest::Method::GET, path, false)?
+                .send(),
+        )
     }
 
     /// `POST` with a JSON body on a host.
@@ -169,7 +260,9 @@ impl Client {
     ) -> Result<T, ClientError> {
         Self::answer(
             host,
-            self.http.post(Self::url(host, path)).json(body).send(),
+            self.request(host, reqwest::Method::POST, path, false)?
+                .json(body)
+                .send(),
         )
     }
 
@@ -290,10 +383,9 @@ impl Client {
     /// The console history of `name`.
     pub fn console_history(&self, name: &str) -> Result<Vec<u8>, ClientError> {
         let (host, _) = self.find_vm(name)?;
-        let url = Self::url(&host, &format!("/v1/vms/{name}/console"));
+        let path = format!("/v1/vms/{name}/console");
         let response = self
-            .http
-            .get(url)
+            .request(&host, reqwest::Method::GET, &path, false)?
             .send()
             .map_err(|source| unreachable(&host, source))?;
         if !response.status().is_success() {
@@ -323,13 +415,9 @@ impl Client {
                 return Ok(());
             }
             first = false;
-            let url = Self::url(
-                &host,
-                &format!("/v1/vms/{name}/console?follow=true&offset={offset}"),
-            );
+            let path = format!("/v1/vms/{name}/console?follow=true&offset={offset}");
             let mut response = self
-                .streaming
-                .get(url)
+                .request(&host, reqwest::Method::GET, &path, true)?
                 .send()
                 .map_err(|source| unreachable(&host, source))?;
             if !response.status().is_success() {

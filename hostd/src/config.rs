@@ -57,6 +57,14 @@ struct MigrationSection {
     connect_timeout_ms: Option<u64>,
     io_timeout_ms: Option<u64>,
     in_doubt_timeout_ms: Option<u64>,
+    encryption: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsSection {
+    /// PEM of the cluster CA certificate.
+    ca: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -90,10 +98,17 @@ struct HostSection {
     name: String,
     #[serde(default)]
     datacenter: Option<String>,
-    api: String,
+    #[serde(default)]
+    api: Option<String>,
+    #[serde(default)]
+    api_token_file: Option<String>,
     control: String,
     #[serde(default)]
     data: Vec<String>,
+    #[serde(default)]
+    tls_cert: Option<String>,
+    #[serde(default)]
+    tls_key: Option<String>,
     #[serde(default)]
     cpus: Vec<usize>,
     memory: String,
@@ -114,6 +129,8 @@ struct ClusterFile {
     #[serde(default)]
     migration: MigrationSection,
     #[serde(default)]
+    tls: TlsSection,
+    #[serde(default)]
     datacenters: Vec<Named>,
     #[serde(default)]
     networks: Vec<Named>,
@@ -129,8 +146,12 @@ pub struct HostConfig {
     pub name: String,
     /// Datacenter.
     pub datacenter: Option<String>,
-    /// HTTP API address.
-    pub api: SocketAddr,
+    /// HTTP API address on TCP (`None`: only the unix socket in the state directory).
+    pub api: Option<SocketAddr>,
+    /// The file holding the bearer token every request on the TCP API must carry.
+    pub api_token_file: Option<PathBuf>,
+    /// This host's certificate and key (PEM files).
+    pub tls: Option<(PathBuf, PathBuf)>,
     /// Migration control address.
     pub control: SocketAddr,
     /// Data addresses.
@@ -162,6 +183,8 @@ pub struct Cluster {
     pub migration: MigrationLimits,
     /// Datacenter names.
     pub datacenters: Vec<String>,
+    /// The cluster CA certificate (PEM file), when hosts have certificates.
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl Cluster {
@@ -256,12 +279,32 @@ impl Cluster {
                     Peer {
                         name: h.name.clone(),
                         control_addr: h.control,
-                        api_addr: h.api,
                         datacenter: h.datacenter.clone(),
                     },
                 )
             })
             .collect();
+        let tls = match (&host.tls, &self.tls_ca) {
+            (Some((cert, key)), Some(ca)) => {
+                let others: Vec<String> = self
+                    .hosts
+                    .iter()
+                    .filter(|h| h.name != name)
+                    .map(|h| h.name.clone())
+                    .collect();
+                let files = ferry_transport::tls::TlsFiles { ca, cert, key };
+                Some(
+                    ferry_transport::tls::HostTls::load(name, files, &others).map_err(|e| {
+                        ConfigError::Invalid {
+                            file: self.file.display().to_string(),
+                            key: format!("hosts[{index}].tls_cert"),
+                            problem: ferry_transport::report(&e),
+                        }
+                    })?,
+                )
+            }
+            _ => None,
+        };
         Ok(HostSettings {
             name: host.name.clone(),
             datacenter: host.datacenter.clone(),
@@ -278,6 +321,7 @@ impl Cluster {
             fault,
             protocol_versions: ferry_transport::wire::PROTOCOL_VERSIONS,
             vmm_program: None,
+            tls,
         })
     }
 }
@@ -375,6 +419,13 @@ fn validate(file: &Path, raw: ClusterFile) -> Result<Cluster, ConfigError> {
             datastore: None,
             disk_targets: Default::default(),
             keep_source_disks: false,
+            encryption: match &m.encryption {
+                None => None,
+                Some(text) => Some(
+                    text.parse()
+                        .map_err(|problem| invalid("migration.encryption".into(), problem))?,
+                ),
+            },
         },
         max_concurrent: m
             .max_concurrent
@@ -426,9 +477,13 @@ fn validate(file: &Path, raw: ClusterFile) -> Result<Cluster, ConfigError> {
                 )
             })
         };
-        let api = addr(&h.api, "api")?;
+        let api = h.api.as_deref().map(|a| addr(a, "api")).transpose()?;
         let control = addr(&h.control, "control")?;
-        for (a, field) in [(api, "api"), (control, "control")] {
+        let fixed = api
+            .map(|a| (a, "api"))
+            .into_iter()
+            .chain([(control, "control")]);
+        for (a, field) in fixed {
             if a.port() == 0 {
                 return Err(invalid(
                     key(field),
@@ -510,10 +565,44 @@ fn validate(file: &Path, raw: ClusterFile) -> Result<Cluster, ConfigError> {
             .state_dir
             .map(PathBuf::from)
             .unwrap_or_else(|| std::env::temp_dir().join("ferry").join(&h.name));
+        let api_token_file = h.api_token_file.as_deref().map(|f| beside(file, f));
+        if api.is_some() && api_token_file.is_none() {
+            return Err(invalid(
+                key("api"),
+                "a TCP API must authenticate its clients: set api_token_file to a file holding the bearer token (or leave api out: the API is always served on the unix socket api.sock in the state directory)".into(),
+            ));
+        }
+        let tls = match (h.tls_cert.as_deref(), h.tls_key.as_deref()) {
+            (Some(cert), Some(key)) => Some((beside(file, cert), beside(file, key))),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid(
+                    key("tls_key"),
+                    "tls_cert is set, tls_key is not".into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    key("tls_cert"),
+                    "tls_key is set, tls_cert is not".into(),
+                ));
+            }
+        };
+        if tls.is_some() && raw.tls.ca.is_none() {
+            return Err(invalid(
+                "tls.ca".into(),
+                format!(
+                    "host '{}' has a certificate, and no cluster CA is configured",
+                    h.name
+                ),
+            ));
+        }
         hosts.push(HostConfig {
             name: h.name,
             datacenter: h.datacenter,
             api,
+            api_token_file,
+            tls,
             control,
             data,
             cpus: h.cpus,
@@ -530,7 +619,19 @@ fn validate(file: &Path, raw: ClusterFile) -> Result<Cluster, ConfigError> {
         hosts,
         migration,
         datacenters: datacenters.into_iter().collect(),
+        tls_ca: raw.tls.ca.as_deref().map(|ca| beside(file, ca)),
     })
+}
+
+/// A path from the configuration: relative ones are relative to the file's directory.
+fn beside(file: &Path, path: &str) -> PathBuf {
+    let path = Path::new(path);
+    if path.is_absolute() {
+        return path.to_path_buf();
+    }
+    file.parent()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .map_or_else(|| path.to_path_buf(), |dir| dir.join(path))
 }
 
 #[cfg(test)]

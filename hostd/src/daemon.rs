@@ -14,7 +14,38 @@ use ferry_actors::journal::Journal;
 use ferry_actors::settings::Fault;
 
 use crate::api;
+use crate::auth::{self, ApiToken};
 use crate::config::Cluster;
+
+/// The API's unix socket in a state directory.
+pub fn api_socket(state_dir: &Path) -> std::path::PathBuf {
+    state_dir.join("api.sock")
+}
+
+/// Binds the API socket, readable and writable by its owner only (mode 0600): whoever can
+/// open it may do anything the API can.
+fn bind_socket(path: &Path) -> Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("removing the old API socket {}", path.display()));
+        }
+    }
+    // Created with no permission for group and others, so there is no moment in which
+    // another user could connect.
+    // SAFETY: umask only changes this process's file-creation mask; it has no memory effects.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let listener = bound.with_context(|| format!("binding the API socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
+    Ok(listener)
+}
 
 /// Test-only fault injection variable (see `ferry_actors::settings::Fault`).
 pub const FAULT_ENV: &str = "FERRY_FAULT";
@@ -47,7 +78,19 @@ pub fn run(config: &Path, name: &str) -> Result<()> {
         tracing::warn!(?versions, "test override: speaking these protocol versions");
         settings.protocol_versions = versions;
     }
-    let api_addr = cluster.host(name)?.api;
+    let host_config = cluster.host(name)?.clone();
+    let api_addr = host_config.api;
+    // A TCP API refuses to start without its token: config validation demands the file,
+    // and here it must hold a usable one.
+    let token = match &host_config.api_token_file {
+        Some(file) if api_addr.is_some() => Some(ApiToken::load(file).with_context(|| {
+            format!(
+                "{}: host '{name}': the TCP API cannot start without its token",
+                config.display()
+            )
+        })?),
+        _ => None,
+    };
     std::fs::create_dir_all(&settings.state_dir)
         .with_context(|| format!("creating state directory {}", settings.state_dir.display()))?;
     let features = ferry_runtime::host_cpu_features(&settings.hidden_cpu_features)
@@ -67,8 +110,14 @@ pub fn run(config: &Path, name: &str) -> Result<()> {
     control
         .set_nonblocking(true)
         .context("configuring the control listener")?;
-    let api = std::net::TcpListener::bind(api_addr)
-        .with_context(|| format!("binding the API address {api_addr}"))?;
+    let api = api_addr
+        .map(|addr| {
+            std::net::TcpListener::bind(addr)
+                .with_context(|| format!("binding the API address {addr}"))
+        })
+        .transpose()?;
+    let socket_path = api_socket(&settings.state_dir);
+    let socket = bind_socket(&socket_path)?;
     actix::System::new().block_on(async move {
         let listener = tokio::net::TcpListener::from_std(control)
             .context("registering the control listener")?;
@@ -84,25 +133,55 @@ pub fn run(config: &Path, name: &str) -> Result<()> {
             (host.clone(), journal),
             Arc::clone(&settings),
         ));
-        let api_settings = Arc::clone(&settings);
-        let server = HttpServer::new(move || {
+        let (local_host, local_settings) = (host.clone(), Arc::clone(&settings));
+        let local = HttpServer::new(move || {
             App::new()
-                .app_data(Data::new(host.clone()))
-                .app_data(Data::new(Arc::clone(&api_settings)))
+                .app_data(Data::new(local_host.clone()))
+                .app_data(Data::new(Arc::clone(&local_settings)))
                 .configure(api::configure)
         })
-        .workers(2)
+        .workers(1)
         .shutdown_timeout(2)
-        .listen(api)
-        .with_context(|| format!("serving the API on {api_addr}"))?
+        .listen_uds(socket)
+        .with_context(|| format!("serving the API on {}", socket_path.display()))?
         .run();
+        let remote = match (api, token) {
+            (Some(api), Some(token)) => {
+                let api_settings = Arc::clone(&settings);
+                let token = Data::new(token);
+                Some(
+                    HttpServer::new(move || {
+                        App::new()
+                            .app_data(token.clone())
+                            .app_data(Data::new(host.clone()))
+                            .app_data(Data::new(Arc::clone(&api_settings)))
+                            .wrap(actix_web::middleware::from_fn(auth::require_token))
+                            .configure(api::configure)
+                    })
+                    .workers(2)
+                    .shutdown_timeout(2)
+                    .listen(api)
+                    .context("serving the TCP API")?
+                    .run(),
+                )
+            }
+            _ => None,
+        };
         tracing::info!(
             host = %settings.name,
-            api = %api_addr,
+            api = %api_addr.map_or("none".to_string(), |a| a.to_string()),
+            socket = %socket_path.display(),
             control = %settings.control_addr,
+            tls = settings.tls.is_some(),
             "hostd ready"
         );
-        server.await.context("API server")?;
+        match remote {
+            Some(remote) => {
+                let (a, b) = futures_util::future::join(local, remote).await;
+                a.and(b).context("API server")?;
+            }
+            None => local.await.context("API server")?,
+        }
         tracing::info!(host = %settings.name, "hostd stopped");
         Ok(())
     })

@@ -32,6 +32,10 @@ name = "demo"
 [migration]
 downtime_ms = 300
 streams = 2
+encryption = "required"    # mutual TLS on the control channel and every data stream
+
+[tls]
+ca = "{dir}/certs/ca.pem"
 
 [[datacenters]]
 name = "dc1"
@@ -52,6 +56,9 @@ name = "beta-local"
 name = "alpha"
 datacenter = "dc1"
 api = "127.0.0.1:{alpha_api}"
+api_token_file = "{dir}/alpha.token"
+tls_cert = "{dir}/certs/alpha.pem"
+tls_key = "{dir}/certs/alpha.key"
 control = "127.0.0.1:{alpha_control}"
 data = ["127.0.0.1:0"]
 memory = "4G"
@@ -63,6 +70,9 @@ state_dir = "{dir}/alpha"
 name = "beta"
 datacenter = "dc1"
 api = "127.0.0.1:{beta_api}"
+api_token_file = "{dir}/beta.token"
+tls_cert = "{dir}/certs/beta.pem"
+tls_key = "{dir}/certs/beta.key"
 control = "127.0.0.1:{beta_control}"
 data = ["127.0.0.1:0"]
 memory = "4G"
@@ -284,6 +294,17 @@ pub fn run(memory: &str, content_size: &str, keep: bool) -> Result<()> {
     let config_path = dir.join("cluster.toml");
     std::fs::write(&config_path, config_text(&dir)?)?;
     let cluster = Cluster::load(&config_path)?;
+    crate::certs::init(&cluster, &dir.join("certs"))?;
+    for host in &cluster.hosts {
+        if let Some(file) = &host.api_token_file {
+            let token = format!(
+                "{}{}",
+                uuid::Uuid::new_v4().simple(),
+                uuid::Uuid::new_v4().simple()
+            );
+            std::fs::write(file, token)?;
+        }
+    }
 
     println!("Ferry live-migration demo");
     println!(
@@ -296,8 +317,11 @@ pub fn run(memory: &str, content_size: &str, keep: bool) -> Result<()> {
     wait_until_up(&client, &mut daemons, &dir)?;
     for host in &client.cluster().hosts {
         println!(
-            "  host {:<6} api http://{}  control {}",
-            host.name, host.api, host.control
+            "  host {:<6} api {} (and http://{} with its token)  control {} (mutual TLS)",
+            host.name,
+            crate::daemon::api_socket(&host.state_dir).display(),
+            host.api.map_or("-".to_string(), |a| a.to_string()),
+            host.control
         );
     }
 

@@ -5,6 +5,8 @@
 
 pub mod api;
 pub mod api_types;
+pub mod auth;
+pub mod certs;
 pub mod client;
 pub mod config;
 pub mod daemon;

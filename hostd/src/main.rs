@@ -36,6 +36,11 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Certificates for a lab cluster.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
     /// Run one VM's VMM process. hostd starts these itself, one per VM, in a process group of
     /// their own so that they outlive it; there is no need to run this by hand.
     Vmm {
@@ -43,6 +48,33 @@ enum Command {
         #[arg(long)]
         socket: std::path::PathBuf,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum CertsCommand {
+    /// Write a CA and a key and certificate for every host of the --config cluster into
+    /// DIR, and print the configuration keys that use them.
+    Init {
+        /// Directory for the PEM files (keys are written mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn certs_init(config: Option<PathBuf>, out: &std::path::Path) -> anyhow::Result<()> {
+    let config = config.ok_or_else(|| {
+        anyhow::anyhow!("give --config FILE: the cluster whose hosts get certificates")
+    })?;
+    let cluster = hostd::config::Cluster::load(&config)?;
+    let written = hostd::certs::init(&cluster, out)?;
+    println!(
+        "wrote a CA and certificates for {} host(s) into {}; add to {}:\n",
+        written.hosts.len(),
+        out.display(),
+        config.display()
+    );
+    print!("{}", written.config_snippet());
+    Ok(())
 }
 
 fn main() {
@@ -59,6 +91,9 @@ fn main() {
             hostd::demo::run(&memory, &content, keep)
         }
         Some(Command::Vmm { socket }) => ferry_vmm::run(&socket),
+        Some(Command::Certs {
+            command: CertsCommand::Init { out },
+        }) => certs_init(cli.config, &out),
         None => {
             hostd::init_logging("info");
             match (cli.config, cli.host) {

@@ -114,6 +114,12 @@ pub fn describe(report: &MigrationReport) -> String {
             report.transport_reason.as_deref().unwrap_or("")
         ));
     }
+    if let Some(encryption) = &report.encryption {
+        out.push_str(&format!("  encryption:  {encryption}\n"));
+    }
+    if let Some(control) = &report.control_channel {
+        out.push_str(&format!("  control:     {control}\n"));
+    }
     if let Some(storage) = &report.storage {
         let what = match storage.as_str() {
             "shared" => "shared (compute only: the disks stay on the shared datastore)",
@@ -211,6 +217,8 @@ pub fn report_json(report: &MigrationReport) -> serde_json::Value {
         "destination": report.destination,
         "transport": report.transport,
         "transport_reason": report.transport_reason,
+        "encryption": report.encryption,
+        "control_channel": report.control_channel,
         "streams": report.streams,
         "protocol_version": report.protocol_version,
         "control_rtt_ms": report.control_rtt_ms,

@@ -15,13 +15,11 @@ name = "bad-input"
 
 [[hosts]]
 name = "alpha"
-api = "127.0.0.1:17701"
 control = "127.0.0.1:17711"
 memory = "1G"
 
 [[hosts]]
 name = "beta"
-api = "127.0.0.1:17702"
 control = "127.0.0.1:17712"
 memory = "1G"
 "#;
@@ -85,6 +83,61 @@ fn malformed_configs_are_refused_at_start_naming_file_key_and_problem() {
             "bad bandwidth",
             &format!("{GOOD}\n[migration]\nmax_bandwidth = \"fast\"\n"),
             &["migration.max_bandwidth", "not a rate"],
+        ),
+        (
+            "a TCP API without authentication",
+            &GOOD.replace(
+                "name = \"alpha\"\n",
+                "name = \"alpha\"\napi = \"127.0.0.1:17701\"\n",
+            ),
+            &[
+                "hosts[0].api",
+                "must authenticate its clients",
+                "api_token_file",
+            ],
+        ),
+        (
+            "a TCP API whose token file is missing",
+            &GOOD.replace(
+                "name = \"alpha\"\n",
+                "name = \"alpha\"\napi = \"127.0.0.1:17701\"\napi_token_file = \"nowhere.token\"\n",
+            ),
+            &["reading the API token file", "nowhere.token"],
+        ),
+        (
+            "a certificate without its key",
+            &GOOD.replace(
+                "name = \"alpha\"\n",
+                "name = \"alpha\"\ntls_cert = \"alpha.pem\"\n",
+            ),
+            &["hosts[0].tls_key", "tls_cert is set"],
+        ),
+        (
+            "a certificate without a cluster CA",
+            &GOOD.replace(
+                "name = \"alpha\"\n",
+                "name = \"alpha\"\ntls_cert = \"a.pem\"\ntls_key = \"a.key\"\n",
+            ),
+            &["tls.ca", "no cluster CA"],
+        ),
+        (
+            "unreadable certificate files",
+            &GOOD
+                .replace(
+                    "name = \"alpha\"\n",
+                    "name = \"alpha\"\ntls_cert = \"a.pem\"\ntls_key = \"a.key\"\n",
+                )
+                .replacen("[[hosts]]", "[tls]\nca = \"ca.pem\"\n\n[[hosts]]", 1),
+            &[
+                "hosts[0].tls_cert",
+                "cannot load the CA certificate",
+                "ca.pem",
+            ],
+        ),
+        (
+            "unknown encryption mode",
+            &format!("{GOOD}\n[migration]\nencryption = \"sometimes\"\n"),
+            &["migration.encryption", "not an encryption mode"],
         ),
         (
             "bandwidth below the smallest cap",

@@ -35,6 +35,26 @@ pub struct HostSpec {
     /// Directory (under the cluster's) this host's datastore `shared` is at; `shared` by
     /// default, the same for every host, as real shared storage would be.
     pub shared_dir: String,
+    /// The certificate this host presents.
+    pub certificate: Certificate,
+    /// Left out of the cluster's configuration file: the host runs from a file of its own
+    /// that lists the cluster and itself, so the others do not know it.
+    pub unlisted: bool,
+}
+
+/// What certificate a test host has.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Certificate {
+    /// One from the cluster CA for its name (the default).
+    Cluster,
+    /// None at all: the host speaks plain TCP.
+    None,
+    /// One for its name, from a CA other than the cluster's.
+    OtherCa,
+    /// One from the cluster CA for its name, expired yesterday.
+    Expired,
+    /// One from the cluster CA for another host name.
+    For(String),
 }
 
 impl HostSpec {
@@ -47,7 +67,21 @@ impl HostSpec {
             fault: None,
             protocol_versions: None,
             shared_dir: "shared".into(),
+            certificate: Certificate::Cluster,
+            unlisted: false,
         }
+    }
+
+    /// Presenting this certificate.
+    pub fn certificate(mut self, certificate: Certificate) -> Self {
+        self.certificate = certificate;
+        self
+    }
+
+    /// Not in the cluster's configuration (see [`HostSpec::unlisted`]).
+    pub fn unlisted(mut self) -> Self {
+        self.unlisted = true;
+        self
     }
 
     /// With its `shared` datastore at another directory: a host that claims to share the
@@ -363,8 +397,22 @@ impl Capture {
                         std::mem::size_of::<libc::timeval>() as u32,
                     )
                 };
+                // Room for bursts (root may exceed rmem_max): a frame dropped here is one
+                // the test never sees.
+                let room: libc::c_int = 64 << 20;
+                // SAFETY: valid option value and size.
+                unsafe {
+                    libc::setsockopt(
+                        socket.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_RCVBUFFORCE,
+                        (&raw const room).cast(),
+                        std::mem::size_of::<libc::c_int>() as u32,
+                    )
+                };
                 let _ = ready_tx.send(());
-                let mut buf = [0u8; 2048];
+                // Whole frames, as large as segmentation offload makes them on a veth.
+                let mut buf = vec![0u8; 65536 + 256];
                 while !stop.load(Ordering::Relaxed) {
                     // SAFETY: buf is valid for its length.
                     let n = unsafe {
@@ -420,6 +468,8 @@ impl Drop for Capture {
 
 struct HostProcess {
     spec: HostSpec,
+    config: PathBuf,
+    token: String,
     api: SocketAddr,
     control: SocketAddr,
     netns: Option<String>,
@@ -444,6 +494,33 @@ impl std::fmt::Debug for TestCluster {
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
+}
+
+/// Issues each host's certificate as its spec says, into `dir`: (certificate, key) files.
+fn issue_certificates(dir: &Path, specs: &[HostSpec]) -> Vec<Option<(PathBuf, PathBuf)>> {
+    use ferry_transport::tls::certs::{ClusterCa, LAB_VALIDITY_DAYS};
+    std::fs::create_dir_all(dir).expect("certs dir");
+    let ca = ClusterCa::generate("test").expect("cluster CA");
+    std::fs::write(dir.join("ca.pem"), ca.cert_pem()).expect("write CA");
+    let other = ClusterCa::generate("another cluster").expect("other CA");
+    specs
+        .iter()
+        .map(|spec| {
+            let issued = match &spec.certificate {
+                Certificate::None => return None,
+                Certificate::Cluster => ca.issue(&spec.name, LAB_VALIDITY_DAYS),
+                Certificate::OtherCa => other.issue(&spec.name, LAB_VALIDITY_DAYS),
+                Certificate::Expired => ca.issue(&spec.name, -30..-1),
+                Certificate::For(name) => ca.issue(name, LAB_VALIDITY_DAYS),
+            }
+            .expect("issue certificate");
+            let cert = dir.join(format!("{}.pem", spec.name));
+            let key = dir.join(format!("{}.key", spec.name));
+            std::fs::write(&cert, issued.cert_pem).expect("write certificate");
+            std::fs::write(&key, issued.key_pem).expect("write key");
+            Some((cert, key))
+        })
+        .collect()
 }
 
 /// A port for a test hostd to listen on, from below the kernel's ephemeral range
@@ -519,8 +596,11 @@ impl TestCluster {
             .tempdir()
             .expect("temp dir");
         let mut toml = String::from(
-            "[cluster]\nname = \"test\"\n\n[migration]\nio_timeout_ms = 5000\nconnect_timeout_ms = 3000\nin_doubt_timeout_ms = 10000\n\n[[datacenters]]\nname = \"dc1\"\n\n[[datacenters]]\nname = \"dc2\"\n\n[[networks]]\nname = \"vmnet\"\n\n[[datastores]]\nname = \"shared\"\n",
+            "[cluster]\nname = \"test\"\n\n[migration]\nio_timeout_ms = 5000\nconnect_timeout_ms = 3000\nin_doubt_timeout_ms = 10000\n\n[[datacenters]]\nname = \"dc1\"\n\n[[datacenters]]\nname = \"dc2\"\n\n[[networks]]\nname = \"vmnet\"\n\n[[datastores]]\nname = \"shared\"\n\n[tls]\nca = \"certs/ca.pem\"\n",
         );
+        let certs = dir.path().join("certs");
+        let issued = issue_certificates(&certs, &specs);
+        let mut unlisted = Vec::new();
         let mut hosts = Vec::new();
         for (i, spec) in specs.into_iter().enumerate() {
             let (addr, api_port, control_port, interface, ns) = match &netns {
@@ -545,15 +625,37 @@ impl TestCluster {
                 .map(|f| format!("\"{f}\""))
                 .collect::<Vec<_>>()
                 .join(", ");
-            toml.push_str(&format!(
-                "\n[[hosts]]\nname = \"{name}\"\ndatacenter = \"dc{dc}\"\napi = \"{addr}:{api_port}\"\ncontrol = \"{addr}:{control_port}\"\ndata = [\"{addr}:0\"]\nmemory = \"{memory}\"\nnetworks = [{{ name = \"vmnet\", interface = \"{interface}\" }}]\nhide_cpu_features = [{hide}]\ndatastores = [{{ name = \"shared\", path = \"{dir}/{shared}\" }}, {{ name = \"{name}-local\", path = \"{dir}/{name}/disks\" }}]\nstate_dir = \"{dir}/{name}\"\n\n[[datastores]]\nname = \"{name}-local\"\n",
+            let tls = match &issued[i] {
+                Some((cert, key)) => format!(
+                    "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                    cert.display(),
+                    key.display()
+                ),
+                None => String::new(),
+            };
+            let token = format!("test-token-{}-{:08x}", spec.name, unique());
+            let token_file = dir.path().join(format!("{}.token", spec.name));
+            std::fs::write(&token_file, &token).expect("write token");
+            let entry = format!(
+                "\n[[hosts]]\nname = \"{name}\"\ndatacenter = \"dc{dc}\"\napi = \"{addr}:{api_port}\"\napi_token_file = \"{token_file}\"\n{tls}\ncontrol = \"{addr}:{control_port}\"\ndata = [\"{addr}:0\"]\nmemory = \"{memory}\"\nnetworks = [{{ name = \"vmnet\", interface = \"{interface}\" }}]\nhide_cpu_features = [{hide}]\ndatastores = [{{ name = \"shared\", path = \"{dir}/{shared}\" }}, {{ name = \"{name}-local\", path = \"{dir}/{name}/disks\" }}]\nstate_dir = \"{dir}/{name}\"\n\n[[datastores]]\nname = \"{name}-local\"\n",
                 name = spec.name,
                 dc = if netns.is_some() { i + 1 } else { 1 },
                 memory = spec.memory,
                 shared = spec.shared_dir,
                 dir = dir.path().display(),
-            ));
+                token_file = token_file.display(),
+            );
+            let host_config = if spec.unlisted {
+                let file = dir.path().join(format!("{}.toml", spec.name));
+                unlisted.push((file.clone(), entry));
+                file
+            } else {
+                toml.push_str(&entry);
+                dir.path().join("cluster.toml")
+            };
             hosts.push(HostProcess {
+                config: host_config,
+                token,
                 api: SocketAddr::new(addr, api_port),
                 control: SocketAddr::new(addr, control_port),
                 log: dir.path().join(format!("{}.log", spec.name)),
@@ -564,6 +666,9 @@ impl TestCluster {
         }
         let config = dir.path().join("cluster.toml");
         std::fs::write(&config, &toml).expect("write config");
+        for (file, entry) in unlisted {
+            std::fs::write(file, format!("{toml}{entry}")).expect("write config");
+        }
         let mut cluster = TestCluster {
             dir,
             config,
@@ -606,7 +711,7 @@ impl TestCluster {
             .expect("log file");
         let mut cmd = self.command_in(host.netns.as_deref(), &self.hostd);
         cmd.arg("--config")
-            .arg(&self.config)
+            .arg(&host.config)
             .arg("--host")
             .arg(&host.spec.name)
             .env("RUST_LOG", "info")
@@ -626,11 +731,18 @@ impl TestCluster {
     fn wait_up(&mut self, i: usize) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if self
-                .ferryctl(&["host", "show", &self.hosts[i].spec.name])
-                .code
-                == Some(0)
-            {
+            let host = &self.hosts[i];
+            let up = match &self.netns {
+                // In a namespace the API is not reachable from here; ask through ferryctl.
+                Some(_) => self.ferryctl(&["host", "show", &host.spec.name]).code == Some(0),
+                None => self
+                    .http
+                    .get(format!("http://{}/v1/host", host.api))
+                    .bearer_auth(&host.token)
+                    .send()
+                    .is_ok_and(|r| r.status().is_success()),
+            };
+            if up {
                 return;
             }
             if let Some(child) = self.hosts[i].child.as_mut()
@@ -668,11 +780,17 @@ impl TestCluster {
 
     /// Runs `ferryctl --config CONFIG ARGS` (inside the first host's namespace, if any).
     pub fn ferryctl(&self, args: &[&str]) -> CliResult {
+        self.ferryctl_with(&self.config, args)
+    }
+
+    /// Runs `ferryctl --config CONFIG ARGS` with another configuration file (an unlisted
+    /// host's, say).
+    pub fn ferryctl_with(&self, config: &Path, args: &[&str]) -> CliResult {
         let ns = self.hosts.first().and_then(|h| h.netns.clone());
         let output = self
             .command_in(ns.as_deref(), &self.ferryctl)
             .arg("--config")
-            .arg(&self.config)
+            .arg(config)
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -711,6 +829,7 @@ impl TestCluster {
         let response = self
             .http
             .get(format!("http://{}{path}", host.api))
+            .bearer_auth(&host.token)
             .send()
             .expect("API request");
         let status = response.status().as_u16();
@@ -723,12 +842,42 @@ impl TestCluster {
         let response = self
             .http
             .post(format!("http://{}{path}", host.api))
+            .bearer_auth(&host.token)
             .header("content-type", "application/json")
             .body(body.to_string())
             .send()
             .expect("API request");
         let status = response.status().as_u16();
         (status, response.json().unwrap_or(Value::Null))
+    }
+
+    /// A request to a host's TCP API with `token` (or none), bypassing the cluster's own:
+    /// status and JSON body.
+    pub fn api_as(
+        &self,
+        host: &str,
+        (method, path): (&str, &str),
+        token: Option<&str>,
+        body: &str,
+    ) -> (u16, Value) {
+        let host = self.host(host);
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut request = self
+            .http
+            .request(method, format!("http://{}{path}", host.api))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().expect("API request");
+        let status = response.status().as_u16();
+        (status, response.json().unwrap_or(Value::Null))
+    }
+
+    /// The configuration file host `name` runs from.
+    pub fn config_of(&self, name: &str) -> &Path {
+        &self.host(name).config
     }
 
     fn host(&self, name: &str) -> &HostProcess {

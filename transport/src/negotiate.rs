@@ -100,6 +100,8 @@ pub struct Plan {
     pub page_size: u32,
     /// Why this transport, in words fit for a migration report.
     pub reason: String,
+    /// Whether the data streams run under mutual TLS.
+    pub encrypted: bool,
 }
 
 impl fmt::Display for Plan {
@@ -144,6 +146,16 @@ pub enum NegotiateError {
 /// the RDMA data path, otherwise TCP (lz4-compressed when the destination can decode it);
 /// streams are the smaller offer.
 pub fn choose(source: &Capabilities, destination: &Capabilities) -> Result<Plan, NegotiateError> {
+    choose_for(source, destination, false)
+}
+
+/// [`choose`] for a migration whose data streams are `encrypted` or not. RDMA streams
+/// cannot carry TLS, so an encrypted migration never takes RDMA, and the reason says so.
+pub fn choose_for(
+    source: &Capabilities,
+    destination: &Capabilities,
+    encrypted: bool,
+) -> Result<Plan, NegotiateError> {
     let version =
         wire::negotiate_version(&source.protocol_versions, &destination.protocol_versions)
             .map_err(NegotiateError::Version)?;
@@ -178,9 +190,16 @@ pub fn choose(source: &Capabilities, destination: &Capabilities) -> Result<Plan,
         streams,
         page_size: source.page_size,
         reason,
+        encrypted,
     };
 
-    let rdma_outcome = rdma_pair(source, destination);
+    let rdma_outcome = rdma_pair(source, destination).and_then(|pair| {
+        if encrypted {
+            Err("RDMA streams cannot carry TLS, and this migration is encrypted".to_string())
+        } else {
+            Ok(pair)
+        }
+    });
     match rdma_outcome {
         Ok((transport, why)) => Ok(plan(transport, format!("RDMA over {streams_note}: {why}"))),
         Err(why_not) => {
@@ -334,6 +353,26 @@ mod tests {
         assert_eq!(
             plan.reason,
             "RDMA over 4 streams: rxe0 port 1 on source and rxe1 port 1 on destination are active (Ethernet)"
+        );
+    }
+
+    #[test]
+    fn an_encrypted_migration_never_takes_rdma_and_says_why() {
+        let (source, destination) = (host(active("rxe0"), true, 4), host(active("rxe1"), true, 4));
+        let plan = choose_for(&source, &destination, true).unwrap();
+        assert!(matches!(plan.transport, Transport::Tcp { .. }));
+        assert!(plan.encrypted);
+        assert!(
+            plan.reason.contains("RDMA streams cannot carry TLS"),
+            "{}",
+            plan.reason
+        );
+        // Where RDMA was out anyway, the reason stays the first shortfall.
+        let plan = choose_for(&host(vec![], true, 4), &destination, true).unwrap();
+        assert!(
+            plan.reason.contains("no RDMA device on source"),
+            "{}",
+            plan.reason
         );
     }
 

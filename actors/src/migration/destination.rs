@@ -352,6 +352,21 @@ impl DestinationMigration {
         self.stage(Stage::Prepare);
         self.report.streams = plan.streams;
         self.report.transport_reason = Some(plan.reason.clone());
+        let tls = match (plan.encrypted, &self.settings.tls) {
+            (false, _) => None,
+            (true, Some(identity)) => Some((identity.clone(), self.hello.source_host.clone())),
+            (true, None) => {
+                return self.fail(
+                    ctx,
+                    "the plan encrypts the data streams, and this host has no certificate".into(),
+                );
+            }
+        };
+        self.report.encryption = Some(if plan.encrypted {
+            "tls (mutual, as the source chose)".into()
+        } else {
+            "none (as the source chose)".into()
+        });
         let host = self.host.clone();
         let hello = self.hello.clone();
         let report = self.report.clone();
@@ -407,9 +422,10 @@ impl DestinationMigration {
             } else {
                 WorkerPlacement::pinned(streams, settings.copy_cpus.clone())
             };
-            let receiver =
-                DataReceiver::start(listener, sink, ReceiverConfig::new(session, placement))
-                    .map_err(|e| ferry_transport::report(&e))?;
+            let mut config = ReceiverConfig::new(session, placement);
+            config.tls = tls;
+            let receiver = DataReceiver::start(listener, sink, config)
+                .map_err(|e| ferry_transport::report(&e))?;
             Ok::<_, String>((record, (vm, ram, console_log, created), receiver, addr))
         };
         ctx.wait(work.into_actor(self).map(|result, act, ctx| match result {

@@ -17,6 +17,46 @@ use uuid::Uuid;
 /// Identifies one migration on both hosts.
 pub type MigrationId = Uuid;
 
+/// Whether a migration's memory and disks are encrypted on the wire, as vMotion's setting.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Encryption {
+    /// Encrypt, or fail at verify if either host cannot (has no certificate).
+    #[default]
+    Required,
+    /// Encrypt when both hosts can; otherwise go on in the clear and say so.
+    Opportunistic,
+    /// Plain TCP for the data streams; hosts with certificates still authenticate each
+    /// other on the control channel.
+    Disabled,
+}
+
+impl Encryption {
+    /// The name as configuration and the CLI spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encryption::Required => "required",
+            Encryption::Opportunistic => "opportunistic",
+            Encryption::Disabled => "disabled",
+        }
+    }
+}
+
+impl std::str::FromStr for Encryption {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "required" => Ok(Encryption::Required),
+            "opportunistic" => Ok(Encryption::Opportunistic),
+            "disabled" => Ok(Encryption::Disabled),
+            other => Err(format!(
+                "'{other}' is not an encryption mode (required, opportunistic, disabled)"
+            )),
+        }
+    }
+}
+
 /// What the operator asked for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationOptions {
@@ -44,6 +84,10 @@ pub struct MigrationOptions {
     /// After a storage migration, keep the source images instead of deleting them.
     #[serde(default)]
     pub keep_source_disks: bool,
+    /// Encryption of the data streams (`None`: the cluster's default, which is `required`
+    /// when this host has a certificate and `disabled` when it has none).
+    #[serde(default)]
+    pub encryption: Option<Encryption>,
 }
 
 impl Default for MigrationOptions {
@@ -58,6 +102,7 @@ impl Default for MigrationOptions {
             datastore: None,
             disk_targets: Default::default(),
             keep_source_disks: false,
+            encryption: None,
         }
     }
 }
@@ -145,6 +190,13 @@ pub struct MigrationReport {
     pub transport: Option<String>,
     /// Why that transport.
     pub transport_reason: Option<String>,
+    /// What protects the data streams, and why: `tls1.3 aes-256-gcm`, or
+    /// `none (disabled by the operator)`.
+    #[serde(default)]
+    pub encryption: Option<String>,
+    /// What protects the control channel: `mutual TLS (…)` or `plain TCP (…)`.
+    #[serde(default)]
+    pub control_channel: Option<String>,
     /// Data streams in use.
     pub streams: u16,
     /// Protocol version the two hosts agreed on.

@@ -12,10 +12,12 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use ferry_runtime::DirtySet;
-use ferry_transport::control::{ControlChannel, ControlError, ControlSender, KeepaliveTask};
+use ferry_transport::control::{
+    ClientTls, ControlChannel, ControlError, ControlSender, KeepaliveTask,
+};
 use ferry_transport::data::{DataSender, SendError, SenderConfig, SessionId};
 use ferry_transport::memory::GuestRegions;
-use ferry_transport::negotiate::{Capabilities, Plan, Transport, choose};
+use ferry_transport::negotiate::{Capabilities, Plan, Transport, choose_for};
 use ferry_transport::stats::{StatsHandle, TransferStats};
 use ferry_transport::workers::WorkerPlacement;
 
@@ -23,7 +25,7 @@ use super::convergence::{Decision, RoundOutcome, SWITCH_OVER_OVERHEAD_MS, decide
 use super::memory::{self, to_transport_ranges};
 use super::protocol::{Hello, MigratingDisk, ToDestination, ToSource};
 use super::{
-    DestinationOutcome, DiskCopyReport, MigrationId, MigrationOptions, MigrationReport,
+    DestinationOutcome, DiskCopyReport, Encryption, MigrationId, MigrationOptions, MigrationReport,
     RoundReport, Stage,
 };
 use crate::control_server::control_config;
@@ -69,6 +71,11 @@ pub struct SourceMigration {
     plan: Option<Plan>,
     /// Capabilities offered in the hello, to negotiate with the destination's.
     plan_capabilities: Option<Capabilities>,
+    /// Whether the control channel ran under mutual TLS (`None`: not connected yet, or
+    /// taken over after a restart), which later queries of the destination then require.
+    control_was_tls: Option<bool>,
+    /// Whether the data streams are to be encrypted, decided once the control channel is up.
+    encrypt_data: bool,
     /// When the hello went out, to measure the round trip.
     hello_sent: Option<Instant>,
     /// Round trip of the control channel, without the destination's thinking time.
@@ -179,6 +186,8 @@ impl SourceMigration {
             keepalive: None,
             plan: None,
             plan_capabilities: None,
+            control_was_tls: None,
+            encrypt_data: false,
             hello_sent: None,
             rtt: Duration::ZERO,
             journal_id: None,
@@ -455,7 +464,7 @@ impl SourceMigration {
             .plan_capabilities
             .clone()
             .unwrap_or_else(|| Capabilities::without_rdma(Vec::new(), self.options.streams));
-        match choose(&ours, &capabilities) {
+        match choose_for(&ours, &capabilities, self.encrypt_data) {
             Ok(plan) => {
                 self.report.transport = Some(transport_label(&plan));
                 self.report.transport_reason = Some(plan.reason.clone());
@@ -501,6 +510,16 @@ impl SourceMigration {
         };
         let mut config = SenderConfig::new(session_of(self.id), placement);
         config.max_bandwidth = self.options.max_bandwidth;
+        if plan.encrypted {
+            let Some(identity) = self.settings.tls.clone() else {
+                return self.fail(
+                    ctx,
+                    Stage::Prepare,
+                    "the plan encrypts the data streams, and this host has no certificate".into(),
+                );
+            };
+            config.tls = Some((identity, self.peer.name.clone()));
+        }
         if moves_storage {
             config.accounts = (0..self.outgoing.disks.len())
                 .map(memory::disk_pages)
@@ -987,12 +1006,18 @@ impl SourceMigration {
         self.stage(Stage::InDoubt);
         let addr = self.peer.control_addr;
         let config = control_config(&self.settings);
+        // An answer decides whether the VM resumes here: it must come from the destination
+        // itself whenever the migration's channel could prove that.
+        let tls = ClientTls {
+            required: self.control_was_tls.unwrap_or(self.settings.tls.is_some()),
+            ..self.control_tls()
+        };
         let id = self.id;
         let deadline = Instant::now() + self.settings.migration.in_doubt_timeout;
         let query = async move {
             loop {
                 let asked = async {
-                    let mut channel = ControlChannel::connect(addr, config).await?;
+                    let mut channel = ControlChannel::connect_secure(addr, config, &tls).await?;
                     channel.send(&ToDestination::Query { id }).await?;
                     channel.recv::<ToSource>().await
                 }
@@ -1200,12 +1225,30 @@ impl Actor for SourceMigration {
             })
             .collect();
         let peer = self.peer.name.clone();
+        let tls = self.control_tls();
         ctx.wait(
-            async move { ControlChannel::connect(addr, config).await }
+            async move { ControlChannel::connect_secure(addr, config, &tls).await }
                 .into_actor(self)
                 .map(move |result, act, ctx| match result {
                     Ok(channel) => {
                         act.report.protocol_version = Some(channel.version());
+                        let cipher = channel.peer_identity().map(|p| p.cipher.clone());
+                        act.control_was_tls = Some(cipher.is_some());
+                        let decision = data_encryption(
+                            act.encryption(),
+                            cipher.as_deref(),
+                            act.settings.tls.is_some(),
+                            &peer,
+                        );
+                        act.encrypt_data = decision.encrypt;
+                        if act.encryption() == Encryption::Required && !decision.encrypt {
+                            return act.fail(ctx, Stage::Refused, decision.label);
+                        }
+                        act.report.encryption = Some(decision.label);
+                        act.report.control_channel = Some(match &cipher {
+                            Some(cipher) => format!("mutual TLS ({cipher})"),
+                            None => "plain TCP (no mutual TLS: a host has no certificate)".into(),
+                        });
                         let (sender, receiver, keepalive) = channel.into_split();
                         act.control = Some(sender);
                         act.keepalive = Some(keepalive);
@@ -1229,6 +1272,11 @@ impl Actor for SourceMigration {
                         Stage::Refused,
                         format!("host '{peer}' refused the connection: {reason}"),
                     ),
+                    // Nothing was started: who the peer is, or whether it can encrypt, was
+                    // settled before anything about the VM went out.
+                    Err(ControlError::Tls { reason }) => {
+                        act.fail(ctx, Stage::Refused, format!("host '{peer}': {reason}"))
+                    }
                     Err(e) => act.fail(
                         ctx,
                         Stage::Verify,
@@ -1237,6 +1285,61 @@ impl Actor for SourceMigration {
                 }),
         );
     }
+}
+
+impl SourceMigration {
+    /// The encryption mode of this migration.
+    fn encryption(&self) -> Encryption {
+        self.options
+            .encryption
+            .unwrap_or_else(|| self.settings.default_encryption())
+    }
+
+    /// How this host connects to the destination's control port.
+    fn control_tls(&self) -> ClientTls {
+        ClientTls {
+            identity: self.settings.tls.clone(),
+            peer: self.peer.name.clone(),
+            required: self.encryption() == Encryption::Required,
+        }
+    }
+}
+
+/// Whether the data streams are encrypted, and the words for the report.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct DataEncryption {
+    pub(crate) encrypt: bool,
+    pub(crate) label: String,
+}
+
+/// Decides the data streams' encryption from the mode and what the control channel became
+/// (`cipher`: its TLS cipher, if it runs under mutual TLS). `required` has already failed
+/// the connection if TLS was not possible.
+pub(crate) fn data_encryption(
+    mode: Encryption,
+    cipher: Option<&str>,
+    have_certificate: bool,
+    peer: &str,
+) -> DataEncryption {
+    let (encrypt, label) = match (mode, cipher) {
+        (Encryption::Disabled, _) => (false, "none (disabled by the operator)".to_string()),
+        (Encryption::Required | Encryption::Opportunistic, Some(cipher)) => {
+            (true, cipher.to_string())
+        }
+        (Encryption::Opportunistic, None) if !have_certificate => (
+            false,
+            "none (opportunistic: this host has no certificate)".to_string(),
+        ),
+        (Encryption::Opportunistic, None) => (
+            false,
+            format!("none (opportunistic: {peer} has no certificate)"),
+        ),
+        (Encryption::Required, None) => (
+            false,
+            "none (required, but the control channel is not under TLS)".to_string(),
+        ),
+    };
+    DataEncryption { encrypt, label }
 }
 
 impl StreamHandler<Result<ToSource, ControlError>> for SourceMigration {
@@ -1353,5 +1456,35 @@ impl Handler<CancelRequest> for SourceMigration {
             self.fail(ctx, Stage::Cancelled, "cancelled by the operator".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_mode_decides_the_data_streams_and_says_why() {
+        let tls = Some("tls1.3 aes-256-gcm");
+        let decide = |mode, cipher, have| data_encryption(mode, cipher, have, "beta");
+        let required = decide(Encryption::Required, tls, true);
+        assert!(required.encrypt);
+        assert_eq!(required.label, "tls1.3 aes-256-gcm");
+        assert!(decide(Encryption::Opportunistic, tls, true).encrypt);
+        let fallback = decide(Encryption::Opportunistic, None, true);
+        assert!(!fallback.encrypt);
+        assert_eq!(
+            fallback.label,
+            "none (opportunistic: beta has no certificate)"
+        );
+        let ours = decide(Encryption::Opportunistic, None, false);
+        assert_eq!(
+            ours.label,
+            "none (opportunistic: this host has no certificate)"
+        );
+        let disabled = decide(Encryption::Disabled, tls, true);
+        assert!(!disabled.encrypt);
+        assert_eq!(disabled.label, "none (disabled by the operator)");
+        assert!(!decide(Encryption::Required, None, true).encrypt);
     }
 }

@@ -194,6 +194,11 @@ struct MigrateArgs {
     /// After a storage migration, keep the source images instead of deleting them.
     #[arg(long)]
     keep_source_disks: bool,
+    /// Encryption of the memory and disk copy: required (fail at verify if either host
+    /// cannot), opportunistic (encrypt when both can) or disabled. Default: the cluster's,
+    /// which is required when hosts have certificates.
+    #[arg(long, value_parser = ["required", "opportunistic", "disabled"])]
+    encryption: Option<String>,
     /// Print one JSON object when done instead of progress and a report.
     #[arg(long)]
     json: bool,
@@ -377,7 +382,10 @@ fn run(client: Client, command: Command) -> Result<i32> {
                     ),
                     Err(e) => format!("down ({e})"),
                 };
-                println!("{:<12} {:<22} {status}", host.name, host.api);
+                let api = host
+                    .api
+                    .map_or("(socket only)".to_string(), |a| a.to_string());
+                println!("{:<12} {:<22} {status}", host.name, api);
             }
             Ok(0)
         }
@@ -425,6 +433,7 @@ fn migrate(client: &Client, args: &MigrateArgs) -> Result<i32> {
         datastore: args.datastore.clone(),
         disk_targets: args.disk_target.iter().cloned().collect(),
         keep_source_disks: args.keep_source_disks,
+        encryption: args.encryption.clone(),
     };
     let (source, started) = client.migrate(&args.name, &request)?;
     let view = (!args.json).then(|| ProgressView::new(&args.name, &source.name, &args.to));
