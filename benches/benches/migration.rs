@@ -4,8 +4,9 @@
 //! sparse pages) preloaded, running (a) the idle `counter` guest (10 ticks/s) or (b) the
 //! `dirty` guest rewriting a 64 MiB working set at 20,000 pages/s (78 MiB/s).
 //!
-//! - Ferry: two hostd (each a full daemon: HTTP API, control listener, data streams on
-//!   loopback; run as threads of this process), driven through the API like `ferryctl`.
+//! - Ferry: two hostd (each a full daemon: API, control listener, data streams on
+//!   loopback; run as threads of this process), driven through the API like `ferryctl`;
+//!   1 and 2 streams, each plain and under mutual TLS (AES-256-GCM), in the same run.
 //! - QEMU 7.2: the same guest as a multiboot kernel with the content as its module, migrated
 //!   over loopback with QMP, with its default settings and with its best ones (no bandwidth
 //!   cap, multifd). See `ferry_benches::qemu`.
@@ -43,14 +44,60 @@ const IDLE_TICKS_PER_SEC: u32 = 10;
 const DIRTY_WORKING_SET: u64 = 64 * MIB;
 const DIRTY_PAGES_PER_SEC: u64 = 20_000;
 
+/// How Ferry migrates in one row of the table.
+#[derive(Debug, Clone, Copy)]
+struct FerryCase {
+    streams: u16,
+    encrypted: bool,
+}
+
+impl FerryCase {
+    fn describe(self) -> String {
+        format!(
+            "Ferry (tcp, {} stream{}, {}, 300 ms target)",
+            self.streams,
+            if self.streams == 1 { "" } else { "s" },
+            if self.encrypted {
+                "mutual TLS"
+            } else {
+                "plain"
+            }
+        )
+    }
+}
+
+const FERRY_CASES: [FerryCase; 4] = [
+    FerryCase {
+        streams: 1,
+        encrypted: false,
+    },
+    FerryCase {
+        streams: 1,
+        encrypted: true,
+    },
+    FerryCase {
+        streams: 2,
+        encrypted: false,
+    },
+    FerryCase {
+        streams: 2,
+        encrypted: true,
+    },
+];
+
 /// Creates the VM on alpha and migrates it `runs` times, alternating direction.
 fn ferry_runs(
     client: &Client,
     content: &Path,
-    guest: &TestGuest,
+    (guest, case): (&TestGuest, FerryCase),
     runs: u64,
 ) -> Result<Vec<MigrationReport>, Box<dyn Error>> {
-    let name = format!("bench-{}", guest.name());
+    let name = format!(
+        "bench-{}-{}{}",
+        guest.name(),
+        case.streams,
+        if case.encrypted { "-tls" } else { "" }
+    );
     let mut options = GuestOptions::default();
     let mut working_set = None;
     match guest {
@@ -91,10 +138,27 @@ fn ferry_runs(
         );
         let request = MigrateRequest {
             to: to.into(),
+            streams: Some(case.streams),
+            encryption: Some(
+                if case.encrypted {
+                    "required"
+                } else {
+                    "disabled"
+                }
+                .into(),
+            ),
             ..Default::default()
         };
         let (source, started) = client.migrate(&name, &request)?;
         let report = client.wait_migration(&source, &started.id, |_| {})?;
+        let expected = if case.encrypted {
+            "tls1.3 aes-256-gcm"
+        } else {
+            "none (disabled by the operator)"
+        };
+        if report.status == "completed" && report.encryption.as_deref() != Some(expected) {
+            return Err(format!("Ferry migration used {:?}", report.encryption).into());
+        }
         if report.status != "completed" {
             return Err(format!(
                 "Ferry migration ended {}: {:?}",
@@ -180,36 +244,38 @@ fn run() -> Result<(), Box<dyn Error>> {
     ]);
     let client = ferry_benches::cluster::start(dir.path(), "bench", false)?;
     for (label, guest) in &workloads {
-        let reports = ferry_runs(&client, &module, guest, runs);
-        if reports.is_err() {
-            // VMM processes outlive the hostd threads: take them down before giving up.
-            ferry_vmm::spawn::kill_vmms_under(dir.path());
+        for case in FERRY_CASES {
+            let reports = ferry_runs(&client, &module, (guest, case), runs);
+            if reports.is_err() {
+                // VMM processes outlive the hostd threads: take them down before giving up.
+                ferry_vmm::spawn::kill_vmms_under(dir.path());
+            }
+            let reports = reports?;
+            let totals: Vec<f64> = reports.iter().map(|r| r.total_ms).collect();
+            table.row([
+                label.clone(),
+                case.describe(),
+                format!("{:.0}", median(&totals)),
+                format!(
+                    "{:.0}-{:.0}",
+                    totals.iter().copied().fold(f64::INFINITY, f64::min),
+                    totals.iter().copied().fold(0.0, f64::max)
+                ),
+                format!(
+                    "{:.1}",
+                    median_by(&reports, |r| r.downtime_ms.unwrap_or(f64::NAN))
+                ),
+                format!(
+                    "{:.1}",
+                    median_by(&reports, |r| r.source_downtime_ms.unwrap_or(f64::NAN))
+                ),
+                format!(
+                    "{:.1}",
+                    median_by(&reports, |r| r.wire_bytes as f64) / MIB as f64
+                ),
+                format!("{:.0}", median_by(&reports, |r| r.rounds.len() as f64)),
+            ]);
         }
-        let reports = reports?;
-        let totals: Vec<f64> = reports.iter().map(|r| r.total_ms).collect();
-        table.row([
-            label.clone(),
-            "Ferry (tcp, 2 streams, 300 ms target)".into(),
-            format!("{:.0}", median(&totals)),
-            format!(
-                "{:.0}-{:.0}",
-                totals.iter().copied().fold(f64::INFINITY, f64::min),
-                totals.iter().copied().fold(0.0, f64::max)
-            ),
-            format!(
-                "{:.1}",
-                median_by(&reports, |r| r.downtime_ms.unwrap_or(f64::NAN))
-            ),
-            format!(
-                "{:.1}",
-                median_by(&reports, |r| r.source_downtime_ms.unwrap_or(f64::NAN))
-            ),
-            format!(
-                "{:.1}",
-                median_by(&reports, |r| r.wire_bytes as f64) / MIB as f64
-            ),
-            format!("{:.0}", median_by(&reports, |r| r.rounds.len() as f64)),
-        ]);
         if !with_qemu {
             continue;
         }

@@ -1,5 +1,7 @@
 //! Two hostd (`alpha`, `beta`) on loopback in threads of the benchmark's own process, driven
-//! through their HTTP API like `ferryctl`.
+//! through their API (the unix socket in each state directory) like `ferryctl`. Both have
+//! certificates from a lab CA; migrations are plain unless a request asks for encryption,
+//! so that the figures compare with QEMU's plain migrations.
 
 use std::error::Error;
 use std::path::Path;
@@ -17,7 +19,9 @@ fn free_port() -> Result<u16, std::io::Error> {
 /// Starts the two hosts with state under `dir`; with `local_datastores`, each has a
 /// datastore `HOST-local` at `dir/HOST/disks`. Returns an API client once both answer.
 pub fn start(dir: &Path, name: &str, local_datastores: bool) -> Result<Client, Box<dyn Error>> {
-    let mut text = format!("[cluster]\nname = \"{name}\"\n[[networks]]\nname = \"vmnet\"\n");
+    let mut text = format!(
+        "[cluster]\nname = \"{name}\"\n[migration]\nencryption = \"disabled\"\n[tls]\nca = \"certs/ca.pem\"\n[[networks]]\nname = \"vmnet\"\n"
+    );
     for host in ["alpha", "beta"] {
         if local_datastores {
             text.push_str(&format!("[[datastores]]\nname = \"{host}-local\"\n"));
@@ -33,8 +37,7 @@ pub fn start(dir: &Path, name: &str, local_datastores: bool) -> Result<Client, B
             String::new()
         };
         text.push_str(&format!(
-            "[[hosts]]\nname = \"{host}\"\napi = \"127.0.0.1:{}\"\ncontrol = \"127.0.0.1:{}\"\ndata = [\"127.0.0.1:0\"]\nmemory = \"4G\"\nnetworks = [{{ name = \"vmnet\" }}]\n{datastores}state_dir = \"{}/{host}\"\n",
-            free_port()?,
+            "[[hosts]]\nname = \"{host}\"\ncontrol = \"127.0.0.1:{}\"\ndata = [\"127.0.0.1:0\"]\nmemory = \"4G\"\nnetworks = [{{ name = \"vmnet\" }}]\ntls_cert = \"certs/{host}.pem\"\ntls_key = \"certs/{host}.key\"\n{datastores}state_dir = \"{}/{host}\"\n",
             free_port()?,
             dir.display()
         ));
@@ -42,6 +45,7 @@ pub fn start(dir: &Path, name: &str, local_datastores: bool) -> Result<Client, B
     let path = dir.join("cluster.toml");
     std::fs::write(&path, text)?;
     let cluster = Cluster::load(&path)?;
+    hostd::certs::init(&cluster, &dir.join("certs"))?;
     for host in ["alpha", "beta"] {
         let path = path.clone();
         std::thread::spawn(move || {

@@ -658,6 +658,7 @@ name = "shared"
 name = "alpha"
 datacenter = "dc1"
 api = "127.0.0.1:7701"
+api_token_file = "/etc/ferry/alpha.token"
 control = "127.0.0.1:7711"
 data = ["127.0.0.1:0"]
 memory = "2G"
@@ -667,6 +668,7 @@ datastores = [{ name = "shared", path = "/srv/ferry/shared" }]
 [[hosts]]
 name = "beta"
 api = "127.0.0.1:7702"
+api_token_file = "beta.token"
 control = "127.0.0.1:7712"
 memory = "1G"
 "#;
@@ -742,6 +744,37 @@ memory = "1G"
         assert!(syntax.starts_with("cluster.toml:"), "{syntax}");
         let zero = problem(&GOOD.replace("downtime_ms = 200", "downtime_ms = 0"));
         assert!(zero.contains("migration.downtime_ms"), "{zero}");
+    }
+
+    #[test]
+    fn security_keys_resolve_beside_the_file_and_are_checked() {
+        let cluster = Cluster::from_toml(GOOD, Path::new("/etc/ferry/cluster.toml")).unwrap();
+        let beta = cluster.host("beta").unwrap();
+        assert_eq!(
+            beta.api_token_file.as_deref(),
+            Some(Path::new("/etc/ferry/beta.token"))
+        );
+        let with_tls = GOOD.replace(
+            "memory = \"1G\"",
+            "memory = \"1G\"\ntls_cert = \"b.pem\"\ntls_key = \"b.key\"",
+        ) + "\n[tls]\nca = \"ca.pem\"\n";
+        let tls = load(&with_tls).unwrap();
+        assert_eq!(tls.tls_ca.as_deref(), Some(Path::new("ca.pem")));
+        assert!(tls.host("beta").unwrap().tls.is_some());
+        let mode = load(&GOOD.replace(
+            "downtime_ms = 200",
+            "downtime_ms = 200\nencryption = \"opportunistic\"",
+        ))
+        .unwrap();
+        assert_eq!(
+            mode.migration.defaults.encryption,
+            Some(ferry_actors::migration::Encryption::Opportunistic)
+        );
+        let open = problem(&GOOD.replace("api_token_file = \"beta.token\"\n", ""));
+        assert!(
+            open.contains("hosts[1].api") && open.contains("must authenticate"),
+            "{open}"
+        );
     }
 
     #[test]

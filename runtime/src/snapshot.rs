@@ -419,6 +419,37 @@ fn save_with_tracking(
     })
 }
 
+/// A snapshot file of `state` and `memory` (whose length must be the state's memory size),
+/// made in memory: seeds for the decoders' fuzz target.
+#[doc(hidden)]
+pub fn sample_file(state: &VmState, memory: &[u8]) -> Vec<u8> {
+    let blob = blob::encode(state).unwrap_or_default();
+    let state_len = blob.len() as u64;
+    let memory_offset = (HEADER_LEN + state_len).next_multiple_of(4096);
+    let header = Header {
+        state_offset: HEADER_LEN,
+        state_len,
+        memory_offset,
+        memory_len: memory.len() as u64,
+        memory_hash: 0,
+    };
+    let mut out = header.encode();
+    out.extend_from_slice(&blob);
+    out.resize(memory_offset as usize, 0);
+    out.extend_from_slice(memory);
+    out
+}
+
+/// Recomputes the header checksum of a snapshot file's bytes (for the fuzz target, which
+/// mutates headers and wants some to get past the checksum).
+#[doc(hidden)]
+pub fn reseal_header(file: &mut [u8]) {
+    if file.len() >= HEADER_FIELDS + 4 {
+        let crc = crc32fast::hash(&file[..HEADER_FIELDS]);
+        file[HEADER_FIELDS..HEADER_FIELDS + 4].copy_from_slice(&crc.to_le_bytes());
+    }
+}
+
 /// Reads only the VM state of a snapshot (for inspection).
 pub fn read_state(path: &Path) -> Result<VmState, SnapshotError> {
     let (_, state, _) = open(path)?;

@@ -191,6 +191,40 @@ fn is_tls(error: &io::Error) -> bool {
         .is_some_and(|inner| inner.is::<rustls::Error>())
 }
 
+/// Decodes the payload of a `Control` frame with these `flags` as a `T`: lz4 first when the
+/// flag says so, never inflating past `max_len` (nor [`wire::MAX_PAYLOAD_LEN`]).
+pub fn decode_message<T: DeserializeOwned>(
+    flags: u8,
+    payload: &[u8],
+    max_len: u32,
+) -> Result<T, ControlError> {
+    let decode = |bytes: &[u8]| {
+        postcard::from_bytes(bytes).map_err(|source| ControlError::Decode {
+            expected: std::any::type_name::<T>(),
+            source,
+        })
+    };
+    if flags & flags::LZ4 == 0 {
+        return decode(payload);
+    }
+    let max = max_len.min(wire::MAX_PAYLOAD_LEN);
+    let malformed = |reason: String| {
+        ControlError::Payload(PayloadError::Malformed {
+            kind: MessageType::Control,
+            reason,
+        })
+    };
+    let (size, _) = lz4_flex::block::uncompressed_size(payload)
+        .map_err(|error| malformed(format!("bad lz4 size prefix: {error}")))?;
+    // Checked before decompressing so a forged size cannot trigger a huge allocation.
+    if size > max as usize {
+        return Err(ControlError::MessageTooLarge { len: size, max });
+    }
+    let plain = lz4_flex::block::decompress_size_prepended(payload)
+        .map_err(|error| malformed(format!("bad lz4 data: {error}")))?;
+    decode(&plain)
+}
+
 /// Errors from the codec: the stream's own I/O errors, or bad frames.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -429,31 +463,11 @@ impl ControlReceiver {
     }
 
     fn decode<T: DeserializeOwned>(&self, frame: InboundFrame) -> Result<T, ControlError> {
-        let decode = |bytes: &[u8]| {
-            postcard::from_bytes(bytes).map_err(|source| ControlError::Decode {
-                expected: std::any::type_name::<T>(),
-                source,
-            })
-        };
-        if frame.header.flags & flags::LZ4 == 0 {
-            return decode(&frame.payload);
-        }
-        let max = self.config.max_message_len.min(wire::MAX_PAYLOAD_LEN);
-        let malformed = |reason: String| {
-            ControlError::Payload(PayloadError::Malformed {
-                kind: MessageType::Control,
-                reason,
-            })
-        };
-        let (size, _) = lz4_flex::block::uncompressed_size(&frame.payload)
-            .map_err(|error| malformed(format!("bad lz4 size prefix: {error}")))?;
-        // Checked before decompressing so a forged size cannot trigger a huge allocation.
-        if size > max as usize {
-            return Err(ControlError::MessageTooLarge { len: size, max });
-        }
-        let plain = lz4_flex::block::decompress_size_prepended(&frame.payload)
-            .map_err(|error| malformed(format!("bad lz4 data: {error}")))?;
-        decode(&plain)
+        decode_message(
+            frame.header.flags,
+            &frame.payload,
+            self.config.max_message_len,
+        )
     }
 }
 

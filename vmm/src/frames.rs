@@ -69,8 +69,14 @@ pub fn send<T: Serialize>(stream: &mut UnixStream, message: &T) -> Result<(), Fr
 
 /// Reads one frame and decodes it as a `T`.
 pub fn recv<T: DeserializeOwned>(stream: &mut UnixStream) -> Result<T, FrameIoError> {
+    read_message(stream)
+}
+
+/// Reads one frame from any reader and decodes it as a `T`: what [`recv`] does on the
+/// socket, and what the decoders' fuzz target runs.
+pub fn read_message<T: DeserializeOwned, R: Read>(reader: &mut R) -> Result<T, FrameIoError> {
     let mut header = [0u8; HEADER_LEN];
-    if let Err(e) = stream.read_exact(&mut header) {
+    if let Err(e) = reader.read_exact(&mut header) {
         return Err(if e.kind() == io::ErrorKind::UnexpectedEof {
             FrameIoError::Closed
         } else {
@@ -80,7 +86,7 @@ pub fn recv<T: DeserializeOwned>(stream: &mut UnixStream) -> Result<T, FrameIoEr
     let parsed = Header::decode(&header, MAX_MESSAGE).map_err(FrameIoError::Frame)?;
     let mut frame = vec![0u8; parsed.frame_len()];
     frame[..HEADER_LEN].copy_from_slice(&header);
-    stream.read_exact(&mut frame[HEADER_LEN..])?;
+    reader.read_exact(&mut frame[HEADER_LEN..])?;
     wire::verify_frame(&parsed, &frame).map_err(FrameIoError::Frame)?;
     if parsed.kind != MessageType::Control {
         return Err(FrameIoError::UnexpectedKind { kind: parsed.kind });

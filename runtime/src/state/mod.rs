@@ -341,8 +341,9 @@ pub fn apply_platform(vm: &VmFd, state: &PlatformState) -> Result<(), StateIoctl
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
+/// Made-up but complete states, for tests and for the decoders' fuzz targets.
+#[doc(hidden)]
+pub mod samples {
     use super::*;
     use crate::devices::{SerialSnapshot, TestDeviceState};
 
@@ -360,7 +361,8 @@ mod tests {
         value
     }
 
-    fn sample_vcpu(id: u32) -> VcpuState {
+    /// A vCPU state with every field set.
+    pub fn sample_vcpu(id: u32) -> VcpuState {
         VcpuState {
             id,
             regs: filled(1),
@@ -384,7 +386,8 @@ mod tests {
         }
     }
 
-    fn sample_platform() -> PlatformState {
+    /// A platform state with every field set.
+    pub fn sample_platform() -> PlatformState {
         PlatformState {
             pic_master: filled(9),
             pic_slave: filled(10),
@@ -394,7 +397,8 @@ mod tests {
         }
     }
 
-    fn sample_vm() -> VmState {
+    /// A state with every field set (no VM behind it): seeds for fuzzing, and tests.
+    pub fn sample_vm() -> VmState {
         VmState {
             identity: VmIdentity::new("vm1"),
             shape: VmShape {
@@ -419,6 +423,12 @@ mod tests {
             },
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::samples::{sample_platform, sample_vcpu, sample_vm};
+    use super::*;
 
     /// Encode, decode, encode again: identical bytes means nothing was lost.
     fn assert_round_trip<T: Serialize + serde::de::DeserializeOwned>(value: &T) {

@@ -494,6 +494,21 @@ impl std::fmt::Debug for PagesDecoder {
     }
 }
 
+/// Whole `Pages` frames (header and payload) of `runs` of `source`, compressed or not, as a
+/// copy worker writes them: seeds for the decoders' fuzz target.
+#[doc(hidden)]
+pub fn sample_frames<S: PageSource + ?Sized>(
+    source: &S,
+    runs: &[PageRange],
+    compress: bool,
+) -> Result<Vec<u8>, MemoryError> {
+    let pages: u64 = runs.iter().map(|r| r.count).sum();
+    let mut encoder = BatchEncoder::new(pages.clamp(1, u64::from(MAX_PAGES_PER_FRAME)) as u32, 1);
+    encoder
+        .encode(source, 0, runs, compress)
+        .map(|(frame, _)| frame.to_vec())
+}
+
 impl PagesDecoder {
     /// Writes every page of `frame` into `sink`; with `prefault`, asks the sink to populate
     /// the data pages of each run first.

@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 
 pub use batch::{
     ApplyPagesError, MAX_PAGES_PER_FRAME, PagesDecoder, PagesError, PagesFrame, max_batch_payload,
+    sample_frames,
 };
 pub use pace::MIN_BANDWIDTH;
 pub use policy::CompressionPolicy;
