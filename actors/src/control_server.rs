@@ -92,14 +92,13 @@ async fn handle(
                     .await;
                 return Err(reason);
             }
-            let (sender, receiver, keepalive) = channel.into_split();
+            let cipher = channel.peer_identity().map(|p| p.cipher.clone());
             DestinationMigration::new(
                 hello,
                 settings,
                 (host, journal),
-                sender,
-                receiver,
-                keepalive,
+                channel.into_split(),
+                cipher,
             )
             .start();
             Ok(())

@@ -139,6 +139,17 @@ fn each_encryption_mode_does_what_it_says_and_the_report_says_what_was_used() {
     assert_eq!(report["status"], "completed", "{report:#}");
     assert_eq!(report["encryption"], "tls1.3 aes-256-gcm", "{report:#}");
     assert_eq!(report["control_channel"], "mutual TLS (tls1.3 aes-256-gcm)");
+    // The destination says the same of its side.
+    let (status, incoming) = cluster.api_get(
+        "beta",
+        &format!("/v1/migrations/{}", report["id"].as_str().unwrap()),
+    );
+    assert_eq!(status, 200, "{incoming}");
+    assert_eq!(incoming["encryption"], "tls1.3 aes-256-gcm", "{incoming:#}");
+    assert_eq!(
+        incoming["control_channel"],
+        "mutual TLS (tls1.3 aes-256-gcm)"
+    );
     // Disabled: the memory goes in the clear, the hosts still authenticate each other.
     let report = migrate(
         &cluster,

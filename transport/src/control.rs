@@ -722,12 +722,18 @@ impl ControlChannel {
                 let acceptor = tokio_rustls::TlsAcceptor::from(host.server_config());
                 let stream = unframe(framed)?;
                 let stream = within(config.handshake_timeout, async {
-                    acceptor
-                        .accept(stream)
-                        .await
-                        .map_err(|e| ControlError::Tls {
-                            reason: describe_io(&e),
-                        })
+                    match acceptor.accept(stream).into_fallible().await {
+                        Ok(stream) => Ok(stream),
+                        Err((error, mut stream)) => {
+                            // The alert went out; reading what the peer still sends before
+                            // closing keeps the close a FIN, where unread data would make it
+                            // a reset that can destroy the alert on its way.
+                            drain(&mut stream).await;
+                            Err(ControlError::Tls {
+                                reason: describe_io(&error),
+                            })
+                        }
+                    }
                 })
                 .await?;
                 let identity = PeerIdentity::of(stream.get_ref().1);
@@ -841,6 +847,16 @@ fn unframe(framed: Framed<TcpStream, FrameCodec>) -> Result<TcpStream, ControlEr
         });
     }
     Ok(parts.io)
+}
+
+/// Reads and drops whatever arrives, until the peer closes or a moment passes.
+async fn drain(stream: &mut TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let mut scratch = [0u8; 4096];
+    let _ = timeout(Duration::from_millis(300), async {
+        while stream.read(&mut scratch).await.is_ok_and(|n| n > 0) {}
+    })
+    .await;
 }
 
 /// Runs a greeting step, bounded by the handshake timeout.

@@ -32,13 +32,13 @@ fn identity(ca: &ClusterCa, name: &str) -> HostTls {
 }
 
 /// Sends `data` to beta, which expects alpha, through a recording proxy; returns the sink,
-/// the sender's result and the bytes captured.
+/// the sender's result, the bytes captured and the receiver's error.
 fn send_through_proxy(
     data: &[u8],
     (sender_tls, receiver_tls): (Option<HostTls>, Option<HostTls>),
     fault: Fault,
     streams: usize,
-) -> (Arc<VecMemory>, Result<(), String>, Vec<u8>) {
+) -> (Arc<VecMemory>, Result<(), String>, Vec<u8>, Option<String>) {
     let pages = (data.len() / PAGE_SIZE) as u64;
     let source = Arc::new(VecMemory::from_bytes(0, data).unwrap());
     let sink = Arc::new(VecMemory::new(0, pages));
@@ -66,10 +66,11 @@ fn send_through_proxy(
     })();
     let received = receiver.wait();
     if result.is_ok() {
-        received.unwrap();
+        received.as_ref().unwrap();
     }
     let captured = proxy.capture.lock().unwrap().clone();
-    (sink, result, captured)
+    let receiver_error = received.err().map(|e| ferry_transport::report(&e));
+    (sink, result, captured, receiver_error)
 }
 
 fn both(ca: &ClusterCa, sender: &str) -> (Option<HostTls>, Option<HostTls>) {
@@ -92,7 +93,7 @@ fn encrypted_pages_arrive_intact_and_never_cross_the_wire_in_the_clear() {
     within(Duration::from_secs(60), "encrypted transfer", || {
         let ca = ClusterCa::generate("test").unwrap();
         let data = content(512, Content::Mixed, 7);
-        let (sink, result, wire) = send_through_proxy(&data, both(&ca, "alpha"), Fault::None, 2);
+        let (sink, result, wire, _) = send_through_proxy(&data, both(&ca, "alpha"), Fault::None, 2);
         result.unwrap();
         assert!(sink.to_vec() == data, "pages arrived damaged");
         assert!(
@@ -104,7 +105,7 @@ fn encrypted_pages_arrive_intact_and_never_cross_the_wire_in_the_clear() {
             "guest content crossed the wire in the clear"
         );
         // The same check on a plain transfer finds the content: it can fail.
-        let (_, result, wire) = send_through_proxy(&data, (None, None), Fault::None, 2);
+        let (_, result, wire, _) = send_through_proxy(&data, (None, None), Fault::None, 2);
         result.unwrap();
         assert!(any_page_in_clear(&data, &wire));
     });
@@ -116,10 +117,27 @@ fn a_damaged_record_fails_the_transfer_instead_of_landing() {
         let ca = ClusterCa::generate("test").unwrap();
         let data = content(256, Content::Random, 3);
         // Past the handshake, in the middle of the page records.
-        let (_, result, _) =
+        let (sink, result, _, received) =
             send_through_proxy(&data, both(&ca, "alpha"), Fault::CorruptAt(200_000), 1);
-        let error = result.unwrap_err();
-        assert!(error.contains("integrity check"), "{error}");
+        // The sender fails too, with the alert or with the reset that follows it.
+        assert!(
+            result.is_err(),
+            "the transfer completed over a damaged record"
+        );
+        let received = received.expect("the receiver failed");
+        assert!(received.contains("integrity check"), "{received}");
+        // Nothing damaged landed: every page is as sent, or not there at all.
+        let landed = sink.to_vec();
+        for (i, (got, sent)) in landed
+            .chunks_exact(PAGE_SIZE)
+            .zip(data.chunks_exact(PAGE_SIZE))
+            .enumerate()
+        {
+            assert!(
+                got == sent || got.iter().all(|&b| b == 0),
+                "page {i} arrived damaged"
+            );
+        }
     });
 }
 
@@ -129,7 +147,7 @@ fn only_the_source_host_may_open_data_streams() {
         let ca = ClusterCa::generate("test").unwrap();
         let data = content(16, Content::Random, 5);
         // gamma is a host of the cluster, but this transfer comes from alpha.
-        let (_, result, _) = send_through_proxy(&data, both(&ca, "gamma"), Fault::None, 1);
+        let (_, result, _, _) = send_through_proxy(&data, both(&ca, "gamma"), Fault::None, 1);
         let error = result.unwrap_err();
         assert!(
             error.contains("takes data streams from alpha only"),
@@ -138,12 +156,12 @@ fn only_the_source_host_may_open_data_streams() {
         // A host of another cluster.
         let other = ClusterCa::generate("other").unwrap();
         let tls = (Some(identity(&other, "alpha")), Some(identity(&ca, "beta")));
-        let (_, result, _) = send_through_proxy(&data, tls, Fault::None, 1);
+        let (_, result, _, _) = send_through_proxy(&data, tls, Fault::None, 1);
         let error = result.unwrap_err();
         assert!(error.contains("not signed by this cluster's CA"), "{error}");
         // A plaintext sender on an encrypted transfer.
         let tls = (None, Some(identity(&ca, "beta")));
-        let (sink, result, _) = send_through_proxy(&data, tls, Fault::None, 1);
+        let (sink, result, _, _) = send_through_proxy(&data, tls, Fault::None, 1);
         assert!(result.is_err());
         assert!(
             sink.to_vec().iter().all(|&b| b == 0),

@@ -118,17 +118,20 @@ impl DestinationMigration {
         hello: Box<Hello>,
         settings: Arc<HostSettings>,
         (host, journal): (Addr<HostActor>, Arc<Journal>),
-        control: ControlSender,
-        receiver: ControlReceiver,
-        keepalive: KeepaliveTask,
+        (control, receiver, keepalive): (ControlSender, ControlReceiver, KeepaliveTask),
+        cipher: Option<String>,
     ) -> Self {
-        let report = MigrationReport::starting(
+        let mut report = MigrationReport::starting(
             hello.id,
             &hello.identity.name,
             &hello.source_host,
             &settings.name,
             hello.capabilities.max_streams,
         );
+        report.control_channel = Some(match &cipher {
+            Some(cipher) => format!("mutual TLS ({cipher})"),
+            None => "plain TCP (no mutual TLS: a host has no certificate)".into(),
+        });
         DestinationMigration {
             id: hello.id,
             hello,
@@ -363,9 +366,16 @@ impl DestinationMigration {
             }
         };
         self.report.encryption = Some(if plan.encrypted {
-            "tls (mutual, as the source chose)".into()
+            // The data streams negotiate as the control channel did: same hosts, same
+            // configuration.
+            let control = self.report.control_channel.as_deref().unwrap_or_default();
+            control
+                .strip_prefix("mutual TLS (")
+                .and_then(|c| c.strip_suffix(')'))
+                .unwrap_or("tls")
+                .to_string()
         } else {
-            "none (as the source chose)".into()
+            "none (the source's choice)".into()
         });
         let host = self.host.clone();
         let hello = self.hello.clone();

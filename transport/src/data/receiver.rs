@@ -368,8 +368,8 @@ fn welcome(
     let configure = |source| StreamError::Configure { stream: 0, source };
     tcp.set_nonblocking(false).map_err(configure)?;
     stream::configure_socket(&tcp, &timeouts).map_err(configure)?;
-    let mut socket = match &config.tls {
-        None => DataSocket::plain(tcp),
+    let (mut socket, impostor) = match &config.tls {
+        None => (DataSocket::plain(tcp), None),
         Some((identity, peer)) => match DataSocket::accept_tls(tcp, identity, timeouts.connect) {
             // Turned away, not failed: a connection that cannot prove it comes from the
             // source must not be able to disturb the transfer.
@@ -377,13 +377,11 @@ fn welcome(
                 tracing::warn!(%reason, "turned away a data stream that failed TLS");
                 return Ok(None);
             }
-            Ok((mut socket, identity)) if !identity.is(peer) => {
-                let reason = format!("this transfer takes data streams from {peer} only");
-                tracing::warn!(%reason, "turned away a data stream from another host");
-                stream::send_abandon(&mut socket, wire::HANDSHAKE_VERSION, &reason);
-                return Ok(None);
+            Ok((socket, identity)) => {
+                let impostor = (!identity.is(peer))
+                    .then(|| format!("this transfer takes data streams from {peer} only"));
+                (socket, impostor)
             }
-            Ok((socket, _)) => socket,
         },
     };
     let limit = max_batch_payload(MAX_PAGES_PER_FRAME) as u32;
@@ -400,6 +398,14 @@ fn welcome(
             kind: header.kind,
             context: "instead of Hello",
         });
+    }
+    if let Some(reason) = impostor {
+        // After its greeting is read, so that closing leaves nothing unread: a reset could
+        // destroy the reason on its way.
+        tracing::warn!(%reason, "turned away a data stream from another host");
+        stream::send_abandon(&mut socket, wire::HANDSHAKE_VERSION, &reason);
+        reader.drain(Duration::from_millis(300));
+        return Ok(None);
     }
     let hello = wire::decode_hello(reader.payload())
         .map_err(|source| StreamError::Payload { stream: 0, source })?;

@@ -105,8 +105,11 @@ impl DataSocket {
                     }
                 }
                 Err(e) => {
-                    // Let the peer read the alert rustls queued, so it learns why too.
+                    // Let the peer read the alert rustls queued, so it learns why too, and
+                    // read what it still sends, so the close is a FIN and not a reset that
+                    // could destroy the alert on its way.
                     let _ = conn.write_tls(&mut tcp);
+                    drain(&mut tcp);
                     return Err(describe_io(&e));
                 }
             }
@@ -173,9 +176,9 @@ impl DataSocket {
         self.scratch.clear();
         {
             let mut conn = lock(&tls.conn);
-            conn.writer().write_all(plain)?;
+            conn.writer().write_all(plain).map_err(described)?;
             while conn.wants_write() {
-                conn.write_tls(&mut self.scratch)?;
+                conn.write_tls(&mut self.scratch).map_err(described)?;
             }
         }
         self.tcp.write_all(&self.scratch)
@@ -184,6 +187,38 @@ impl DataSocket {
     /// Writes what the connection itself wants to send (a key update answer, an alert).
     fn flush_pending(&mut self, tls: &Tls) -> io::Result<()> {
         self.seal_and_write(tls, &[])
+    }
+}
+
+/// Reads and drops whatever arrives until the peer closes, or 300 ms.
+fn drain(tcp: &mut TcpStream) {
+    let deadline = Instant::now() + Duration::from_millis(300);
+    let mut scratch = [0u8; 4096];
+    let _ = tcp.set_read_timeout(Some(Duration::from_millis(50)));
+    while Instant::now() < deadline {
+        match tcp.read(&mut scratch) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// An I/O error that carries a TLS failure, in the words [`describe_io`] gives it; a
+/// connection that has failed fails every later call with the same words.
+fn described(error: io::Error) -> io::Error {
+    let tls = error
+        .get_ref()
+        .is_some_and(|inner| inner.is::<rustls::Error>());
+    if tls {
+        io::Error::new(io::ErrorKind::InvalidData, describe_io(&error))
+    } else {
+        error
     }
 }
 
@@ -228,7 +263,7 @@ impl Read for DataSocket {
                 let mut closed = false;
                 let mut failed = None;
                 while !rest.is_empty() {
-                    conn.read_tls(&mut rest)?;
+                    conn.read_tls(&mut rest).map_err(described)?;
                     let state = match conn.process_new_packets() {
                         Ok(state) => state,
                         Err(e) => {
