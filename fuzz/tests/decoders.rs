@@ -16,11 +16,10 @@ fn no_input_breaks_any_decoder() {
     };
     let mut failures = Vec::new();
     for target in ferry_fuzz::all() {
-        // A different generator seed every run: CI covers new inputs each time, and a
-        // failure prints the input that caused it.
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64);
+        // A fixed generator seed: every run tries the same inputs (a slow machine just the
+        // first ones), so a failure here is the code's, never the luck of the draw; the long
+        // runs of `ferry-fuzz --seed N` explore further.
+        let seed = 0x5eed;
         let outcome = ferry_fuzz::run(&target, budget, seed);
         assert!(outcome.inputs > 0, "{}: ran nothing", target.name);
         assert!(

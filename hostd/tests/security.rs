@@ -324,3 +324,64 @@ fn the_api_takes_only_its_socket_owner_or_the_token() {
     assert_eq!(info["state"], "running");
     assert!(cluster.vms_on("beta").is_empty());
 }
+
+#[test]
+fn certs_init_makes_a_working_set_once_and_never_overwrites() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("cluster.toml");
+    std::fs::write(
+        &config,
+        "[cluster]\nname = \"lab\"\n\n[[hosts]]\nname = \"alpha\"\ncontrol = \"127.0.0.1:17811\"\nmemory = \"1G\"\n\n[[hosts]]\nname = \"beta\"\ncontrol = \"127.0.0.1:17812\"\nmemory = \"1G\"\n",
+    )
+    .unwrap();
+    let out = dir.path().join("certs");
+    let init = || {
+        std::process::Command::new(HOSTD)
+            .arg("--config")
+            .arg(&config)
+            .args(["certs", "init", "--out"])
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let first = init();
+    assert!(first.status.success(), "{first:?}");
+    let printed = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        printed.contains("[tls]") && printed.contains("tls_cert"),
+        "{printed}"
+    );
+    for name in ["ca.pem", "alpha.pem", "beta.pem"] {
+        assert!(out.join(name).is_file(), "{name}");
+    }
+    for key in ["ca.key", "alpha.key", "beta.key"] {
+        let mode = std::fs::metadata(out.join(key))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{key}");
+    }
+    // The files work: a config naming them loads every host's identity.
+    let with_tls = std::fs::read_to_string(&config).unwrap().replace(
+        "memory = \"1G\"\n",
+        "memory = \"1G\"\ntls_cert = \"certs/HOST.pem\"\ntls_key = \"certs/HOST.key\"\n",
+    );
+    let with_tls = with_tls
+        .replacen("HOST", "alpha", 2)
+        .replacen("HOST", "beta", 2)
+        + "\n[tls]\nca = \"certs/ca.pem\"\n";
+    std::fs::write(&config, with_tls).unwrap();
+    let cluster = hostd::config::Cluster::load(&config).unwrap();
+    for host in ["alpha", "beta"] {
+        let settings = cluster.host_settings(host, None).unwrap();
+        assert_eq!(settings.tls.as_ref().map(|t| t.name()), Some(host));
+    }
+    // A second run refuses rather than replace the CA.
+    let second = init();
+    assert_eq!(second.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("already exists"),
+        "{second:?}"
+    );
+}

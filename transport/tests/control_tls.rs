@@ -16,18 +16,8 @@ fn quick() -> ControlConfig {
 }
 
 fn identity(ca: &ClusterCa, name: &str, days: std::ops::Range<i64>) -> HostTls {
-    let cert = ca.issue(name, days).unwrap();
     let hosts = ["alpha", "beta"].map(String::from);
-    HostTls::from_pem(
-        name,
-        (
-            ca.cert_pem().as_bytes(),
-            cert.cert_pem.as_bytes(),
-            cert.key_pem.as_bytes(),
-        ),
-        &hosts,
-    )
-    .unwrap()
+    ca.host_identity(name, name, days, &hosts).unwrap()
 }
 
 /// Connects `client` (dialling beta) to a server with `server`, sends one message and reads

@@ -17,18 +17,9 @@ use ferry_transport::tls::certs::{ClusterCa, LAB_VALIDITY_DAYS};
 use ferry_transport::workers::WorkerPlacement;
 
 fn identity(ca: &ClusterCa, name: &str) -> HostTls {
-    let cert = ca.issue(name, LAB_VALIDITY_DAYS).unwrap();
     let hosts = ["alpha", "beta", "gamma"].map(String::from);
-    HostTls::from_pem(
-        name,
-        (
-            ca.cert_pem().as_bytes(),
-            cert.cert_pem.as_bytes(),
-            cert.key_pem.as_bytes(),
-        ),
-        &hosts,
-    )
-    .unwrap()
+    ca.host_identity(name, name, LAB_VALIDITY_DAYS, &hosts)
+        .unwrap()
 }
 
 /// Sends `data` to beta, which expects alpha, through a recording proxy; returns the sink,

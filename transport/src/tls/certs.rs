@@ -62,6 +62,29 @@ impl ClusterCa {
         self.issuer.key().serialize_pem()
     }
 
+    /// The identity of host `name` with a fresh certificate of this CA for `cert_for`
+    /// (normally `name` itself), valid over `days`, accepting peers named in `hosts`: for
+    /// tests and labs, without files.
+    pub fn host_identity(
+        &self,
+        name: &str,
+        cert_for: &str,
+        days: Range<i64>,
+        hosts: &[String],
+    ) -> Result<super::HostTls, String> {
+        let cert = self.issue(cert_for, days).map_err(|e| e.to_string())?;
+        super::HostTls::from_pem(
+            name,
+            (
+                self.cert_pem.as_bytes(),
+                cert.cert_pem.as_bytes(),
+                cert.key_pem.as_bytes(),
+            ),
+            hosts,
+        )
+        .map_err(|e| e.to_string())
+    }
+
     /// A certificate for host `name`, valid over `days` (relative to now) — a range in the
     /// past makes an expired one.
     pub fn issue(&self, name: &str, days: Range<i64>) -> Result<HostCert, rcgen::Error> {

@@ -12,17 +12,7 @@ fn hosts() -> Vec<String> {
 }
 
 fn identity(ca: &ClusterCa, name: &str, cert_for: &str, days: std::ops::Range<i64>) -> HostTls {
-    let cert = ca.issue(cert_for, days).unwrap();
-    HostTls::from_pem(
-        name,
-        (
-            ca.cert_pem().as_bytes(),
-            cert.cert_pem.as_bytes(),
-            cert.key_pem.as_bytes(),
-        ),
-        &hosts(),
-    )
-    .unwrap()
+    ca.host_identity(name, cert_for, days, &hosts()).unwrap()
 }
 
 /// Runs a handshake between `client` dialling "beta" and `server`; returns both outcomes.
