@@ -40,10 +40,11 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct DataSocket {
     tcp: TcpStream,
     tls: Option<Arc<Tls>>,
-    /// Decrypted bytes not yet read (this clone's).
-    plain: Vec<u8>,
-    plain_at: usize,
-    scratch: Vec<u8>,
+    /// Ciphertext read from the socket and not yet given to the connection (this clone's):
+    /// `cipher[cipher_at..cipher_len]`.
+    cipher: Vec<u8>,
+    cipher_at: usize,
+    cipher_len: usize,
 }
 
 impl DataSocket {
@@ -52,9 +53,9 @@ impl DataSocket {
         Self {
             tcp,
             tls: None,
-            plain: Vec::new(),
-            plain_at: 0,
-            scratch: Vec::new(),
+            cipher: Vec::new(),
+            cipher_at: 0,
+            cipher_len: 0,
         }
     }
 
@@ -126,9 +127,9 @@ impl DataSocket {
                 conn: Mutex::new(conn),
                 write: Mutex::new(()),
             })),
-            plain: Vec::new(),
-            plain_at: 0,
-            scratch: Vec::new(),
+            cipher: Vec::new(),
+            cipher_at: 0,
+            cipher_len: 0,
         };
         Ok((socket, identity))
     }
@@ -138,9 +139,9 @@ impl DataSocket {
         Ok(Self {
             tcp: self.tcp.try_clone()?,
             tls: self.tls.clone(),
-            plain: Vec::new(),
-            plain_at: 0,
-            scratch: Vec::new(),
+            cipher: Vec::new(),
+            cipher_at: 0,
+            cipher_len: 0,
         })
     }
 
@@ -170,18 +171,18 @@ impl DataSocket {
         self.tcp.shutdown(how)
     }
 
-    /// Seals `plain` and writes the records while holding the write lock.
+    /// Seals `plain` and writes the records straight from the connection to the socket.
+    /// The connection stays locked while a full socket blocks the write; a reader of the
+    /// same stream then waits, which costs nothing here: the sender's reader only takes
+    /// acknowledgements, and the receiver reads and writes on one thread.
     fn seal_and_write(&mut self, tls: &Tls, plain: &[u8]) -> io::Result<()> {
         let _order = lock(&tls.write);
-        self.scratch.clear();
-        {
-            let mut conn = lock(&tls.conn);
-            conn.writer().write_all(plain).map_err(described)?;
-            while conn.wants_write() {
-                conn.write_tls(&mut self.scratch).map_err(described)?;
-            }
+        let mut conn = lock(&tls.conn);
+        conn.writer().write_all(plain).map_err(described)?;
+        while conn.wants_write() {
+            conn.write_tls(&mut self.tcp).map_err(described)?;
         }
-        self.tcp.write_all(&self.scratch)
+        Ok(())
     }
 
     /// Writes what the connection itself wants to send (a key update answer, an alert).
@@ -222,77 +223,78 @@ fn described(error: io::Error) -> io::Error {
     }
 }
 
+/// What one pass over the connection found.
+enum Opened {
+    /// Plaintext for the caller (0: the peer closed the stream cleanly).
+    Read(usize),
+    /// Nothing to read without more ciphertext from the socket.
+    NeedBytes,
+    /// The connection failed (bad record, alert); the words for the operator.
+    Broken(String),
+    /// An I/O-level error from rustls.
+    Io(io::Error),
+}
+
 impl Read for DataSocket {
+    /// Ciphertext goes from the socket into this clone's buffer without the lock, then
+    /// into the connection and back out as plaintext straight into `buf`, under it.
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let Some(tls) = self.tls.clone() else {
             return self.tcp.read(buf);
         };
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.cipher.len() < READ_CHUNK {
+            self.cipher.resize(READ_CHUNK, 0);
+        }
         loop {
-            if self.plain_at < self.plain.len() {
-                let n = buf.len().min(self.plain.len() - self.plain_at);
-                buf[..n].copy_from_slice(&self.plain[self.plain_at..self.plain_at + n]);
-                self.plain_at += n;
-                return Ok(n);
-            }
-            self.plain.clear();
-            self.plain_at = 0;
-            // Plaintext can be waiting in the connection already: the handshake may have read
-            // the first records along with its own messages.
-            match lock(&tls.conn).reader().read(buf) {
-                Ok(n) => return Ok(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-            let mut cipher = std::mem::take(&mut self.scratch);
-            cipher.resize(READ_CHUNK, 0);
-            let got = self.tcp.read(&mut cipher);
-            let n = match got {
-                Ok(n) => n,
-                Err(e) => {
-                    self.scratch = cipher;
-                    return Err(e);
-                }
-            };
-            if n == 0 {
-                self.scratch = cipher;
-                return Ok(0);
-            }
-            let opened = {
+            let (opened, flush) = {
                 let mut conn = lock(&tls.conn);
-                let mut rest = &cipher[..n];
-                let mut closed = false;
-                let mut failed = None;
-                while !rest.is_empty() {
-                    conn.read_tls(&mut rest).map_err(described)?;
-                    let state = match conn.process_new_packets() {
-                        Ok(state) => state,
-                        Err(e) => {
-                            failed = Some(super::describe_rustls(&e, false));
-                            break;
-                        }
-                    };
-                    let available = state.plaintext_bytes_to_read();
-                    if available > 0 {
-                        let at = self.plain.len();
-                        self.plain.resize(at + available, 0);
-                        conn.reader().read_exact(&mut self.plain[at..])?;
+                let opened = loop {
+                    // Plaintext can be waiting already: the handshake may have read the first
+                    // records along with its own messages.
+                    match conn.reader().read(buf) {
+                        Ok(n) => break Opened::Read(n),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => break Opened::Io(described(e)),
                     }
-                    closed |= state.peer_has_closed();
-                }
-                (conn.wants_write(), closed, failed)
+                    if self.cipher_at == self.cipher_len {
+                        break Opened::NeedBytes;
+                    }
+                    let mut rest = &self.cipher[self.cipher_at..self.cipher_len];
+                    let before = rest.len();
+                    if let Err(e) = conn.read_tls(&mut rest) {
+                        break Opened::Io(described(e));
+                    }
+                    self.cipher_at += before - rest.len();
+                    if let Err(e) = conn.process_new_packets() {
+                        break Opened::Broken(super::describe_rustls(&e, false));
+                    }
+                };
+                (opened, conn.wants_write())
             };
-            self.scratch = cipher;
-            let (pending, closed, failed) = opened;
-            if let Some(reason) = failed {
-                // The alert rustls queued tells the peer why.
-                let _ = self.flush_pending(&tls);
-                return Err(io::Error::new(io::ErrorKind::InvalidData, reason));
+            if flush || matches!(opened, Opened::Broken(_)) {
+                // A key update to answer, or the alert that tells the peer why this failed.
+                let flushed = self.flush_pending(&tls);
+                if matches!(opened, Opened::Read(_) | Opened::NeedBytes) {
+                    flushed?;
+                }
             }
-            if pending {
-                self.flush_pending(&tls)?;
-            }
-            if closed && self.plain.is_empty() {
-                return Ok(0);
+            match opened {
+                Opened::Read(n) => return Ok(n),
+                Opened::Broken(reason) => {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, reason));
+                }
+                Opened::Io(e) => return Err(e),
+                Opened::NeedBytes => {
+                    let n = self.tcp.read(&mut self.cipher)?;
+                    if n == 0 {
+                        return Ok(0);
+                    }
+                    self.cipher_at = 0;
+                    self.cipher_len = n;
+                }
             }
         }
     }
