@@ -518,10 +518,7 @@ impl ControlChannel {
         tls: &ClientTls,
     ) -> Result<Self, ControlError> {
         if tls.required && tls.identity.is_none() {
-            return Err(ControlError::Tls {
-                reason: "encryption is required, and this host has no TLS certificate configured"
-                    .into(),
-            });
+            return Err(no_certificate());
         }
         let stream = match timeout(config.handshake_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(stream)) => stream,
@@ -557,6 +554,9 @@ impl ControlChannel {
         config: ControlConfig,
         tls: &ClientTls,
     ) -> Result<Self, ControlError> {
+        if tls.required && tls.identity.is_none() {
+            return Err(no_certificate());
+        }
         let peer = configure(&stream, &config)?;
         let mut framed = Framed::new(stream, FrameCodec::new(config.max_message_len));
         let hello = Hello {
@@ -847,6 +847,12 @@ fn unframe(framed: Framed<TcpStream, FrameCodec>) -> Result<TcpStream, ControlEr
         });
     }
     Ok(parts.io)
+}
+
+fn no_certificate() -> ControlError {
+    ControlError::Tls {
+        reason: "encryption is required, and this host has no TLS certificate configured".into(),
+    }
 }
 
 /// Reads and drops whatever arrives, until the peer closes or a moment passes.
