@@ -187,12 +187,7 @@ pub fn snapshots() -> Vec<Vec<u8>> {
 
 /// Cluster configurations as shipped.
 pub fn configs() -> Vec<Vec<u8>> {
-    let demo = hostd::demo::DEMO_CONFIG
-        .replace("{dir}", "/tmp/fuzz")
-        .replace("{alpha_api}", "7701")
-        .replace("{alpha_control}", "7711")
-        .replace("{beta_api}", "7702")
-        .replace("{beta_control}", "7712");
+    let demo = hostd::demo::demo_config("/tmp/fuzz", [7701, 7711, 7702, 7712]);
     vec![
         demo.into_bytes(),
         include_bytes!("../../configs/two-hosts.toml").to_vec(),

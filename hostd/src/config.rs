@@ -784,12 +784,7 @@ memory = "1G"
             let cluster = Cluster::load(&dir.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
             assert_eq!(cluster.hosts.len(), 2, "{file}");
         }
-        let demo = crate::demo::DEMO_CONFIG
-            .replace("{dir}", "/tmp/x")
-            .replace("{alpha_api}", "1")
-            .replace("{alpha_control}", "2")
-            .replace("{beta_api}", "3")
-            .replace("{beta_control}", "4");
+        let demo = crate::demo::demo_config("/tmp/x", [1, 2, 3, 4]);
         load(&demo).unwrap();
     }
 

@@ -122,16 +122,24 @@ fn free_port() -> Result<u16> {
 }
 
 fn config_text(dir: &Path) -> Result<String> {
-    let mut text = DEMO_CONFIG.replace("{dir}", &dir.display().to_string());
-    for key in [
+    let ports = [free_port()?, free_port()?, free_port()?, free_port()?];
+    Ok(demo_config(&dir.display().to_string(), ports))
+}
+
+/// The demo cluster's configuration with its directory and its four ports (alpha's API and
+/// control, beta's API and control) filled in.
+pub fn demo_config(dir: &str, ports: [u16; 4]) -> String {
+    let keys = [
         "{alpha_api}",
         "{alpha_control}",
         "{beta_api}",
         "{beta_control}",
-    ] {
-        text = text.replace(key, &free_port()?.to_string());
-    }
-    Ok(text)
+    ];
+    keys.iter()
+        .zip(ports)
+        .fold(DEMO_CONFIG.replace("{dir}", dir), |text, (key, port)| {
+            text.replace(key, &port.to_string())
+        })
 }
 
 fn start_daemons(config: &Path, dir: &Path, cluster: &Cluster) -> Result<Daemons> {
