@@ -147,6 +147,12 @@ pub struct HostInfo {
     pub copy_cpus: Vec<usize>,
     /// Other hosts.
     pub peers: Vec<String>,
+    /// Whether this host has a certificate of the cluster CA (mutual TLS with its peers).
+    #[serde(default)]
+    pub tls: bool,
+    /// The encryption of migrations out of here when the operator names none.
+    #[serde(default)]
+    pub default_encryption: String,
     /// VMs here.
     pub vms: Vec<VmInfo>,
     /// Migrations in flight (in or out).
@@ -927,6 +933,8 @@ impl Handler<GetHostInfo> for HostActor {
             datastores: self.datastores.values().map(Datastore::info).collect(),
             copy_cpus: s.copy_cpus.clone(),
             peers: s.peers.keys().cloned().collect(),
+            tls: s.tls.is_some(),
+            default_encryption: s.default_encryption().as_str().into(),
             vms: Vec::new(),
             migrations: self
                 .migrations

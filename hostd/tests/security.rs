@@ -133,6 +133,16 @@ fn each_encryption_mode_does_what_it_says_and_the_report_says_what_was_used() {
         ],
     );
     let config = cluster.config().to_path_buf();
+    let (_, alpha) = cluster.api_get("alpha", "/v1/host");
+    assert_eq!(
+        (&alpha["tls"], &alpha["default_encryption"]),
+        (&true.into(), &"required".into())
+    );
+    let (_, gamma) = cluster.api_get("gamma", "/v1/host");
+    assert_eq!(
+        (&gamma["tls"], &gamma["default_encryption"]),
+        (&false.into(), &"disabled".into())
+    );
     create(&cluster, &config, "m1", "alpha", &[]);
     // The default with certificates: required, and used.
     let report = migrate(&cluster, &config, "m1", "beta", &[]);
