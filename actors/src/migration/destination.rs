@@ -85,6 +85,9 @@ pub struct DestinationMigration {
     control: Option<ControlSender>,
     receiver_half: Option<ControlReceiver>,
     _keepalive: KeepaliveTask,
+    /// The control channel's TLS cipher, when it ran under mutual TLS; the data streams of
+    /// an encrypted migration negotiate the same (same hosts, same configuration).
+    cipher: Option<String>,
     report: MigrationReport,
     started: Instant,
     vm: Option<Addr<VmActor>>,
@@ -128,10 +131,7 @@ impl DestinationMigration {
             &settings.name,
             hello.capabilities.max_streams,
         );
-        report.control_channel = Some(match &cipher {
-            Some(cipher) => format!("mutual TLS ({cipher})"),
-            None => "plain TCP (no mutual TLS: a host has no certificate)".into(),
-        });
+        report.control_channel = Some(super::control_channel_label(cipher.as_deref()));
         DestinationMigration {
             id: hello.id,
             hello,
@@ -142,6 +142,7 @@ impl DestinationMigration {
             control: Some(control),
             receiver_half: Some(receiver),
             _keepalive: keepalive,
+            cipher,
             report,
             started: Instant::now(),
             vm: None,
@@ -365,17 +366,10 @@ impl DestinationMigration {
                 );
             }
         };
-        self.report.encryption = Some(if plan.encrypted {
-            // The data streams negotiate as the control channel did: same hosts, same
-            // configuration.
-            let control = self.report.control_channel.as_deref().unwrap_or_default();
-            control
-                .strip_prefix("mutual TLS (")
-                .and_then(|c| c.strip_suffix(')'))
-                .unwrap_or("tls")
-                .to_string()
-        } else {
-            "none (the source's choice)".into()
+        self.report.encryption = Some(match (&self.cipher, plan.encrypted) {
+            (Some(cipher), true) => cipher.clone(),
+            (None, true) => "tls".into(),
+            (_, false) => "none (the source's choice)".into(),
         });
         let host = self.host.clone();
         let hello = self.hello.clone();

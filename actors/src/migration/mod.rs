@@ -289,6 +289,15 @@ pub struct DiskCopyReport {
     pub busy_ms: f64,
 }
 
+/// What protected a migration's control channel, for its report: `cipher` is the TLS
+/// cipher when it ran under mutual TLS.
+pub fn control_channel_label(cipher: Option<&str>) -> String {
+    match cipher {
+        Some(cipher) => format!("mutual TLS ({cipher})"),
+        None => "plain TCP (no mutual TLS: a host has no certificate)".into(),
+    }
+}
+
 impl MigrationReport {
     /// The report of a migration that has just begun.
     pub fn starting(

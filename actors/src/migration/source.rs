@@ -1245,10 +1245,8 @@ impl Actor for SourceMigration {
                             return act.fail(ctx, Stage::Refused, decision.label);
                         }
                         act.report.encryption = Some(decision.label);
-                        act.report.control_channel = Some(match &cipher {
-                            Some(cipher) => format!("mutual TLS ({cipher})"),
-                            None => "plain TCP (no mutual TLS: a host has no certificate)".into(),
-                        });
+                        act.report.control_channel =
+                            Some(super::control_channel_label(cipher.as_deref()));
                         let (sender, receiver, keepalive) = channel.into_split();
                         act.control = Some(sender);
                         act.keepalive = Some(keepalive);

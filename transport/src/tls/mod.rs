@@ -36,8 +36,8 @@ pub enum TlsError {
     /// A PEM file cannot be read or holds nothing usable.
     #[error("cannot load {what} from {path}: {reason}")]
     Load {
-        /// "the CA certificate", "this host's certificate", "this host's key".
-        what: &'static str,
+        /// Which file.
+        what: PemFile,
         /// The file.
         path: String,
         /// Why.
@@ -49,6 +49,27 @@ pub enum TlsError {
     /// A host name that cannot be a certificate name.
     #[error("host name {0:?} cannot be checked against a certificate")]
     BadName(String),
+}
+
+/// The three PEM files of a host's identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PemFile {
+    /// The cluster CA certificate.
+    Ca,
+    /// This host's certificate chain.
+    Cert,
+    /// This host's private key.
+    Key,
+}
+
+impl fmt::Display for PemFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PemFile::Ca => "the CA certificate",
+            PemFile::Cert => "this host's certificate",
+            PemFile::Key => "this host's key",
+        })
+    }
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -97,29 +118,29 @@ impl Eq for HostTls {}
 impl HostTls {
     /// Loads the PEM files of host `name`, which accepts peers named in `hosts`.
     pub fn load(name: &str, files: TlsFiles<'_>, hosts: &[String]) -> Result<Self, TlsError> {
-        let read = |what, path: &Path| {
-            std::fs::read(path).map_err(|e| TlsError::Load {
+        let path_of = |what| match what {
+            PemFile::Ca => files.ca,
+            PemFile::Cert => files.cert,
+            PemFile::Key => files.key,
+        };
+        let read = |what| {
+            std::fs::read(path_of(what)).map_err(|e| TlsError::Load {
                 what,
-                path: path.display().to_string(),
+                path: path_of(what).display().to_string(),
                 reason: e.to_string(),
             })
         };
-        let ca = read("the CA certificate", files.ca)?;
-        let cert = read("this host's certificate", files.cert)?;
-        let key = read("this host's key", files.key)?;
+        let (ca, cert, key) = (
+            read(PemFile::Ca)?,
+            read(PemFile::Cert)?,
+            read(PemFile::Key)?,
+        );
         Self::from_pem(name, (&ca, &cert, &key), hosts).map_err(|error| match error {
-            TlsError::Load { what, reason, .. } => {
-                let path = match what {
-                    "the CA certificate" => files.ca,
-                    "this host's certificate" => files.cert,
-                    _ => files.key,
-                };
-                TlsError::Load {
-                    what,
-                    path: path.display().to_string(),
-                    reason,
-                }
-            }
+            TlsError::Load { what, reason, .. } => TlsError::Load {
+                what,
+                path: path_of(what).display().to_string(),
+                reason,
+            },
             other => other,
         })
     }
@@ -137,28 +158,22 @@ impl HostTls {
         };
         let mut roots = RootCertStore::empty();
         for der in CertificateDer::pem_slice_iter(ca) {
-            let der = der.map_err(|e| load("the CA certificate", e.to_string()))?;
+            let der = der.map_err(|e| load(PemFile::Ca, e.to_string()))?;
             roots
                 .add(der)
-                .map_err(|e| load("the CA certificate", e.to_string()))?;
+                .map_err(|e| load(PemFile::Ca, e.to_string()))?;
         }
         if roots.is_empty() {
-            return Err(load(
-                "the CA certificate",
-                "no certificate in the file".into(),
-            ));
+            return Err(load(PemFile::Ca, "no certificate in the file".into()));
         }
         let chain = CertificateDer::pem_slice_iter(cert)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| load("this host's certificate", e.to_string()))?;
+            .map_err(|e| load(PemFile::Cert, e.to_string()))?;
         if chain.is_empty() {
-            return Err(load(
-                "this host's certificate",
-                "no certificate in the file".into(),
-            ));
+            return Err(load(PemFile::Cert, "no certificate in the file".into()));
         }
-        let key = PrivateKeyDer::from_pem_slice(key)
-            .map_err(|e| load("this host's key", e.to_string()))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(key).map_err(|e| load(PemFile::Key, e.to_string()))?;
         for host in hosts.iter().map(String::as_str).chain([name]) {
             ServerName::try_from(host.to_string()).map_err(|_| TlsError::BadName(host.into()))?;
         }
