@@ -239,6 +239,11 @@ pub enum CodecError {
 impl From<CodecError> for ControlError {
     fn from(error: CodecError) -> Self {
         match error {
+            // Over TLS, a peer that goes away without close_notify (killed, or dropping the
+            // connection) reads as an unexpected EOF: it closed, as over plain TCP.
+            CodecError::Io(source) if source.kind() == io::ErrorKind::UnexpectedEof => {
+                ControlError::PeerClosed
+            }
             CodecError::Io(source) if is_tls(&source) => ControlError::Tls {
                 reason: describe_io(&source),
             },

@@ -154,3 +154,33 @@ async fn refused_certificates_are_named_on_both_sides() {
         assert!(server.contains(on_server), "{server}");
     }
 }
+
+#[tokio::test]
+async fn a_tls_peer_that_vanishes_reads_as_closed() {
+    let ca = ClusterCa::generate("test").unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = identity(&ca, "beta", LAB_VALIDITY_DAYS);
+    let serving = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let channel = ControlChannel::server_secure(stream, quick(), Some(&server))
+            .await
+            .unwrap();
+        // Dropped without close_notify, as a killed or faulty host does.
+        drop(channel);
+    });
+    let mut channel = ControlChannel::connect_secure(
+        addr,
+        quick(),
+        &tls(Some(identity(&ca, "alpha", LAB_VALIDITY_DAYS)), true),
+    )
+    .await
+    .unwrap();
+    serving.await.unwrap();
+    let error = channel.recv::<String>().await.unwrap_err();
+    assert!(
+        matches!(error, ControlError::PeerClosed),
+        "{}",
+        report(&error)
+    );
+}
