@@ -48,6 +48,7 @@ pub mod control;
 pub mod data;
 pub mod memory;
 pub mod negotiate;
+pub mod pages;
 pub mod rdma;
 pub mod stats;
 pub mod tls;

@@ -201,6 +201,30 @@ fn whole_pages(len: usize) -> Result<u64, MemoryError> {
     Ok((len / PAGE_SIZE) as u64)
 }
 
+/// A contiguous mapping of guest memory in this process, for hardware that reads or writes
+/// it directly (RDMA registration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mapping {
+    /// First guest page frame.
+    pub first_pfn: u64,
+    /// Pages.
+    pub pages: u64,
+    /// Host address of the first page.
+    pub host_addr: *mut u8,
+}
+
+/// Memory whose pages sit in mappings of this process, which a NIC may be given direct
+/// access to.
+///
+/// # Safety
+///
+/// Implementations promise that every [`Mapping`] returned stays mapped, readable and
+/// writable for as long as the object lives, and that no Rust reference points into it.
+pub unsafe trait MappedMemory: Send + Sync {
+    /// The mappings, in ascending guest-physical order.
+    fn mappings(&self) -> Vec<Mapping>;
+}
+
 /// One mapping of guest memory into this process, as the VMM provides it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RawRegion {
@@ -649,6 +673,20 @@ impl GuestRegions {
             }
             page += span;
         }
+    }
+}
+
+// SAFETY: the constructor's contract (see `GuestRegions::new`) is exactly this trait's.
+unsafe impl MappedMemory for GuestRegions {
+    fn mappings(&self) -> Vec<Mapping> {
+        self.regions
+            .iter()
+            .map(|region| Mapping {
+                first_pfn: region.first_pfn,
+                pages: region.pages,
+                host_addr: region.host_addr,
+            })
+            .collect()
     }
 }
 

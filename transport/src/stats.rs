@@ -102,6 +102,13 @@ impl StreamCounters {
         self.frames.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts `pages` zero pages that needed no transfer at all (fresh destination memory).
+    pub(crate) fn add_zero_skipped(&self, pages: u64) {
+        self.guest_bytes
+            .fetch_add(pages * crate::memory::PAGE_SIZE as u64, Ordering::Relaxed);
+        self.pages_zero.fetch_add(pages, Ordering::Relaxed);
+    }
+
     pub(crate) fn add_busy(&self, busy: Duration) {
         self.busy_ns
             .fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);

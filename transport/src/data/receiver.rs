@@ -99,6 +99,9 @@ pub enum ReceiveError {
     /// A stream failed, which fails the whole transfer.
     #[error("data transfer failed")]
     Transfer(#[source] Arc<StreamError>),
+    /// The RDMA data path failed, which fails the whole transfer.
+    #[error("RDMA data transfer failed")]
+    Rdma(#[source] Arc<crate::rdma::RdmaError>),
 }
 
 /// The listening socket data streams connect to. Bind it first, tell the sender its

@@ -153,6 +153,9 @@ pub enum SendError {
     /// A stream failed, which fails the whole transfer.
     #[error("data transfer failed")]
     Transfer(#[source] Arc<StreamError>),
+    /// The RDMA data path failed, which fails the whole transfer.
+    #[error("RDMA data transfer failed")]
+    Rdma(#[source] Arc<crate::rdma::RdmaError>),
     /// No worker took work and no acknowledgement arrived for too long.
     #[error("no progress for {after:?} while {waiting_for}; the receiver or the link is stuck")]
     NoProgress {

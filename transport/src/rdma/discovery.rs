@@ -1,8 +1,5 @@
-//! RDMA device discovery through libibverbs (rdma-sys).
-//!
-//! Only discovery exists so far: negotiation needs to know whether both hosts have a usable
-//! RDMA port. The RDMA data path (registered guest memory, RDMA WRITE) comes later; until it
-//! does, [`DATA_PATH_AVAILABLE`] is false and negotiation never picks RDMA for this build.
+//! RDMA device discovery through libibverbs (rdma-sys): negotiation needs to know whether
+//! both hosts have a usable RDMA port.
 
 use std::ffi::CStr;
 use std::io;
@@ -15,8 +12,7 @@ use rdma_sys::{
 };
 use serde::{Deserialize, Serialize};
 
-/// Whether this build can move pages over RDMA. Discovery works regardless.
-pub const DATA_PATH_AVAILABLE: bool = false;
+use super::RdmaError;
 
 /// State of an RDMA port, as libibverbs reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -108,18 +104,6 @@ impl RdmaDevice {
     pub fn usable_ports(&self) -> impl Iterator<Item = &RdmaPort> {
         self.ports.iter().filter(|port| port.is_usable())
     }
-}
-
-/// Listing devices failed.
-#[derive(Debug, thiserror::Error)]
-pub enum RdmaError {
-    /// `ibv_get_device_list` failed for a reason other than "no RDMA support".
-    #[error("cannot list RDMA devices (ibv_get_device_list)")]
-    ListDevices {
-        /// The errno it left.
-        #[source]
-        source: io::Error,
-    },
 }
 
 /// Lists the RDMA devices of this host with their ports. A host without RDMA support in the
