@@ -49,6 +49,10 @@ pub fn control_frames() -> Vec<Vec<u8>> {
     ];
     let to_destination = [
         ToDestination::Prepare { plan },
+        ToDestination::DataPath {
+            rdma: false,
+            fallback: Some("rdma: connection refused: falling back to tcp+lz4".into()),
+        },
         ToDestination::RoundDone {
             round: 3,
             pages: 1000,
@@ -85,6 +89,20 @@ pub fn control_frames() -> Vec<Vec<u8>> {
         },
         ToSource::Prepared {
             data_addrs: vec!["127.0.0.1:7001".parse().expect("addr")],
+            rdma: None,
+        },
+        ToSource::Prepared {
+            data_addrs: vec!["10.0.0.2:7001".parse().expect("addr")],
+            rdma: Some(Ok(ferry_transport::rdma::MemoryTable {
+                listen: "10.0.0.2:7002".parse().expect("addr"),
+                regions: vec![ferry_transport::rdma::RemoteRegion {
+                    guest_phys_addr: 0,
+                    len: 1 << 30,
+                    addr: 0x7f00_0000_0000,
+                    rkey: 0x1234,
+                }],
+                zeroed: true,
+            })),
         },
         ToSource::DisksFlushed,
         ToSource::Ready {

@@ -131,6 +131,9 @@ pub struct MigrateRequest {
     /// `required`, `opportunistic` or `disabled`; the cluster's default when absent.
     #[serde(default)]
     pub encryption: Option<String>,
+    /// `auto` (the default), `tcp` or `rdma`.
+    #[serde(default)]
+    pub transport: Option<String>,
 }
 
 impl MigrateRequest {
@@ -154,6 +157,10 @@ impl MigrateRequest {
             encryption: match self.encryption.as_deref() {
                 None => defaults.encryption,
                 Some(text) => Some(text.parse().map_err(|e| format!("encryption: {e}"))?),
+            },
+            transport: match self.transport.as_deref() {
+                None => defaults.transport,
+                Some(text) => text.parse().map_err(|e| format!("transport: {e}"))?,
             },
         })
     }

@@ -58,6 +58,8 @@ struct MigrationSection {
     io_timeout_ms: Option<u64>,
     in_doubt_timeout_ms: Option<u64>,
     encryption: Option<String>,
+    /// `auto`, `tcp` or `rdma`.
+    transport: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -425,6 +427,12 @@ fn validate(file: &Path, raw: ClusterFile) -> Result<Cluster, ConfigError> {
                     text.parse()
                         .map_err(|problem| invalid("migration.encryption".into(), problem))?,
                 ),
+            },
+            transport: match &m.transport {
+                None => Default::default(),
+                Some(text) => text
+                    .parse()
+                    .map_err(|problem| invalid("migration.transport".into(), problem))?,
             },
         },
         max_concurrent: m

@@ -69,6 +69,9 @@ fn protocol_versions_override() -> Result<Option<&'static [u16]>> {
 /// Runs host `name` of the cluster in `config` until a shutdown signal.
 pub fn run(config: &Path, name: &str) -> Result<()> {
     let cluster = Cluster::load(config)?;
+    // RDMA registration pins guest memory: take all the locked memory the hard limit allows.
+    let memlock = ferry_transport::rdma::raise_memlock_limit();
+    tracing::info!(soft = ?memlock.soft, privileged = memlock.privileged, "locked-memory limit for RDMA registration");
     let fault = match std::env::var(FAULT_ENV) {
         Ok(value) => Some(Fault::parse(&value).map_err(anyhow::Error::msg)?),
         Err(_) => None,

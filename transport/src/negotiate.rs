@@ -37,6 +37,9 @@ pub struct Capabilities {
     pub max_streams: u16,
     /// Guest page size in bytes.
     pub page_size: u32,
+    /// The locked-memory limit RDMA registration runs into on this host.
+    #[serde(default)]
+    pub memlock: Option<rdma::MemlockLimit>,
 }
 
 impl Capabilities {
@@ -47,6 +50,7 @@ impl Capabilities {
         let mut caps = Self::without_rdma(tcp_data_addrs, max_streams);
         caps.rdma_devices = rdma::discover()?;
         caps.rdma_data_path = rdma::DATA_PATH_AVAILABLE;
+        caps.memlock = Some(rdma::memlock_limit());
         Ok(caps)
     }
 
@@ -60,6 +64,7 @@ impl Capabilities {
             compression: vec![CompressionKind::Lz4],
             max_streams,
             page_size: PAGE_SIZE as u32,
+            memlock: None,
         }
     }
 }
@@ -132,6 +137,12 @@ pub enum NegotiateError {
         /// "source" or "destination".
         side: &'static str,
     },
+    /// The operator asked for RDMA and it is out.
+    #[error("RDMA was requested and cannot be used: {why}")]
+    RdmaUnavailable {
+        /// Why not.
+        why: String,
+    },
     /// Neither RDMA nor TCP is possible.
     #[error(
         "no data transport possible: the destination offers no TCP data address and RDMA is out ({rdma})"
@@ -142,19 +153,37 @@ pub enum NegotiateError {
     },
 }
 
+/// Which data path the operator asked for (`--transport`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Preference {
+    /// RDMA when both hosts can, TCP otherwise.
+    #[default]
+    Auto,
+    /// TCP, for the reason given (the operator's choice, or a migration RDMA cannot carry).
+    Tcp {
+        /// Why, in words for the report.
+        why: String,
+    },
+    /// RDMA or nothing: negotiation fails if RDMA is out.
+    Rdma,
+}
+
 /// Picks the transport: RDMA when both sides have an active port of the same link layer and
 /// the RDMA data path, otherwise TCP (lz4-compressed when the destination can decode it);
 /// streams are the smaller offer.
 pub fn choose(source: &Capabilities, destination: &Capabilities) -> Result<Plan, NegotiateError> {
-    choose_for(source, destination, false)
+    choose_for(source, destination, false, &Preference::Auto)
 }
 
-/// [`choose`] for a migration whose data streams are `encrypted` or not. RDMA streams
-/// cannot carry TLS, so an encrypted migration never takes RDMA, and the reason says so.
+/// [`choose`] for a migration whose data streams are `encrypted` or not, as the operator
+/// `prefers`. RDMA streams cannot carry TLS, so an encrypted migration never takes RDMA, and
+/// the reason says so.
 pub fn choose_for(
     source: &Capabilities,
     destination: &Capabilities,
     encrypted: bool,
+    prefers: &Preference,
 ) -> Result<Plan, NegotiateError> {
     let version =
         wire::negotiate_version(&source.protocol_versions, &destination.protocol_versions)
@@ -193,13 +222,19 @@ pub fn choose_for(
         encrypted,
     };
 
-    let rdma_outcome = rdma_pair(source, destination).and_then(|pair| {
-        if encrypted {
-            Err("RDMA streams cannot carry TLS, and this migration is encrypted".to_string())
-        } else {
-            Ok(pair)
-        }
-    });
+    let rdma_outcome = match prefers {
+        Preference::Tcp { why } => Err(why.clone()),
+        Preference::Auto | Preference::Rdma => rdma_pair(source, destination).and_then(|pair| {
+            if encrypted {
+                Err("RDMA streams cannot carry TLS, and this migration is encrypted".to_string())
+            } else {
+                Ok(pair)
+            }
+        }),
+    };
+    if let (Preference::Rdma, Err(why)) = (prefers, &rdma_outcome) {
+        return Err(NegotiateError::RdmaUnavailable { why: why.clone() });
+    }
     match rdma_outcome {
         Ok((transport, why)) => Ok(plan(transport, format!("RDMA over {streams_note}: {why}"))),
         Err(why_not) => {
@@ -359,7 +394,7 @@ mod tests {
     #[test]
     fn an_encrypted_migration_never_takes_rdma_and_says_why() {
         let (source, destination) = (host(active("rxe0"), true, 4), host(active("rxe1"), true, 4));
-        let plan = choose_for(&source, &destination, true).unwrap();
+        let plan = choose_for(&source, &destination, true, &Preference::Auto).unwrap();
         assert!(matches!(plan.transport, Transport::Tcp { .. }));
         assert!(plan.encrypted);
         assert!(
@@ -368,12 +403,48 @@ mod tests {
             plan.reason
         );
         // Where RDMA was out anyway, the reason stays the first shortfall.
-        let plan = choose_for(&host(vec![], true, 4), &destination, true).unwrap();
+        let plan = choose_for(
+            &host(vec![], true, 4),
+            &destination,
+            true,
+            &Preference::Auto,
+        )
+        .unwrap();
         assert!(
             plan.reason.contains("no RDMA device on source"),
             "{}",
             plan.reason
         );
+    }
+
+    #[test]
+    fn the_operators_transport_preference_is_followed_or_refused() {
+        let (source, destination) = (host(active("rxe0"), true, 2), host(active("rxe1"), true, 2));
+        let tcp = Preference::Tcp {
+            why: "TCP requested by the operator".into(),
+        };
+        let plan = choose_for(&source, &destination, false, &tcp).unwrap();
+        assert!(matches!(plan.transport, Transport::Tcp { .. }));
+        assert!(
+            plan.reason.ends_with("TCP requested by the operator"),
+            "{}",
+            plan.reason
+        );
+        let plan = choose_for(&source, &destination, false, &Preference::Rdma).unwrap();
+        assert!(matches!(plan.transport, Transport::Rdma { .. }));
+        let err = choose_for(
+            &host(vec![], true, 2),
+            &destination,
+            false,
+            &Preference::Rdma,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "RDMA was requested and cannot be used: no RDMA device on source"
+        );
+        let err = choose_for(&source, &destination, true, &Preference::Rdma).unwrap_err();
+        assert!(err.to_string().contains("cannot carry TLS"), "{err}");
     }
 
     #[test]

@@ -14,7 +14,10 @@ use std::time::Instant;
 use actix::prelude::*;
 use ferry_transport::control::{ControlError, ControlReceiver, ControlSender, KeepaliveTask};
 use ferry_transport::data::{DataListener, DataReceiver, ReceiverConfig, SessionId};
+use ferry_transport::negotiate::Transport;
 use ferry_transport::negotiate::{Capabilities, Plan};
+use ferry_transport::pages::PageReceiver;
+use ferry_transport::rdma::{RdmaListener, RdmaReceiver, RdmaReceiverConfig};
 use ferry_transport::workers::WorkerPlacement;
 
 use ferry_runtime::GuestRam;
@@ -99,7 +102,10 @@ pub struct DestinationMigration {
     created_images: Vec<std::path::PathBuf>,
     /// A background flush of those images is running.
     flushing: Arc<std::sync::atomic::AtomicBool>,
-    data: Option<DataReceiver>,
+    data: Option<PageReceiver>,
+    /// With an RDMA plan, the TCP receiver that takes over if the source falls back (until
+    /// `DataPath` says which one is used).
+    standby: Option<PageReceiver>,
     /// Resume at commit (the VM was running on the source) or keep it paused.
     run_after_commit: bool,
     owned: bool,
@@ -151,6 +157,7 @@ impl DestinationMigration {
             created_images: Vec::new(),
             flushing: Arc::default(),
             data: None,
+            standby: None,
             run_after_commit: true,
             owned: false,
             done: false,
@@ -236,6 +243,7 @@ impl DestinationMigration {
         }
         tracing::warn!(migration = %self.id, vm = %self.report.vm, %reason, "discarding the incoming VM");
         let data = self.data.take();
+        let standby = self.standby.take();
         let data_reason = format!("destination '{}': {reason}", self.settings.name);
         self.report.error = Some(reason);
         self.report.stage = Some(Stage::RolledBack);
@@ -269,6 +277,10 @@ impl DestinationMigration {
                     // those before the control channel.
                     data.abort(&data_reason);
                     actix_rt::task::spawn_blocking(move || drop(data.wait()));
+                }
+                if let Some(standby) = standby {
+                    standby.abort(&data_reason);
+                    actix_rt::task::spawn_blocking(move || drop(standby.wait()));
                 }
                 if let Some(vm) = vm {
                     let _ = vm.send(EndMigrateIn::Discard).await;
@@ -377,6 +389,7 @@ impl DestinationMigration {
         let settings = Arc::clone(&self.settings);
         let session = SessionId(self.id.as_u64_pair().0);
         let streams = usize::from(plan.streams);
+        let rdma_planned = matches!(plan.transport, Transport::Rdma { .. });
         let journal = Arc::clone(&self.journal);
         let journal_again = Arc::clone(&self.journal);
         let record = MigrationRecord::new(
@@ -428,12 +441,21 @@ impl DestinationMigration {
             };
             let mut config = ReceiverConfig::new(session, placement);
             config.tls = tls;
+            let rdma = rdma_planned.then(|| {
+                start_rdma(bind, Arc::clone(&sink), session, streams)
+                    .map_err(|e| format!("rdma on the destination: {e}"))
+            });
             let receiver = DataReceiver::start(listener, sink, config)
                 .map_err(|e| ferry_transport::report(&e))?;
-            Ok::<_, String>((record, (vm, ram, console_log, created), receiver, addr))
+            Ok::<_, String>((
+                record,
+                (vm, ram, console_log, created),
+                (receiver, rdma),
+                addr,
+            ))
         };
         ctx.wait(work.into_actor(self).map(|result, act, ctx| match result {
-            Ok((record, (vm, ram, console_log, created), receiver, addr)) => {
+            Ok((record, (vm, ram, console_log, created), (receiver, rdma), addr)) => {
                 act.created_images = created;
                 if !act.created_images.is_empty() {
                     // Write the arriving blocks back while they arrive, so neither the flush
@@ -448,12 +470,30 @@ impl DestinationMigration {
                 act.vm = Some(vm);
                 act.ram = Some(ram);
                 act.console_log = Some(console_log);
-                act.data = Some(receiver);
+                let tcp = PageReceiver::Tcp(receiver);
+                let rdma = match rdma {
+                    Some(Ok(receiver)) => {
+                        let table = receiver.table().clone();
+                        act.data = Some(PageReceiver::Rdma(receiver));
+                        act.standby = Some(tcp);
+                        Some(Ok(table))
+                    }
+                    Some(Err(reason)) => {
+                        tracing::warn!(migration = %act.id, %reason, "RDMA setup failed; offering TCP");
+                        act.data = Some(tcp);
+                        Some(Err(reason))
+                    }
+                    None => {
+                        act.data = Some(tcp);
+                        None
+                    }
+                };
                 act.stage(Stage::PreCopy);
                 act.reply(
                     ctx,
                     ToSource::Prepared {
                         data_addrs: vec![addr],
+                        rdma,
                     },
                 );
             }
@@ -469,6 +509,32 @@ impl DestinationMigration {
                 act.fail(ctx, reason)
             }
         }));
+    }
+
+    /// The source connected one data path: keep its receiver, drop the other.
+    fn data_path(&mut self, rdma: bool, fallback: Option<String>) {
+        let rdma_is_primary = matches!(self.data, Some(PageReceiver::Rdma(_)));
+        let unused = if rdma_is_primary && !rdma {
+            // RDMA setup failed on the source's side: TCP carries the pages.
+            let unused = self.data.take();
+            self.data = self.standby.take();
+            unused
+        } else {
+            self.standby.take()
+        };
+        if let Some(unused) = unused {
+            // Its threads end within a poll interval; never join them on the actor's thread.
+            unused.abort("the source connected the other data path");
+            actix_rt::task::spawn_blocking(move || drop(unused.wait()));
+        }
+        if rdma {
+            self.report.transport = Some("rdma".into());
+        }
+        if let Some(reason) = fallback {
+            self.report.transport = Some("tcp+lz4".into());
+            self.report.transport_reason = Some(reason);
+        }
+        self.publish();
     }
 
     fn load_state(
@@ -751,6 +817,7 @@ impl StreamHandler<Result<ToDestination, ControlError>> for DestinationMigration
         };
         match message {
             ToDestination::Prepare { plan } => self.prepare(ctx, plan),
+            ToDestination::DataPath { rdma, fallback } => self.data_path(rdma, fallback),
             ToDestination::RoundDone { round, pages } => {
                 self.report.round = round;
                 self.report.rounds.push(super::RoundReport {
@@ -801,4 +868,18 @@ impl StreamHandler<Result<ToDestination, ControlError>> for DestinationMigration
             );
         }
     }
+}
+
+/// Listens for the source's queue pairs next to the TCP data address and registers the
+/// destination's guest memory for remote write.
+fn start_rdma(
+    bind: SocketAddr,
+    sink: Arc<ferry_transport::memory::GuestRegions>,
+    session: SessionId,
+    streams: usize,
+) -> Result<RdmaReceiver, String> {
+    let listener = RdmaListener::bind(SocketAddr::new(bind.ip(), 0))
+        .map_err(|e| ferry_transport::report(&e))?;
+    RdmaReceiver::start(listener, sink, RdmaReceiverConfig::new(session, streams))
+        .map_err(|e| ferry_transport::report(&e))
 }

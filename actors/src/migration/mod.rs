@@ -57,6 +57,32 @@ impl std::str::FromStr for Encryption {
     }
 }
 
+/// Which data path a migration may take (`--transport`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransportChoice {
+    /// RDMA when both hosts have a usable device and the migration allows it, TCP otherwise.
+    #[default]
+    Auto,
+    /// TCP streams.
+    Tcp,
+    /// RDMA, or fail at verify saying why not.
+    Rdma,
+}
+
+impl std::str::FromStr for TransportChoice {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "auto" => Ok(TransportChoice::Auto),
+            "tcp" => Ok(TransportChoice::Tcp),
+            "rdma" => Ok(TransportChoice::Rdma),
+            other => Err(format!("'{other}' is not a transport (auto, tcp, rdma)")),
+        }
+    }
+}
+
 /// What the operator asked for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationOptions {
@@ -88,6 +114,9 @@ pub struct MigrationOptions {
     /// when this host has a certificate and `disabled` when it has none).
     #[serde(default)]
     pub encryption: Option<Encryption>,
+    /// The data path: `auto` (the default), `tcp` or `rdma`.
+    #[serde(default)]
+    pub transport: TransportChoice,
 }
 
 impl Default for MigrationOptions {
@@ -103,6 +132,7 @@ impl Default for MigrationOptions {
             disk_targets: Default::default(),
             keep_source_disks: false,
             encryption: None,
+            transport: TransportChoice::Auto,
         }
     }
 }
@@ -197,6 +227,9 @@ pub struct MigrationReport {
     /// What protects the control channel: `mutual TLS (…)` or `plain TCP (…)`.
     #[serde(default)]
     pub control_channel: Option<String>,
+    /// The RDMA link used (device, port, GID, MTU), when the transport is RDMA.
+    #[serde(default)]
+    pub rdma_link: Option<ferry_transport::rdma::LinkInfo>,
     /// Data streams in use.
     pub streams: u16,
     /// Protocol version the two hosts agreed on.

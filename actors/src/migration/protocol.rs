@@ -80,6 +80,14 @@ pub enum ToDestination {
         /// The negotiated plan (both sides compute it; the source's copy is authoritative).
         plan: Plan,
     },
+    /// The data path the source connected: RDMA, or TCP (the plan's, or the fallback after
+    /// RDMA setup failed, with why). The destination drops the receiver not used.
+    DataPath {
+        /// Whether the RDMA queue pairs carry the pages.
+        rdma: bool,
+        /// Why RDMA was planned and TCP is used.
+        fallback: Option<String>,
+    },
     /// A pre-copy round finished (informational; the data itself is on the data streams).
     RoundDone {
         /// Round number, 1-based.
@@ -144,6 +152,9 @@ pub enum ToSource {
     Prepared {
         /// Data addresses to connect the streams to.
         data_addrs: Vec<SocketAddr>,
+        /// With an RDMA plan: the registered guest memory and where to connect, or why the
+        /// destination could not set RDMA up (the source then falls back to TCP).
+        rdma: Option<Result<ferry_transport::rdma::MemoryTable, String>>,
     },
     /// Answer to `FlushDisks`: the blocks received so far are durable.
     DisksFlushed,

@@ -15,9 +15,13 @@ use ferry_runtime::DirtySet;
 use ferry_transport::control::{
     ClientTls, ControlChannel, ControlError, ControlSender, KeepaliveTask,
 };
-use ferry_transport::data::{DataSender, SendError, SenderConfig, SessionId};
+use ferry_transport::data::{SendError, SenderConfig, SessionId};
 use ferry_transport::memory::GuestRegions;
-use ferry_transport::negotiate::{Capabilities, Plan, Transport, choose_for};
+use ferry_transport::negotiate::{
+    Capabilities, NegotiateError, Plan, Preference, Transport, choose_for,
+};
+use ferry_transport::pages::{Connected, PageSender, Targets, connect_sender};
+use ferry_transport::rdma::{MemoryTable, RdmaSenderConfig};
 use ferry_transport::stats::{StatsHandle, TransferStats};
 use ferry_transport::workers::WorkerPlacement;
 
@@ -26,7 +30,7 @@ use super::memory::{self, to_transport_ranges};
 use super::protocol::{Hello, MigratingDisk, ToDestination, ToSource};
 use super::{
     DestinationOutcome, DiskCopyReport, Encryption, MigrationId, MigrationOptions, MigrationReport,
-    RoundReport, Stage,
+    RoundReport, Stage, TransportChoice,
 };
 use crate::control_server::control_config;
 use crate::host_actor::{CancelRequest, HostActor, MigrationUpdate, VmStateChanged};
@@ -36,7 +40,7 @@ use crate::vm_actor::{
     DirtyLog, DiskLog, EndMigrateOut, Freeze, Frozen, OutgoingVm, SetThrottle, VmActor,
 };
 
-type Sender = DataSender<GuestRegions>;
+type Sender = PageSender<GuestRegions>;
 
 /// How often progress is published while copying.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
@@ -212,6 +216,31 @@ impl SourceMigration {
     /// Whether the disks move too (compute + storage).
     fn moves_storage(&self) -> bool {
         matches!(self.storage, Ok(Some(_)))
+    }
+
+    /// Why this migration cannot go over RDMA although both hosts have it, if it cannot: a
+    /// storage migration (its disk blocks come from file mappings, which RDMA cannot
+    /// register for long), or a locked-memory limit too low to register guest memory.
+    fn rdma_obstacle(&self, ours: &Capabilities, theirs: &Capabilities) -> Option<String> {
+        if self.moves_storage() {
+            return Some(
+                "a storage migration reads disk blocks through file mappings, which RDMA cannot register; RDMA carries compute-only migrations".into(),
+            );
+        }
+        let bytes = self.outgoing.ram.size();
+        if let Some(why) = ours.memlock.and_then(|limit| limit.shortfall(bytes)) {
+            return Some(format!(
+                "rdma on the source '{}': {why}",
+                self.settings.name
+            ));
+        }
+        if let Some(why) = theirs.memlock.and_then(|limit| limit.shortfall(bytes)) {
+            return Some(format!(
+                "rdma on the destination '{}': {why}",
+                self.peer.name
+            ));
+        }
+        None
     }
 
     /// Counts a round (pre-copy, or the final copy when `final_copy`) that just landed for
@@ -464,7 +493,30 @@ impl SourceMigration {
             .plan_capabilities
             .clone()
             .unwrap_or_else(|| Capabilities::without_rdma(Vec::new(), self.options.streams));
-        match choose_for(&ours, &capabilities, self.encrypt_data) {
+        let preference = match self.options.transport {
+            TransportChoice::Auto => Preference::Auto,
+            TransportChoice::Tcp => Preference::Tcp {
+                why: "TCP requested by the operator".into(),
+            },
+            TransportChoice::Rdma => Preference::Rdma,
+        };
+        let mut planned = choose_for(&ours, &capabilities, self.encrypt_data, &preference);
+        if let Ok(plan) = &planned
+            && matches!(plan.transport, Transport::Rdma { .. })
+            && let Some(why) = self.rdma_obstacle(&ours, &capabilities)
+        {
+            planned = if preference == Preference::Rdma {
+                Err(NegotiateError::RdmaUnavailable { why })
+            } else {
+                choose_for(
+                    &ours,
+                    &capabilities,
+                    self.encrypt_data,
+                    &Preference::Tcp { why },
+                )
+            };
+        }
+        match planned {
             Ok(plan) => {
                 self.report.transport = Some(transport_label(&plan));
                 self.report.transport_reason = Some(plan.reason.clone());
@@ -478,10 +530,37 @@ impl SourceMigration {
     }
 
     /// Connects the data streams, starts dirty logging and the first round.
-    fn start_copy(&mut self, ctx: &mut Context<Self>, addrs: Vec<std::net::SocketAddr>) {
+    fn start_copy(
+        &mut self,
+        ctx: &mut Context<Self>,
+        addrs: Vec<std::net::SocketAddr>,
+        rdma: Option<Result<MemoryTable, String>>,
+    ) {
         let Some(plan) = self.plan.clone() else {
             return self.fail(ctx, Stage::Prepare, "no transport plan".into());
         };
+        let mut early_fallback = None;
+        let table = match (&plan.transport, rdma) {
+            (Transport::Rdma { .. }, Some(Ok(table))) => Some(table),
+            (Transport::Rdma { .. }, Some(Err(reason))) => {
+                early_fallback = Some(reason);
+                None
+            }
+            (Transport::Rdma { .. }, None) => {
+                early_fallback = Some("the destination published no RDMA memory table".into());
+                None
+            }
+            _ => None,
+        };
+        if let Some(reason) = &early_fallback
+            && self.options.transport == TransportChoice::Rdma
+        {
+            return self.fail(
+                ctx,
+                Stage::Prepare,
+                format!("RDMA was requested and cannot be set up: {reason}"),
+            );
+        }
         let moves_storage = self.moves_storage();
         let mut mappings = Vec::new();
         if moves_storage {
@@ -508,6 +587,7 @@ impl SourceMigration {
         } else {
             WorkerPlacement::pinned(streams, self.settings.copy_cpus.clone())
         };
+        let rdma_config = RdmaSenderConfig::new(session_of(self.id), placement.clone());
         let mut config = SenderConfig::new(session_of(self.id), placement);
         config.max_bandwidth = self.options.max_bandwidth;
         if plan.encrypted {
@@ -539,6 +619,7 @@ impl SourceMigration {
         }
         self.record = Some(record.clone());
         let journal = Arc::clone(&self.journal);
+        let transport_choice = self.options.transport;
         let connect = async move {
             // On record before the VM is touched: a restarted hostd then knows to give it
             // back its throttle, its tracking and (if it was running) its vCPUs.
@@ -546,11 +627,26 @@ impl SourceMigration {
                 .await
                 .map_err(|e| format!("journal task failed: {e}"))?
                 .map_err(|e| format!("recording the migration: {}", error_chain(&e)))?;
-            let sender =
-                actix_rt::task::spawn_blocking(move || Sender::connect(&addrs, source, config))
-                    .await
-                    .map_err(|e| format!("copy worker start failed: {e}"))?
-                    .map_err(|e| format!("connecting the data streams: {}", error_chain(&e)))?;
+            let connected = actix_rt::task::spawn_blocking(move || {
+                let targets = Targets {
+                    rdma: table.as_ref().map(|table| (table, rdma_config)),
+                    tcp_addrs: &addrs,
+                    tcp: config,
+                };
+                connect_sender(targets, source)
+            })
+            .await
+            .map_err(|e| format!("copy worker start failed: {e}"))?
+            .map_err(|e| format!("connecting the data streams: {}", error_chain(&e)))?;
+            let Connected { sender, fallback } = connected;
+            let fallback = match (early_fallback, fallback) {
+                (Some(early), _) => Some(format!("{early}: falling back to tcp+lz4")),
+                (None, later) => later,
+            };
+            if let (Some(reason), TransportChoice::Rdma) = (&fallback, transport_choice) {
+                discard(sender);
+                return Err(format!("RDMA was requested and cannot be set up: {reason}"));
+            }
             // Round one comes with tracking already on: a page is either populated when the
             // VM reads its backing, or written later and in a later fetch.
             let first_round = vm
@@ -571,14 +667,15 @@ impl SourceMigration {
                 disk_bytes = blocks.iter().map(|r| r.bytes()).sum();
                 ranges.extend(blocks);
             }
-            Ok::<_, String>((sender, ranges, disk_bytes))
+            Ok::<_, String>(((sender, fallback), ranges, disk_bytes))
         };
         ctx.wait(
             connect
                 .into_actor(self)
                 .map(move |result, act, ctx| match result {
-                    Ok((sender, _, _)) if act.done => discard(sender),
-                    Ok((sender, first_round, disk_bytes)) => {
+                    Ok(((sender, _), _, _)) if act.done => discard(sender),
+                    Ok(((sender, fallback), first_round, disk_bytes)) => {
+                        act.data_path_chosen(ctx, &sender, fallback);
                         act.report.disk_bytes += disk_bytes;
                         act.data_stats = Some(sender.stats_handle());
                         act.data = Some(sender);
@@ -590,6 +687,38 @@ impl SourceMigration {
                     }
                     Err(e) => act.fail(ctx, Stage::Prepare, e),
                 }),
+        );
+    }
+
+    /// Reports the data path connected (RDMA with its link, or TCP and why) and tells the
+    /// destination, which drops the receiver not used.
+    fn data_path_chosen(
+        &mut self,
+        ctx: &mut Context<Self>,
+        sender: &Sender,
+        fallback: Option<String>,
+    ) {
+        let rdma = sender.link().cloned();
+        match (&rdma, &fallback) {
+            (Some(link), _) => {
+                self.report.transport = Some("rdma".into());
+                if let Some(reason) = &mut self.report.transport_reason {
+                    reason.push_str(&format!("; link {link}"));
+                }
+            }
+            (None, Some(why)) => {
+                self.report.transport = Some("tcp+lz4".into());
+                self.report.transport_reason = Some(why.clone());
+            }
+            (None, None) => {}
+        }
+        self.report.rdma_link = rdma.clone();
+        self.send(
+            ctx,
+            ToDestination::DataPath {
+                rdma: rdma.is_some(),
+                fallback,
+            },
         );
     }
 
@@ -1382,8 +1511,8 @@ impl StreamHandler<Result<ToSource, ControlError>> for SourceMigration {
                 format!("destination refused: {reason}"),
                 true,
             ),
-            (Some(Stage::Prepare), ToSource::Prepared { data_addrs }) => {
-                self.start_copy(ctx, data_addrs)
+            (Some(Stage::Prepare), ToSource::Prepared { data_addrs, rdma }) => {
+                self.start_copy(ctx, data_addrs, rdma)
             }
             (Some(Stage::PreCopy), ToSource::DisksFlushed) if self.pending_pages.is_some() => {
                 if self.cancel_requested {

@@ -199,6 +199,10 @@ struct MigrateArgs {
     /// which is required when hosts have certificates.
     #[arg(long, value_parser = ["required", "opportunistic", "disabled"])]
     encryption: Option<String>,
+    /// Data path: auto (RDMA when both hosts have a usable device, else lz4-compressed TCP),
+    /// tcp, or rdma (fail at verify if RDMA cannot be used).
+    #[arg(long, value_parser = ["auto", "tcp", "rdma"])]
+    transport: Option<String>,
     /// Print one JSON object when done instead of progress and a report.
     #[arg(long)]
     json: bool,
@@ -434,6 +438,7 @@ fn migrate(client: &Client, args: &MigrateArgs) -> Result<i32> {
         disk_targets: args.disk_target.iter().cloned().collect(),
         keep_source_disks: args.keep_source_disks,
         encryption: args.encryption.clone(),
+        transport: args.transport.clone(),
     };
     let (source, started) = client.migrate(&args.name, &request)?;
     let view = (!args.json).then(|| ProgressView::new(&args.name, &source.name, &args.to));

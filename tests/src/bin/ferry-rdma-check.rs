@@ -784,7 +784,8 @@ impl Check {
         if !matches!(plan.transport, Transport::Rdma { .. }) {
             return Err(format!("two RDMA hosts planned {}", plan.reason));
         }
-        let encrypted = negotiate::choose_for(&caps, &caps, true).map_err(|e| e.to_string())?;
+        let encrypted = negotiate::choose_for(&caps, &caps, true, &negotiate::Preference::Auto)
+            .map_err(|e| e.to_string())?;
         if matches!(encrypted.transport, Transport::Rdma { .. })
             || !encrypted.reason.contains("TLS")
         {
