@@ -325,6 +325,66 @@ fn hosts_of_different_versions_agree_or_refuse_naming_both() {
 /// A downtime target no switch-over can meet is refused at verify with the smallest one
 /// this pair of hosts can reach, instead of spinning through every round.
 #[test]
+fn the_operators_transport_choice_is_followed_or_refused_with_the_reason() {
+    // This machine has no RDMA device: auto takes TCP and says why, tcp says it was asked
+    // for, and rdma is refused at verify with nothing moved.
+    let cluster = cluster(vec![HostSpec::new("alpha"), HostSpec::new("beta")]);
+    cluster.ferryctl_ok(&[
+        "vm", "create", "t2", "--host", "alpha", "--guest", "counter", "--memory", "64M",
+    ]);
+    let report = migrate(&cluster, "t2", "beta", &[]);
+    assert_eq!(report["transport"], "tcp+lz4", "{report:#}");
+    let reason = report["transport_reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains("no RDMA device on either host"),
+        "{report:#}"
+    );
+    assert!(report["rdma_link"].is_null(), "{report:#}");
+    let report = migrate(&cluster, "t2", "alpha", &["--transport", "tcp"]);
+    let reason = report["transport_reason"].as_str().unwrap_or("");
+    assert!(
+        reason.ends_with("TCP requested by the operator"),
+        "{report:#}"
+    );
+    let result = cluster.ferryctl(&[
+        "migrate",
+        "t2",
+        "--to",
+        "beta",
+        "--transport",
+        "rdma",
+        "--json",
+    ]);
+    assert_eq!(result.code, Some(1), "{result:?}");
+    let report = result.json();
+    assert_eq!(report["status"], "refused", "{report:#}");
+    assert_eq!(
+        report["error"].as_str().unwrap_or(""),
+        "no common transport: RDMA was requested and cannot be used: no RDMA device on either host",
+        "{report:#}"
+    );
+    let vm = cluster.vm("t2").unwrap();
+    assert_eq!(
+        (&vm["host"], &vm["state"]),
+        (&"alpha".into(), &"running".into())
+    );
+    // The API names a transport it does not know.
+    let (status, body) = cluster.api_post(
+        "alpha",
+        "/v1/vms/t2/migrate",
+        r#"{"to": "beta", "transport": "carrier-pigeon"}"#,
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("'carrier-pigeon' is not a transport (auto, tcp, rdma)"),
+        "{body}"
+    );
+}
+
+#[test]
 fn a_downtime_target_below_the_switch_over_floor_is_refused_with_the_floor() {
     let cluster = cluster(vec![HostSpec::new("alpha"), HostSpec::new("beta")]);
     cluster.ferryctl_ok(&[
