@@ -145,6 +145,19 @@ fn content(page: u64, round: u64) -> impl Fn(usize) -> u8 {
     move |i| bytes[i % 64] ^ (i / 64) as u8
 }
 
+/// Incompressible page content (xorshift over the whole page), for the benchmark.
+fn noise(page: u64) -> impl Fn(usize) -> u8 {
+    let mut x = page.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut bytes = vec![0u8; PAGE_SIZE];
+    for chunk in bytes.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes());
+    }
+    move |i| bytes[i]
+}
+
 /// Compares the two memories page by page; names the first difference.
 fn compare(source: &Memfd, destination: &Memfd) -> Result<(), String> {
     let mut differing = 0u64;
@@ -445,6 +458,15 @@ fn connect(
     source: &Arc<GuestRegions>,
     prepared: &Prepared,
 ) -> Result<(PageSender<GuestRegions>, String), String> {
+    connect_with(peer, source, prepared, CompressionPolicy::Lz4)
+}
+
+fn connect_with(
+    peer: &mut Peer,
+    source: &Arc<GuestRegions>,
+    prepared: &Prepared,
+    compression: CompressionPolicy,
+) -> Result<(PageSender<GuestRegions>, String), String> {
     let ours = Capabilities::local(Vec::new(), STREAMS as u16).map_err(|e| e.to_string())?;
     let plan = negotiate::choose(&ours, &prepared.caps).map_err(|e| e.to_string())?;
     let placement = WorkerPlacement::pinned(STREAMS, ferry_transport::workers::available_cpus());
@@ -455,7 +477,7 @@ fn connect(
     };
     let mut tcp_config = SenderConfig::new(peer.session, placement);
     tcp_config.timeouts = timeouts();
-    tcp_config.compression = CompressionPolicy::Lz4;
+    tcp_config.compression = compression;
     let Transport::Tcp { addrs, .. } = &tcp_transport(&prepared.caps) else {
         return Err("no TCP address".into());
     };
@@ -842,15 +864,20 @@ fn suite(addr: IpAddr, pages: u64) -> ExitCode {
 fn bench(addr: IpAddr, pages: u64, repeats: usize) -> ExitCode {
     let check = Check { addr, pages };
     println!("BENCH transport  MiB  seconds  MiB/s  source-cpu-s/GiB  dest-cpu-s/GiB");
-    for (label, mode) in [("rdma", "normal"), ("tcp+lz4", "no-rdma")] {
+    let modes = [
+        ("rdma", "normal", CompressionPolicy::None),
+        ("tcp", "no-rdma", CompressionPolicy::None),
+        ("tcp+lz4", "no-rdma", CompressionPolicy::Lz4),
+    ];
+    for (label, mode, compression) in modes {
         for _ in 0..repeats {
             let run = || -> Result<(f64, f64, f64), String> {
                 let (mut peer, source, memory) = check.rdma_peer(mode)?;
                 for page in 0..pages {
-                    memory.write_page(page, content(page, 11));
+                    memory.write_page(page, noise(page));
                 }
                 let prepared = peer.prepared(Duration::from_secs(60))?;
-                let (mut sender, _) = connect(&mut peer, &source, &prepared)?;
+                let (mut sender, _) = connect_with(&mut peer, &source, &prepared, compression)?;
                 let cpu = process_cpu();
                 let started = Instant::now();
                 sender
