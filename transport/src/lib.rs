@@ -46,6 +46,7 @@
 
 pub mod control;
 pub mod data;
+mod failure;
 pub mod memory;
 pub mod negotiate;
 pub mod pages;

@@ -47,6 +47,12 @@ struct Memfd {
     len: usize,
 }
 
+// SAFETY: the mapping is shared memory accessed only through raw-pointer copies of whole
+// pages; threads writing it concurrently is what guest vCPUs do to guest memory.
+unsafe impl Send for Memfd {}
+// SAFETY: as for Send: no method hands out references into the mapping.
+unsafe impl Sync for Memfd {}
+
 impl Memfd {
     /// A new zero-filled file, inheritable by a child process.
     fn create(len: usize) -> Result<Self, String> {
@@ -586,6 +592,92 @@ impl Check {
         ))
     }
 
+    /// The worst moment: a writer keeps changing pages while the NIC reads them. Each round
+    /// fetches and clears the writer's dirty bits before sending those pages (as KVM's dirty
+    /// log does); after the writer stops, a last round, and the memories must be equal.
+    fn live_writer(&self) -> Result<String, String> {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let (mut peer, source, memory) = self.rdma_peer("normal")?;
+        let memory = Arc::new(memory);
+        let words = self.pages.div_ceil(64) as usize;
+        let dirty: Arc<Vec<AtomicU64>> = Arc::new((0..words).map(|_| AtomicU64::new(0)).collect());
+        let stop = Arc::new(AtomicBool::new(false));
+        let pages = self.pages;
+        let writer = {
+            let (memory, dirty, stop) =
+                (Arc::clone(&memory), Arc::clone(&dirty), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut x = 0x2545_f491_4f6c_dd1du64;
+                let mut writes = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    // A hot eighth of memory takes half the writes.
+                    let page = if x & 1 == 0 {
+                        (x >> 1) % (pages / 8)
+                    } else {
+                        (x >> 1) % pages
+                    };
+                    writes += 1;
+                    memory.write_page(page, content(page, writes));
+                    dirty[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Release);
+                    if writes.is_multiple_of(64) {
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                }
+                writes
+            })
+        };
+        let fetch = || -> Vec<PageRange> {
+            let mut ranges = Vec::new();
+            for (i, word) in dirty.iter().enumerate() {
+                let mut bits = word.swap(0, Ordering::AcqRel);
+                while bits != 0 {
+                    let bit = u64::from(bits.trailing_zeros());
+                    bits &= bits - 1;
+                    ranges.push(PageRange::new(i as u64 * 64 + bit, 1));
+                }
+            }
+            ranges
+        };
+        let prepared = peer.prepared(Duration::from_secs(60))?;
+        let (mut sender, _) = connect(&mut peer, &source, &prepared)?;
+        let result = (|| -> Result<(), String> {
+            // Round one: all of memory (tracking is already on: the writer sets bits).
+            sender
+                .send(&[PageRange::new(0, pages)])
+                .map_err(|e| ferry_transport::report(&e))?;
+            sender.flush().map_err(|e| ferry_transport::report(&e))?;
+            for _ in 0..4 {
+                let ranges = fetch();
+                sender
+                    .send(&ranges)
+                    .map_err(|e| ferry_transport::report(&e))?;
+                sender.flush().map_err(|e| ferry_transport::report(&e))?;
+            }
+            Ok(())
+        })();
+        stop.store(true, Ordering::Release);
+        let writes = writer
+            .join()
+            .map_err(|_| "the writer panicked".to_string())?;
+        result?;
+        let last = fetch();
+        sender
+            .send(&last)
+            .map_err(|e| ferry_transport::report(&e))?;
+        sender.finish().map_err(|e| ferry_transport::report(&e))?;
+        peer.outcome()?
+            .result
+            .map_err(|e| format!("destination: {e}"))?;
+        compare(&memory, &peer.memory)?;
+        Ok(format!(
+            "{writes} page writes during 5 rounds, {} pages in the last round; memories equal",
+            last.len()
+        ))
+    }
+
     /// Every other page dirty: many one-page writes.
     fn fragmented(&self) -> Result<String, String> {
         let (mut peer, source, memory) = self.rdma_peer("normal")?;
@@ -824,10 +916,11 @@ impl Check {
 fn suite(addr: IpAddr, pages: u64) -> ExitCode {
     let check = Check { addr, pages };
     type CheckFn = fn(&Check) -> Result<String, String>;
-    let checks: [(&str, CheckFn); 10] = [
+    let checks: [(&str, CheckFn); 11] = [
         ("discovery", Check::discovery),
         ("rounds", Check::rounds),
         ("fragmented", Check::fragmented),
+        ("pages_change_while_the_nic_reads_them", Check::live_writer),
         ("destination_killed", Check::killed),
         ("completion_error", Check::completion_error),
         ("destination_never_accepts", Check::no_accept),

@@ -3,8 +3,8 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,7 @@ use super::batch::{
 };
 use super::stream::{self, FrameReader, StreamError};
 use super::{SessionId, Timeouts};
+use crate::failure::FirstError;
 use crate::memory::PageSink;
 use crate::stats::{FrameCounts, StatsHandle, TransferStats, thread_cpu_time};
 use crate::tls::HostTls;
@@ -129,27 +130,16 @@ impl DataListener {
 
 #[derive(Debug, Default)]
 struct Shared {
-    failed: AtomicBool,
-    failure: Mutex<Option<Arc<StreamError>>>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Only a plain Option behind it: nothing a panic could leave half-updated.
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+    failure: FirstError<StreamError>,
 }
 
 impl Shared {
     fn fail(&self, error: StreamError) {
-        let mut failure = lock(&self.failure);
-        if failure.is_none() {
-            tracing::warn!(error = %crate::report(&error), "data transfer failed");
-            *failure = Some(Arc::new(error));
-            self.failed.store(true, Ordering::Release);
-        }
+        self.failure.set(error, "data transfer");
     }
 
     fn failure(&self) -> Option<Arc<StreamError>> {
-        lock(&self.failure).clone()
+        self.failure.get()
     }
 }
 

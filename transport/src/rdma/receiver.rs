@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -22,6 +22,7 @@ use super::verbs::{
     CmId, EventChannel, MemoryRegion, ProtectionDomain, check, event_name, sockaddr_of,
 };
 use crate::data::{ReceiveError, SessionId, Timeouts};
+use crate::failure::FirstError;
 use crate::memory::{MappedMemory, PAGE_SIZE};
 use crate::stats::{FrameCounts, StatsHandle, TransferStats};
 
@@ -108,14 +109,11 @@ impl RdmaReceiverConfig {
 
 #[derive(Debug)]
 struct Shared {
-    failed: AtomicBool,
-    failure: Mutex<Option<Arc<RdmaError>>>,
+    failure: FirstError<RdmaError>,
     /// Streams whose `Finish` arrived.
     finished: AtomicUsize,
     /// Per stream: finished, so its disconnect is expected.
     done: Mutex<Vec<bool>>,
-    /// Raised on failure, so that waits on the queue pairs give up at once.
-    cancel: Arc<AtomicBool>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -124,20 +122,15 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Shared {
     fn fail(&self, error: RdmaError) {
-        let mut failure = lock(&self.failure);
-        if failure.is_none() {
-            tracing::warn!(error = %crate::report(&error), "RDMA receive failed");
-            *failure = Some(Arc::new(error));
-            self.failed.store(true, Ordering::Release);
-            self.cancel.store(true, Ordering::Release);
-        }
+        self.failure.set(error, "RDMA receive");
     }
 
     fn failure(&self) -> Option<Arc<RdmaError>> {
-        if !self.failed.load(Ordering::Acquire) {
-            return None;
-        }
-        lock(&self.failure).clone()
+        self.failure.get()
+    }
+
+    fn failed(&self) -> bool {
+        self.failure.is_set()
     }
 }
 
@@ -205,11 +198,9 @@ impl RdmaReceiver {
             zeroed: config.zeroed,
         };
         let shared = Arc::new(Shared {
-            failed: AtomicBool::new(false),
-            failure: Mutex::new(None),
+            failure: FirstError::default(),
             finished: AtomicUsize::new(0),
             done: Mutex::new(vec![false; config.streams]),
-            cancel: Arc::new(AtomicBool::new(false)),
         });
         let stats = StatsHandle::new(config.streams, 0);
         let owned = Owned {
@@ -263,8 +254,7 @@ impl RdmaReceiver {
 
     /// Whether every queue pair has finished (or the transfer failed).
     pub fn is_finished(&self) -> bool {
-        self.shared.failed.load(Ordering::Acquire)
-            || self.shared.finished.load(Ordering::Acquire) >= self.streams
+        self.shared.failed() || self.shared.finished.load(Ordering::Acquire) >= self.streams
     }
 
     /// Fails the transfer: the source is told `reason` on every queue pair.
@@ -372,13 +362,8 @@ fn serve<K: ?Sized>(
                 });
                 match verdict {
                     Ok(stream) => {
-                        let connection = Connection::new(
-                            stream,
-                            id,
-                            &owned.pd,
-                            depth(),
-                            Arc::clone(&shared.cancel),
-                        )?;
+                        let connection =
+                            Connection::new(stream, id, &owned.pd, depth(), shared.failure.flag())?;
                         let mut param = conn_param(&[]);
                         // SAFETY: the id is a live connect request with its queue pair
                         // created; `param` is valid for the call.
@@ -442,9 +427,7 @@ fn serve<K: ?Sized>(
     }
     // Watch the connection events until done.
     loop {
-        if shared.failed.load(Ordering::Acquire)
-            || shared.finished.load(Ordering::Acquire) >= config.streams
-        {
+        if shared.failed() || shared.finished.load(Ordering::Acquire) >= config.streams {
             break;
         }
         let Some(event) = channel.next(Duration::from_millis(200))? else {

@@ -21,6 +21,7 @@ use super::verbs::{
 };
 use super::{LinkInfo, RdmaError};
 use crate::data::{SendError, SessionId, Timeouts};
+use crate::failure::FirstError;
 use crate::memory::{MappedMemory, PAGE_SIZE, PageRange};
 use crate::stats::{FrameCounts, StatsHandle, TransferStats, thread_cpu_time};
 use crate::workers::{PinnedThread, WorkerPlacement, spawn_pinned};
@@ -100,8 +101,7 @@ enum Job {
 
 #[derive(Debug)]
 struct Shared {
-    failed: AtomicBool,
-    failure: Mutex<Option<Arc<RdmaError>>>,
+    failure: FirstError<RdmaError>,
     /// Highest ticket acknowledged per worker.
     done: Mutex<Vec<u64>>,
     changed: Condvar,
@@ -111,8 +111,6 @@ struct Shared {
     /// acknowledged, which the workers (not the watcher) tell from a failure.
     finishing: AtomicBool,
     stop: AtomicBool,
-    /// Raised on failure, so that waits on the queue pairs give up at once.
-    cancel: Arc<AtomicBool>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -121,23 +119,17 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Shared {
     fn fail(&self, error: RdmaError) {
-        let mut failure = lock(&self.failure);
-        if failure.is_none() {
-            tracing::warn!(error = %crate::report(&error), "RDMA transfer failed");
-            *failure = Some(Arc::new(error));
-            self.failed.store(true, Ordering::Release);
-            self.cancel.store(true, Ordering::Release);
-        }
-        drop(failure);
+        self.failure.set(error, "RDMA transfer");
         let _done = lock(&self.done);
         self.changed.notify_all();
     }
 
     fn failure(&self) -> Option<Arc<RdmaError>> {
-        if !self.failed.load(Ordering::Acquire) {
-            return None;
-        }
-        lock(&self.failure).clone()
+        self.failure.get()
+    }
+
+    fn failed(&self) -> bool {
+        self.failure.is_set()
     }
 }
 
@@ -204,7 +196,8 @@ impl<S: MappedMemory + ?Sized + 'static> RdmaSender<S> {
             outstanding: config.outstanding,
             signal_every: config.signal_every,
         };
-        let cancel = Arc::new(AtomicBool::new(false));
+        let failure = FirstError::default();
+        let cancel = failure.flag();
         let mut pd: Option<Arc<ProtectionDomain>> = None;
         let mut regions = Vec::new();
         let mut connections = Vec::with_capacity(streams);
@@ -321,14 +314,12 @@ impl<S: MappedMemory + ?Sized + 'static> RdmaSender<S> {
             zeroed: table.zeroed,
         });
         let shared = Arc::new(Shared {
-            failed: AtomicBool::new(false),
-            failure: Mutex::new(None),
+            failure,
             done: Mutex::new(vec![0; streams]),
             changed: Condvar::new(),
             quiet: AtomicBool::new(false),
             finishing: AtomicBool::new(false),
             stop: AtomicBool::new(false),
-            cancel,
         });
         let ids: Vec<usize> = connections.iter().map(|c| c.id().raw() as usize).collect();
         let stats = StatsHandle::new(streams, 0);
@@ -625,7 +616,7 @@ impl Worker {
     fn run(mut self, jobs: &crossbeam_channel::Receiver<Job>) {
         let stream = self.connection.stream;
         loop {
-            if self.shared.failed.load(Ordering::Acquire) {
+            if self.shared.failed() {
                 break;
             }
             let job = match jobs.recv_timeout(
@@ -703,7 +694,7 @@ impl Worker {
                     after: self.timeouts.stall,
                 });
             }
-            if self.shared.failed.load(Ordering::Acquire) {
+            if self.shared.failed() {
                 return Ok(());
             }
             match self
