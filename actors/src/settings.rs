@@ -169,6 +169,10 @@ pub struct HostSettings {
     /// Host-to-host protocol versions this host speaks (normally all this build has; a test
     /// narrows or widens them to stand in for another Ferry version).
     pub protocol_versions: &'static [u16],
+    /// Test-only: an RDMA device this host claims to have besides those it finds, standing
+    /// in for hardware this machine lacks, so that negotiation plans RDMA and the setup
+    /// failure and its fallback run for real.
+    pub claimed_rdma: Option<ferry_transport::rdma::RdmaDevice>,
     /// How to start a VM's VMM process (`None`: this executable, as `EXE vmm`).
     pub vmm_program: Option<ferry_vmm::VmmProgram>,
     /// This host's certificate in the cluster (`None`: it has none, and speaks plain TCP
@@ -177,6 +181,25 @@ pub struct HostSettings {
 }
 
 impl HostSettings {
+    /// What this host can do for a migration's data: its RDMA devices (discovery failing is
+    /// logged and means none), TCP on `addrs`, up to `streams` streams.
+    pub fn capabilities(
+        &self,
+        addrs: Vec<std::net::SocketAddr>,
+        streams: u16,
+    ) -> ferry_transport::negotiate::Capabilities {
+        use ferry_transport::negotiate::Capabilities;
+        let mut caps = Capabilities::local(addrs.clone(), streams).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "RDMA discovery failed; offering TCP only");
+            Capabilities::without_rdma(addrs, streams)
+        });
+        if let Some(device) = &self.claimed_rdma {
+            caps.rdma_devices.push(device.clone());
+            caps.rdma_data_path = true;
+        }
+        caps
+    }
+
     /// The encryption a migration out of here uses when the operator names none: required
     /// with a certificate, disabled without one.
     pub fn default_encryption(&self) -> crate::migration::Encryption {

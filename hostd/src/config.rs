@@ -322,6 +322,7 @@ impl Cluster {
             peers,
             fault,
             protocol_versions: ferry_transport::wire::PROTOCOL_VERSIONS,
+            claimed_rdma: None,
             vmm_program: None,
             tls,
         })

@@ -53,6 +53,24 @@ pub const FAULT_ENV: &str = "FERRY_FAULT";
 /// in for another Ferry version in a mixed cluster.
 pub const PROTOCOL_VERSIONS_ENV: &str = "FERRY_TEST_PROTOCOL_VERSIONS";
 
+/// Test-only: claim an RDMA device of this name with one active RoCE port.
+const CLAIM_RDMA_ENV: &str = "FERRY_TEST_CLAIM_RDMA";
+
+fn claimed_device(name: &str) -> ferry_transport::rdma::RdmaDevice {
+    use ferry_transport::rdma::{LinkLayer, PortState, RdmaDevice, RdmaPort};
+    RdmaDevice {
+        name: name.to_string(),
+        node_guid: 0,
+        ports: vec![RdmaPort {
+            number: 1,
+            state: PortState::Active,
+            link_layer: LinkLayer::Ethernet,
+            active_mtu: 1024,
+        }],
+        problem: None,
+    }
+}
+
 fn protocol_versions_override() -> Result<Option<&'static [u16]>> {
     let Ok(text) = std::env::var(PROTOCOL_VERSIONS_ENV) else {
         return Ok(None);
@@ -77,6 +95,10 @@ pub fn run(config: &Path, name: &str) -> Result<()> {
         Err(_) => None,
     };
     let mut settings = cluster.host_settings(name, fault)?;
+    if let Ok(device) = std::env::var(CLAIM_RDMA_ENV) {
+        tracing::warn!(%device, "test override: claiming an RDMA device this machine may not have");
+        settings.claimed_rdma = Some(claimed_device(&device));
+    }
     if let Some(versions) = protocol_versions_override()? {
         tracing::warn!(?versions, "test override: speaking these protocol versions");
         settings.protocol_versions = versions;

@@ -385,6 +385,76 @@ fn the_operators_transport_choice_is_followed_or_refused_with_the_reason() {
 }
 
 #[test]
+fn a_planned_rdma_path_that_cannot_be_set_up_falls_back_to_tcp_and_says_why() {
+    // Both hosts claim an active RDMA port, so an unencrypted compute-only migration plans
+    // RDMA; this machine has no RDMA support, so the destination cannot set it up, and the
+    // migration carries on over TCP with the reason. Asked for RDMA only, it rolls back.
+    let cluster = cluster(vec![
+        HostSpec::new("alpha").claim_rdma("rxe-claimed0"),
+        HostSpec::new("beta").claim_rdma("rxe-claimed1"),
+    ]);
+    cluster.ferryctl_ok(&[
+        "vm", "create", "r1", "--host", "alpha", "--guest", "counter", "--memory", "64M",
+    ]);
+    // Encrypted (the default here): RDMA is out for TLS, whatever the devices.
+    let report = migrate(&cluster, "r1", "beta", &[]);
+    let reason = report["transport_reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains("RDMA streams cannot carry TLS"),
+        "{report:#}"
+    );
+    let report = migrate(&cluster, "r1", "alpha", &["--encryption", "disabled"]);
+    assert_eq!(report["transport"], "tcp+lz4", "{report:#}");
+    let reason = report["transport_reason"].as_str().unwrap_or("");
+    assert!(
+        reason.starts_with("rdma on the destination: ")
+            && reason.ends_with(": falling back to tcp+lz4"),
+        "{report:#}"
+    );
+    assert!(report["rdma_link"].is_null(), "{report:#}");
+    // The destination's record of it says the same.
+    let (status, incoming) = cluster.api_get(
+        "alpha",
+        &format!("/v1/migrations/{}", report["id"].as_str().unwrap()),
+    );
+    assert_eq!(status, 200, "{incoming}");
+    assert_eq!(incoming["transport"], "tcp+lz4", "{incoming:#}");
+    assert_eq!(
+        incoming["transport_reason"], report["transport_reason"],
+        "{incoming:#}"
+    );
+    // RDMA or nothing: the plan is RDMA, the setup fails, nothing is copied, the VM stays.
+    let result = cluster.ferryctl(&[
+        "migrate",
+        "r1",
+        "--to",
+        "beta",
+        "--encryption",
+        "disabled",
+        "--transport",
+        "rdma",
+        "--json",
+    ]);
+    assert_eq!(result.code, Some(1), "{result:?}");
+    let report = result.json();
+    assert_eq!(report["status"], "rolled_back", "{report:#}");
+    let error = report["error"].as_str().unwrap_or("");
+    assert!(
+        error.contains("RDMA was requested and cannot be set up: rdma on the destination"),
+        "{report:#}"
+    );
+    let vm = cluster.vm("r1").unwrap();
+    assert_eq!(
+        (&vm["host"], &vm["state"]),
+        (&"alpha".into(), &"running".into())
+    );
+    assert!(cluster.vms_on("beta").is_empty());
+    // And it still migrates afterwards.
+    let report = migrate(&cluster, "r1", "beta", &["--encryption", "disabled"]);
+    assert_eq!(report["status"], "completed", "{report:#}");
+}
+
+#[test]
 fn a_downtime_target_below_the_switch_over_floor_is_refused_with_the_floor() {
     let cluster = cluster(vec![HostSpec::new("alpha"), HostSpec::new("beta")]);
     cluster.ferryctl_ok(&[

@@ -32,6 +32,8 @@ pub struct HostSpec {
     pub fault: Option<String>,
     /// `FERRY_TEST_PROTOCOL_VERSIONS` for this hostd: stands in for another Ferry version.
     pub protocol_versions: Option<String>,
+    /// An RDMA device the host claims to have (test override; this machine has none).
+    pub claimed_rdma: Option<String>,
     /// Directory (under the cluster's) this host's datastore `shared` is at; `shared` by
     /// default, the same for every host, as real shared storage would be.
     pub shared_dir: String,
@@ -66,6 +68,7 @@ impl HostSpec {
             hide_cpu_features: Vec::new(),
             fault: None,
             protocol_versions: None,
+            claimed_rdma: None,
             shared_dir: "shared".into(),
             certificate: Certificate::Cluster,
             unlisted: false,
@@ -106,6 +109,13 @@ impl HostSpec {
     /// With fault injection.
     pub fn fault(mut self, fault: &str) -> Self {
         self.fault = Some(fault.into());
+        self
+    }
+
+    /// Claiming an RDMA device of this name with an active port, which this machine does
+    /// not have: negotiation plans RDMA and its setup fails for real.
+    pub fn claim_rdma(mut self, device: &str) -> Self {
+        self.claimed_rdma = Some(device.into());
         self
     }
 
@@ -723,6 +733,9 @@ impl TestCluster {
         }
         if let Some(versions) = &host.spec.protocol_versions {
             cmd.env("FERRY_TEST_PROTOCOL_VERSIONS", versions);
+        }
+        if let Some(device) = &host.spec.claimed_rdma {
+            cmd.env("FERRY_TEST_CLAIM_RDMA", device);
         }
         let child = cmd.spawn().expect("spawn hostd");
         self.hosts[i].child = Some(child);

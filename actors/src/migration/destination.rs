@@ -360,8 +360,7 @@ impl DestinationMigration {
     fn capabilities(&self) -> Capabilities {
         let addrs = self.settings.data_addrs.clone();
         let streams = self.hello.capabilities.max_streams.max(1);
-        Capabilities::local(addrs.clone(), streams)
-            .unwrap_or_else(|_| Capabilities::without_rdma(addrs, streams))
+        self.settings.capabilities(addrs, streams)
     }
 
     fn prepare(&mut self, ctx: &mut Context<Self>, plan: Plan) {

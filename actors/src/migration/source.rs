@@ -1320,11 +1320,7 @@ impl Actor for SourceMigration {
         };
         let addr = self.peer.control_addr;
         let config = control_config(&self.settings);
-        let capabilities =
-            Capabilities::local(Vec::new(), self.options.streams).unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "RDMA discovery failed; offering TCP only");
-                Capabilities::without_rdma(Vec::new(), self.options.streams)
-            });
+        let capabilities = self.settings.capabilities(Vec::new(), self.options.streams);
         let hello = Hello {
             id: self.id,
             source_host: self.settings.name.clone(),
