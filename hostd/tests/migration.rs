@@ -455,6 +455,46 @@ fn a_planned_rdma_path_that_cannot_be_set_up_falls_back_to_tcp_and_says_why() {
 }
 
 #[test]
+fn a_locked_memory_limit_too_low_for_registration_is_named_at_verify() {
+    // beta may lock only 8 MiB and lacks CAP_IPC_LOCK: registering a 64 MiB VM's memory
+    // there cannot succeed, and verify says so before anything is copied.
+    let cluster = cluster(vec![
+        HostSpec::new("alpha").claim_rdma("rxe-claimed0"),
+        HostSpec::new("beta")
+            .claim_rdma("rxe-claimed1")
+            .memlock_limit(8 << 20),
+    ]);
+    cluster.ferryctl_ok(&[
+        "vm", "create", "l1", "--host", "alpha", "--guest", "counter", "--memory", "64M",
+    ]);
+    let needle = "rdma on the destination 'beta': registering 64 MiB needs that much locked memory, and RLIMIT_MEMLOCK is 8 MiB (hard limit 8 MiB)";
+    let result = cluster.ferryctl(&[
+        "migrate",
+        "l1",
+        "--to",
+        "beta",
+        "--encryption",
+        "disabled",
+        "--transport",
+        "rdma",
+        "--json",
+    ]);
+    assert_eq!(result.code, Some(1), "{result:?}");
+    let report = result.json();
+    assert_eq!(report["status"], "refused", "{report:#}");
+    assert!(
+        report["error"].as_str().unwrap_or("").contains(needle),
+        "{report:#}"
+    );
+    assert!(cluster.vms_on("beta").is_empty());
+    // Auto: TCP, for that reason.
+    let report = migrate(&cluster, "l1", "beta", &["--encryption", "disabled"]);
+    let reason = report["transport_reason"].as_str().unwrap_or("");
+    assert!(reason.contains(needle), "{report:#}");
+    assert_eq!(report["transport"], "tcp+lz4", "{report:#}");
+}
+
+#[test]
 fn a_downtime_target_below_the_switch_over_floor_is_refused_with_the_floor() {
     let cluster = cluster(vec![HostSpec::new("alpha"), HostSpec::new("beta")]);
     cluster.ferryctl_ok(&[

@@ -34,6 +34,9 @@ pub struct HostSpec {
     pub protocol_versions: Option<String>,
     /// An RDMA device the host claims to have (test override; this machine has none).
     pub claimed_rdma: Option<String>,
+    /// Run hostd with this RLIMIT_MEMLOCK (soft and hard) and without CAP_IPC_LOCK, as an
+    /// unprivileged daemon would.
+    pub memlock_limit: Option<u64>,
     /// Directory (under the cluster's) this host's datastore `shared` is at; `shared` by
     /// default, the same for every host, as real shared storage would be.
     pub shared_dir: String,
@@ -69,6 +72,7 @@ impl HostSpec {
             fault: None,
             protocol_versions: None,
             claimed_rdma: None,
+            memlock_limit: None,
             shared_dir: "shared".into(),
             certificate: Certificate::Cluster,
             unlisted: false,
@@ -116,6 +120,12 @@ impl HostSpec {
     /// not have: negotiation plans RDMA and its setup fails for real.
     pub fn claim_rdma(mut self, device: &str) -> Self {
         self.claimed_rdma = Some(device.into());
+        self
+    }
+
+    /// With this locked-memory limit and no CAP_IPC_LOCK (see [`HostSpec::memlock_limit`]).
+    pub fn memlock_limit(mut self, bytes: u64) -> Self {
+        self.memlock_limit = Some(bytes);
         self
     }
 
@@ -737,6 +747,9 @@ impl TestCluster {
         if let Some(device) = &host.spec.claimed_rdma {
             cmd.env("FERRY_TEST_CLAIM_RDMA", device);
         }
+        if let Some(bytes) = host.spec.memlock_limit {
+            limit_locked_memory(&mut cmd, bytes);
+        }
         let child = cmd.spawn().expect("spawn hostd");
         self.hosts[i].child = Some(child);
     }
@@ -1156,4 +1169,30 @@ impl Drop for TestCluster {
             }
         }
     }
+}
+
+/// Makes `cmd` start with RLIMIT_MEMLOCK at `bytes` (soft and hard) and CAP_IPC_LOCK out of
+/// its capability bounding set, so that even as root it cannot lock more.
+fn limit_locked_memory(cmd: &mut Command, bytes: u64) {
+    use std::os::unix::process::CommandExt;
+    /// CAP_IPC_LOCK (linux/capability.h).
+    const CAP_IPC_LOCK: libc::c_ulong = 14;
+    let drop_limits = move || {
+        let limit = libc::rlimit {
+            rlim_cur: bytes,
+            rlim_max: bytes,
+        };
+        // SAFETY: setrlimit reads one valid rlimit.
+        let limited = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) } == 0;
+        // SAFETY: PR_CAPBSET_DROP takes a capability number and no pointers.
+        let dropped = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, CAP_IPC_LOCK, 0, 0, 0) } == 0;
+        if limited && dropped {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    // SAFETY: the closure runs in the child between fork and exec and makes only
+    // async-signal-safe system calls (setrlimit, prctl), touching no shared state.
+    unsafe { cmd.pre_exec(drop_limits) };
 }
