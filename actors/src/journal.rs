@@ -401,6 +401,31 @@ impl Journal {
         Ok(old.len())
     }
 
+    /// Writes a migration's record and a VM's record together, durably, in one transaction:
+    /// the destination's commit, after which a crash must find the VM it runs on record
+    /// (with its disks and network), not only the migration.
+    pub fn record_with_vm(
+        &self,
+        record: &MigrationRecord,
+        vm: &VmRecord,
+    ) -> Result<(), JournalError> {
+        let migration = self.encode(record)?;
+        let machine = self.encode(vm)?;
+        let txn = self.db.begin_write().map_err(self.store_error("begin"))?;
+        {
+            let mut table = txn
+                .open_table(MIGRATIONS)
+                .map_err(self.store_error("open"))?;
+            table
+                .insert(record.id.as_u128(), migration.as_slice())
+                .map_err(self.store_error("write"))?;
+            let mut vms = txn.open_table(VMS).map_err(self.store_error("open"))?;
+            vms.insert(vm.info.name.as_str(), machine.as_slice())
+                .map_err(self.store_error("write"))?;
+        }
+        txn.commit().map_err(self.store_error("commit"))
+    }
+
     /// Writes (or replaces) the record of a VM, durably.
     pub fn put_vm(&self, record: &VmRecord) -> Result<(), JournalError> {
         let bytes = self.encode(record)?;
@@ -559,6 +584,18 @@ mod tests {
         assert_eq!(journal.vms().unwrap(), vec![stale]);
         journal.remove_vm("web").unwrap();
         assert!(journal.vms().unwrap().is_empty());
+        // A commit writes both records at once, and both survive a reopen.
+        let id = MigrationId::new_v4();
+        let committed =
+            MigrationRecord::new(id, "web", (Role::Destination, "alpha"), Phase::Committed);
+        journal.record_with_vm(&committed, &record).unwrap();
+        drop(journal);
+        let journal = Journal::open(dir.path()).unwrap();
+        assert_eq!(journal.vms().unwrap(), vec![record]);
+        assert_eq!(
+            journal.get(id).unwrap().map(|r| r.phase),
+            Some(Phase::Committed)
+        );
     }
 
     #[test]

@@ -29,10 +29,10 @@ use crate::announce;
 use crate::host_actor::{
     AdmitIncoming, ConsoleLogClaim, HostActor, IncomingFinished, MigrationUpdate, PrepareIncoming,
 };
-use crate::journal::{Journal, MigrationRecord, Phase, Role};
+use crate::journal::{Journal, MigrationRecord, Phase, Role, VmRecord};
 use crate::lifecycle::Lifecycle;
 use crate::settings::{Fault, HostSettings};
-use crate::vm_actor::{EndMigrateIn, IncomingRam, LoadIncomingState, VmActor};
+use crate::vm_actor::{EndMigrateIn, GetInfo, IncomingRam, LoadIncomingState, VmActor};
 
 /// Writes `record` to the journal off the actor's thread (it fsyncs).
 /// How often a storage migration's destination writes arrived blocks back during the copy.
@@ -648,9 +648,23 @@ impl DestinationMigration {
             // here" and the source never resumes its copy on its own.
             let mut committed = record.with_phase(Phase::Committed);
             committed.was_running = run;
-            persist(Arc::clone(&journal), committed.clone())
+            // With the VM's own inventory record in the same transaction: a hostd killed
+            // right after this finds the VM with its disks and network, not a bare process.
+            let info = vm.send(GetInfo).await.map_err(|e| (false, e.to_string()))?;
+            let arrival = VmRecord { info, stale: false };
+            let writing = (Arc::clone(&journal), committed.clone());
+            actix_rt::task::spawn_blocking(move || writing.0.record_with_vm(&writing.1, &arrival))
                 .await
-                .map_err(|e| (false, e))?;
+                .map_err(|e| (false, format!("journal task failed: {e}")))?
+                .map_err(|e| {
+                    (
+                        false,
+                        format!(
+                            "cannot record phase Committed durably: {}",
+                            ferry_transport::report(&e)
+                        ),
+                    )
+                })?;
             let info = vm
                 .send(EndMigrateIn::Own { run })
                 .await
