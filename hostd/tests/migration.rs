@@ -26,6 +26,15 @@ fn migrate(cluster: &TestCluster, vm: &str, to: &str, extra: &[&str]) -> serde_j
     report
 }
 
+/// A migration that must not complete: ferryctl exits 1; its report.
+fn migrate_fails(cluster: &TestCluster, vm: &str, to: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["migrate", vm, "--to", to, "--json"];
+    args.extend_from_slice(extra);
+    let result = cluster.ferryctl(&args);
+    assert_eq!(result.code, Some(1), "{result:?}");
+    result.json()
+}
+
 #[test]
 fn counter_migrates_there_and_back_without_gap_or_repeat() {
     let cluster = cluster(vec![HostSpec::new("alpha"), HostSpec::new("beta")]);
@@ -346,17 +355,7 @@ fn the_operators_transport_choice_is_followed_or_refused_with_the_reason() {
         reason.ends_with("TCP requested by the operator"),
         "{report:#}"
     );
-    let result = cluster.ferryctl(&[
-        "migrate",
-        "t2",
-        "--to",
-        "beta",
-        "--transport",
-        "rdma",
-        "--json",
-    ]);
-    assert_eq!(result.code, Some(1), "{result:?}");
-    let report = result.json();
+    let report = migrate_fails(&cluster, "t2", "beta", &["--transport", "rdma"]);
     assert_eq!(report["status"], "refused", "{report:#}");
     assert_eq!(
         report["error"].as_str().unwrap_or(""),
@@ -424,19 +423,12 @@ fn a_planned_rdma_path_that_cannot_be_set_up_falls_back_to_tcp_and_says_why() {
         "{incoming:#}"
     );
     // RDMA or nothing: the plan is RDMA, the setup fails, nothing is copied, the VM stays.
-    let result = cluster.ferryctl(&[
-        "migrate",
+    let report = migrate_fails(
+        &cluster,
         "r1",
-        "--to",
         "beta",
-        "--encryption",
-        "disabled",
-        "--transport",
-        "rdma",
-        "--json",
-    ]);
-    assert_eq!(result.code, Some(1), "{result:?}");
-    let report = result.json();
+        &["--encryption", "disabled", "--transport", "rdma"],
+    );
     assert_eq!(report["status"], "rolled_back", "{report:#}");
     let error = report["error"].as_str().unwrap_or("");
     assert!(
@@ -468,19 +460,12 @@ fn a_locked_memory_limit_too_low_for_registration_is_named_at_verify() {
         "vm", "create", "l1", "--host", "alpha", "--guest", "counter", "--memory", "64M",
     ]);
     let needle = "rdma on the destination 'beta': registering 64 MiB needs that much locked memory, and RLIMIT_MEMLOCK is 8 MiB (hard limit 8 MiB)";
-    let result = cluster.ferryctl(&[
-        "migrate",
+    let report = migrate_fails(
+        &cluster,
         "l1",
-        "--to",
         "beta",
-        "--encryption",
-        "disabled",
-        "--transport",
-        "rdma",
-        "--json",
-    ]);
-    assert_eq!(result.code, Some(1), "{result:?}");
-    let report = result.json();
+        &["--encryption", "disabled", "--transport", "rdma"],
+    );
     assert_eq!(report["status"], "refused", "{report:#}");
     assert!(
         report["error"].as_str().unwrap_or("").contains(needle),
@@ -500,17 +485,7 @@ fn a_downtime_target_below_the_switch_over_floor_is_refused_with_the_floor() {
     cluster.ferryctl_ok(&[
         "vm", "create", "t1", "--host", "alpha", "--guest", "counter", "--memory", "64M",
     ]);
-    let result = cluster.ferryctl(&[
-        "migrate",
-        "t1",
-        "--to",
-        "beta",
-        "--downtime-ms",
-        "5",
-        "--json",
-    ]);
-    assert_eq!(result.code, Some(1), "{result:?}");
-    let report = result.json();
+    let report = migrate_fails(&cluster, "t1", "beta", &["--downtime-ms", "5"]);
     assert_eq!(report["status"], "refused", "{report:#}");
     assert_eq!(report["rounds"].as_array().unwrap().len(), 0, "{report:#}");
     let error = report["error"].as_str().unwrap();
