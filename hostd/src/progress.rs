@@ -114,6 +114,9 @@ pub fn describe(report: &MigrationReport) -> String {
             report.transport_reason.as_deref().unwrap_or("")
         ));
     }
+    if let Some(link) = &report.rdma_link {
+        out.push_str(&format!("  rdma link:   {link}\n"));
+    }
     if let Some(encryption) = &report.encryption {
         out.push_str(&format!("  encryption:  {encryption}\n"));
     }
@@ -240,4 +243,38 @@ pub fn report_json(report: &MigrationReport) -> serde_json::Value {
         "disk_final_bytes": report.disk_final_bytes,
         "disk_copies": report.disk_copies,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_words_name_the_rdma_link_when_there_is_one() {
+        let mut report = MigrationReport {
+            vm: "web".into(),
+            source: "alpha".into(),
+            destination: "beta".into(),
+            status: "completed".into(),
+            transport: Some("rdma".into()),
+            transport_reason: Some("RDMA over 2 streams: rxe0 port 1 on source and rxe1 port 1 on destination are active (Ethernet)".into()),
+            ..Default::default()
+        };
+        assert!(!describe(&report).contains("rdma link"));
+        report.rdma_link = Some(ferry_transport::rdma::LinkInfo {
+            device: "rxe0".into(),
+            port: 1,
+            gid: "::ffff:10.0.0.1".into(),
+            mtu: 1024,
+        });
+        let words = describe(&report);
+        assert!(
+            words.contains("  transport:   rdma (RDMA over 2 streams"),
+            "{words}"
+        );
+        assert!(
+            words.contains("  rdma link:   rxe0 port 1 gid ::ffff:10.0.0.1 mtu 1024\n"),
+            "{words}"
+        );
+    }
 }
