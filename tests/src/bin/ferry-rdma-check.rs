@@ -374,6 +374,48 @@ fn destination(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// `src --control PORT --pages N --session S`: a source process that writes rounds of the
+/// whole region to the destination the parent runs, until it is killed.
+fn source_process(args: &[String]) -> Result<(), String> {
+    let get = |name: &str| -> Result<&str, String> {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .map(String::as_str)
+            .ok_or_else(|| format!("src needs {name}"))
+    };
+    let control: u16 = get("--control")?
+        .parse()
+        .map_err(|e| format!("--control: {e}"))?;
+    let pages: u64 = get("--pages")?
+        .parse()
+        .map_err(|e| format!("--pages: {e}"))?;
+    let session = SessionId(
+        get("--session")?
+            .parse()
+            .map_err(|e| format!("--session: {e}"))?,
+    );
+    let memory = Memfd::create(pages as usize * PAGE_SIZE)?;
+    for page in 0..pages {
+        memory.write_page(page, noise(page));
+    }
+    let stream =
+        TcpStream::connect(("127.0.0.1", control)).map_err(|e| format!("control connect: {e}"))?;
+    let mut reader = BufReader::new(stream);
+    let table: MemoryTable = read_line(&mut reader, Duration::from_secs(60))?;
+    let mut config = RdmaSenderConfig::new(session, WorkerPlacement::unpinned(STREAMS));
+    config.timeouts = timeouts();
+    let mut sender =
+        ferry_transport::rdma::RdmaSender::connect(&table, memory.regions(false), config)
+            .map_err(|e| ferry_transport::report(&e))?;
+    loop {
+        sender
+            .send(&[PageRange::new(0, pages)])
+            .and_then(|()| sender.flush())
+            .map_err(|e| ferry_transport::report(&e))?;
+    }
+}
+
 // ---- the source side: one destination per check ------------------------------------------
 
 struct Peer {
@@ -759,6 +801,68 @@ impl Check {
         ))
     }
 
+    /// The source is killed while it writes: the destination fails with a clear error and
+    /// does not hang.
+    fn source_killed(&self) -> Result<String, String> {
+        let memory = Memfd::create(self.pages as usize * PAGE_SIZE)?;
+        let session = SessionId::random();
+        let listener = RdmaListener::bind(SocketAddr::new(self.addr, 0))
+            .map_err(|e| ferry_transport::report(&e))?;
+        let mut config = RdmaReceiverConfig::new(session, STREAMS);
+        config.timeouts = timeouts();
+        let receiver = RdmaReceiver::start(listener, memory.regions(true), config)
+            .map_err(|e| ferry_transport::report(&e))?;
+        let control = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        let port = control.local_addr().map_err(|e| e.to_string())?.port();
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let mut child = Command::new(exe)
+            .args([
+                "src",
+                "--control",
+                &port.to_string(),
+                "--pages",
+                &self.pages.to_string(),
+            ])
+            .args(["--session", &session.0.to_string()])
+            .spawn()
+            .map_err(|e| format!("cannot start the source: {e}"))?;
+        let (mut stream, _) = control.accept().map_err(|e| e.to_string())?;
+        send_line(&mut stream, receiver.table())?;
+        // Wait for a round to land, so the kill comes while pages move.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while receiver.stats().total.pages_raw == 0 {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err("no round arrived from the source".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let killed = Instant::now();
+        match receiver.wait() {
+            Ok(_) => Err("the destination finished although the source was killed".into()),
+            Err(e) => {
+                let text = ferry_transport::report(&e);
+                if [
+                    "disconnected",
+                    "completed with error",
+                    "nothing from the peer",
+                ]
+                .iter()
+                .any(|c| text.contains(c))
+                {
+                    Ok(format!(
+                        "{:.1} s after the kill: {text}",
+                        killed.elapsed().as_secs_f64()
+                    ))
+                } else {
+                    Err(format!("unclear error: {text}"))
+                }
+            }
+        }
+    }
+
     /// The destination publishes a wrong remote key: the first write completes with an
     /// error status, the queue pair goes to error state, and both sides fail with the reason.
     fn completion_error(&self) -> Result<String, String> {
@@ -916,12 +1020,13 @@ impl Check {
 fn suite(addr: IpAddr, pages: u64) -> ExitCode {
     let check = Check { addr, pages };
     type CheckFn = fn(&Check) -> Result<String, String>;
-    let checks: [(&str, CheckFn); 11] = [
+    let checks: [(&str, CheckFn); 12] = [
         ("discovery", Check::discovery),
         ("rounds", Check::rounds),
         ("fragmented", Check::fragmented),
         ("pages_change_while_the_nic_reads_them", Check::live_writer),
         ("destination_killed", Check::killed),
+        ("source_killed", Check::source_killed),
         ("completion_error", Check::completion_error),
         ("destination_never_accepts", Check::no_accept),
         ("destination_never_registers", Check::never_registers),
@@ -1022,6 +1127,7 @@ fn main() -> ExitCode {
     let pages = || -> u64 { flag("--mib", "64").parse::<u64>().unwrap_or(64) * 256 };
     let result = match args.get(1).map(String::as_str) {
         Some("dest") => destination(&args[2..]).map(|()| ExitCode::SUCCESS),
+        Some("src") => source_process(&args[2..]).map(|()| ExitCode::SUCCESS),
         Some("suite") => addr().map(|addr| suite(addr, pages())),
         Some("bench") => {
             addr().map(|addr| bench(addr, pages(), flag("--repeats", "3").parse().unwrap_or(3)))
