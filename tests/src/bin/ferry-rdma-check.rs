@@ -164,6 +164,23 @@ fn noise(page: u64) -> impl Fn(usize) -> u8 {
     move |i| bytes[i]
 }
 
+/// `error` as a check's detail if it says one of the `clear` things an operator can act on,
+/// with the time since `since`; otherwise a failure.
+fn clear_error(
+    error: String,
+    clear: &[&str],
+    (since_what, since): (&str, Instant),
+) -> Result<String, String> {
+    if clear.iter().any(|c| error.contains(c)) {
+        Ok(format!(
+            "{:.1} s {since_what}: {error}",
+            since.elapsed().as_secs_f64()
+        ))
+    } else {
+        Err(format!("unclear error: {error}"))
+    }
+}
+
 /// Compares the two memories page by page; names the first difference.
 fn compare(source: &Memfd, destination: &Memfd) -> Result<(), String> {
     let mut differing = 0u64;
@@ -792,13 +809,7 @@ impl Check {
             "no progress",
             "nothing from the peer",
         ];
-        if !clear.iter().any(|c| error.contains(c)) {
-            return Err(format!("unclear error: {error}"));
-        }
-        Ok(format!(
-            "{:.1} s after the writes began: {error}",
-            started.elapsed().as_secs_f64()
-        ))
+        clear_error(error, &clear, ("after the writes began", started))
     }
 
     /// The source is killed while it writes: the destination fails with a clear error and
@@ -842,24 +853,15 @@ impl Check {
         let killed = Instant::now();
         match receiver.wait() {
             Ok(_) => Err("the destination finished although the source was killed".into()),
-            Err(e) => {
-                let text = ferry_transport::report(&e);
-                if [
+            Err(e) => clear_error(
+                ferry_transport::report(&e),
+                &[
                     "disconnected",
                     "completed with error",
                     "nothing from the peer",
-                ]
-                .iter()
-                .any(|c| text.contains(c))
-                {
-                    Ok(format!(
-                        "{:.1} s after the kill: {text}",
-                        killed.elapsed().as_secs_f64()
-                    ))
-                } else {
-                    Err(format!("unclear error: {text}"))
-                }
-            }
+                ],
+                ("after the kill", killed),
+            ),
         }
     }
 
@@ -906,20 +908,11 @@ impl Check {
         let started = Instant::now();
         match ferry_transport::rdma::RdmaSender::connect(table, Arc::clone(&source), config) {
             Ok(_) => Err("connected to a destination that never accepts".into()),
-            Err(e) => {
-                let text = ferry_transport::report(&e);
-                if text.contains("within")
-                    || text.contains("unreachable")
-                    || text.contains("rejected")
-                {
-                    Ok(format!(
-                        "after {:.1} s: {text}",
-                        started.elapsed().as_secs_f64()
-                    ))
-                } else {
-                    Err(format!("unclear error: {text}"))
-                }
-            }
+            Err(e) => clear_error(
+                ferry_transport::report(&e),
+                &["within", "unreachable", "rejected"],
+                ("after connecting began", started),
+            ),
         }
     }
 

@@ -19,12 +19,16 @@ use super::verbs::{
     CmId, Completion, CompletionQueue, MemoryRegion, ProtectionDomain, check, status_text,
 };
 
-/// Message slots per connection: one to send markers, one to send acks and abandons, the
-/// rest posted as receives.
+/// Message slots per connection: one to send round markers, one for acks and abandons, one
+/// for keepalives, the rest posted as receives. Keepalives have their own slot because one
+/// may be posted behind writes and not yet sent when the next marker is written: sharing
+/// the buffer would let the NIC read a half-written mix of the two. (Two keepalives may
+/// share theirs: their bytes are identical.)
 const SLOTS: usize = 16;
 const SEND_MARKER: usize = 0;
 const SEND_OTHER: usize = 1;
-const RECV_FIRST: usize = 2;
+const SEND_KEEPALIVE: usize = 2;
+const RECV_FIRST: usize = 3;
 /// Receive work requests carry this bit in their id, sends do not.
 const RECV_TAG: u64 = 1 << 63;
 
@@ -224,11 +228,12 @@ impl Connection {
     /// Sends `message` (signalled): behind every write posted before it.
     pub(crate) fn send(&mut self, message: &Message) -> Result<(), RdmaError> {
         let slot = match message {
-            Message::Round { .. } | Message::Finish { .. } | Message::Keepalive => SEND_MARKER,
+            Message::Round { .. } | Message::Finish { .. } => SEND_MARKER,
             Message::Ack { .. } | Message::Abandon { .. } => SEND_OTHER,
+            Message::Keepalive => SEND_KEEPALIVE,
         };
-        // The slot is free: every send of it before was signalled and is waited for by the
-        // callers (`drain`) before the next one of the same kind.
+        // The slot is free: every marker, ack and abandon is drained (its completion waited
+        // for) before the next of its slot is written.
         let start = slot * SLOT;
         let len = message.encode(&mut self.msgs[start..start + SLOT]);
         let sge = ibv_sge {
