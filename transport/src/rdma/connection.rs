@@ -108,13 +108,21 @@ impl Connection {
         // SAFETY: the buffer is heap memory owned by the connection, dropped after the
         // registration (field order); only the NIC and this code's raw-pointer copies touch
         // it while registered.
-        let msgs_mr = unsafe {
+        let registered = unsafe {
             pd.register(
                 msgs.as_mut_ptr(),
                 msgs.len(),
                 ibv_access_flags::IBV_ACCESS_LOCAL_WRITE,
             )
-        }?;
+        };
+        let msgs_mr = match registered {
+            Ok(mr) => mr,
+            Err(error) => {
+                // The queue pair goes before its completion queue, as in drop.
+                drop(id);
+                return Err(error);
+            }
+        };
         let mut connection = Self {
             stream,
             id,

@@ -488,9 +488,10 @@ impl<S: MappedMemory + ?Sized + 'static> RdmaSender<S> {
         for worker in 0..self.jobs.len() {
             self.dispatch(worker, Job::Marker { ticket, finish })?;
         }
-        let stall = self.config.timeouts.stall;
+        // Each worker bounds its own waits by the stall timeout; this is the backstop.
+        let limit = self.config.timeouts.stall * 2;
+        let started = Instant::now();
         let mut done = lock(&self.shared.done);
-        let mut waited = Duration::ZERO;
         loop {
             if let Some(error) = self.shared.failure() {
                 return Err(SendError::Rdma(error));
@@ -498,10 +499,10 @@ impl<S: MappedMemory + ?Sized + 'static> RdmaSender<S> {
             if done.iter().all(|&t| t >= ticket) {
                 return Ok(());
             }
-            if waited >= stall * 2 {
+            if started.elapsed() >= limit {
                 return Err(SendError::NoProgress {
                     waiting_for: "the destination to acknowledge an RDMA round",
-                    after: waited,
+                    after: started.elapsed(),
                 });
             }
             let (guard, _) = self
@@ -510,7 +511,6 @@ impl<S: MappedMemory + ?Sized + 'static> RdmaSender<S> {
                 .wait_timeout(done, Duration::from_millis(200))
                 .unwrap_or_else(PoisonError::into_inner);
             done = guard;
-            waited += Duration::from_millis(200);
         }
     }
 
