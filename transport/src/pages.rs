@@ -180,10 +180,11 @@ pub fn connect_sender<S: PageSource + MappedMemory + ?Sized + 'static>(
                     crate::data::CompressionPolicy::None => "tcp",
                     _ => "tcp+lz4",
                 };
-                let reason = crate::report(&error);
-                let reason = reason
-                    .strip_prefix("RDMA data transfer failed: ")
-                    .unwrap_or(&reason);
+                // The RDMA error itself, without the "transfer failed" of its wrapper.
+                let reason = match &error {
+                    SendError::Rdma(inner) => crate::report(&**inner),
+                    other => crate::report(other),
+                };
                 let text = format!("{reason}: falling back to {label}");
                 tracing::warn!(reason = %text, "RDMA setup failed");
                 fallback = Some(text);

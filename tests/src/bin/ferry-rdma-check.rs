@@ -164,6 +164,25 @@ fn noise(page: u64) -> impl Fn(usize) -> u8 {
     move |i| bytes[i]
 }
 
+/// The value after `name` in `args`.
+fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+}
+
+/// The value after `name` in `args`, parsed; an error names the flag.
+fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    flag(args, name)
+        .ok_or_else(|| format!("{name} is missing"))?
+        .parse()
+        .map_err(|e| format!("{name}: {e}"))
+}
+
 /// `error` as a check's detail if it says one of the `clear` things an operator can act on,
 /// with the time since `since`; otherwise a failure.
 fn clear_error(
@@ -267,27 +286,12 @@ fn process_cpu() -> Duration {
 
 /// `dest --control PORT --addr IP --fd FD --pages N --session S --mode MODE`
 fn destination(args: &[String]) -> Result<(), String> {
-    let get = |name: &str| -> Result<&str, String> {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .map(String::as_str)
-            .ok_or_else(|| format!("dest needs {name}"))
-    };
-    let control: u16 = get("--control")?
-        .parse()
-        .map_err(|e| format!("--control: {e}"))?;
-    let ip: IpAddr = get("--addr")?.parse().map_err(|e| format!("--addr: {e}"))?;
-    let fd: RawFd = get("--fd")?.parse().map_err(|e| format!("--fd: {e}"))?;
-    let pages: usize = get("--pages")?
-        .parse()
-        .map_err(|e| format!("--pages: {e}"))?;
-    let session = SessionId(
-        get("--session")?
-            .parse()
-            .map_err(|e| format!("--session: {e}"))?,
-    );
-    let mode = get("--mode")?;
+    let control: u16 = arg(args, "--control")?;
+    let ip: IpAddr = arg(args, "--addr")?;
+    let fd: RawFd = arg(args, "--fd")?;
+    let pages: usize = arg(args, "--pages")?;
+    let session = SessionId(arg(args, "--session")?);
+    let mode = flag(args, "--mode").ok_or("dest needs --mode")?;
     let memory = Memfd::map(fd, pages * PAGE_SIZE)?;
     let sink = memory.regions(true);
     let mut stream =
@@ -394,24 +398,9 @@ fn destination(args: &[String]) -> Result<(), String> {
 /// `src --control PORT --pages N --session S`: a source process that writes rounds of the
 /// whole region to the destination the parent runs, until it is killed.
 fn source_process(args: &[String]) -> Result<(), String> {
-    let get = |name: &str| -> Result<&str, String> {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .map(String::as_str)
-            .ok_or_else(|| format!("src needs {name}"))
-    };
-    let control: u16 = get("--control")?
-        .parse()
-        .map_err(|e| format!("--control: {e}"))?;
-    let pages: u64 = get("--pages")?
-        .parse()
-        .map_err(|e| format!("--pages: {e}"))?;
-    let session = SessionId(
-        get("--session")?
-            .parse()
-            .map_err(|e| format!("--session: {e}"))?,
-    );
+    let control: u16 = arg(args, "--control")?;
+    let pages: u64 = arg(args, "--pages")?;
+    let session = SessionId(arg(args, "--session")?);
     let memory = Memfd::create(pages as usize * PAGE_SIZE)?;
     for page in 0..pages {
         memory.write_page(page, noise(page));
@@ -543,9 +532,6 @@ fn connect_with(
     let mut tcp_config = SenderConfig::new(peer.session, placement);
     tcp_config.timeouts = timeouts();
     tcp_config.compression = compression;
-    let Transport::Tcp { addrs, .. } = &tcp_transport(&prepared.caps) else {
-        return Err("no TCP address".into());
-    };
     let rdma = match (&plan.transport, &prepared.table) {
         (Transport::Rdma { .. }, Some(table)) => Some((table, rdma_config)),
         _ => None,
@@ -553,7 +539,7 @@ fn connect_with(
     let Connected { sender, fallback } = connect_sender(
         Targets {
             rdma,
-            tcp_addrs: addrs,
+            tcp_addrs: &prepared.caps.tcp_data_addrs,
             tcp: tcp_config,
         },
         Arc::clone(source),
@@ -570,13 +556,6 @@ fn connect_with(
         (PageSender::Tcp(_), None) => plan.reason.clone(),
     };
     Ok((sender, how))
-}
-
-fn tcp_transport(caps: &Capabilities) -> Transport {
-    Transport::Tcp {
-        addrs: caps.tcp_data_addrs.clone(),
-        compression: None,
-    }
 }
 
 // ---- checks ------------------------------------------------------------------------------
@@ -1105,13 +1084,8 @@ fn bench(addr: IpAddr, pages: u64, repeats: usize) -> ExitCode {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    let flag = |name: &str, default: &str| -> String {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-            .unwrap_or_else(|| default.to_string())
-    };
+    let flag =
+        |name: &str, default: &str| -> String { flag(&args, name).unwrap_or(default).to_string() };
     let addr = || -> Result<IpAddr, String> {
         flag("--addr", "")
             .parse()

@@ -148,7 +148,7 @@ pub struct RdmaReceiver {
 /// What the receiving thread owns, in drop order: connections (queue pairs), then the
 /// registrations, the protection domain, the listener, and the memory last.
 struct Owned<K: ?Sized> {
-    regions: Vec<MemoryRegion>,
+    _regions: Vec<MemoryRegion>,
     pd: ProtectionDomain,
     listener: RdmaListener,
     _sink: Arc<K>,
@@ -204,7 +204,7 @@ impl RdmaReceiver {
         });
         let stats = StatsHandle::new(config.streams, 0);
         let owned = Owned {
-            regions,
+            _regions: regions,
             pd,
             listener,
             _sink: sink,
@@ -305,7 +305,6 @@ fn serve<K: ?Sized>(
     shared: &Arc<Shared>,
     stats: &StatsHandle,
 ) -> Result<(), RdmaError> {
-    let _ = &owned.regions;
     let channel = &owned.listener.channel;
     let peer = owned.listener.addr;
     let timeouts = config.timeouts;

@@ -105,11 +105,10 @@ struct Shared {
     /// Highest ticket acknowledged per worker.
     done: Mutex<Vec<u64>>,
     changed: Condvar,
-    /// Set once the transfer finished or is being torn down: disconnects are then expected.
-    quiet: AtomicBool,
-    /// Set when the `Finish` markers go out: the destination then disconnects as soon as it
-    /// acknowledged, which the workers (not the watcher) tell from a failure.
-    finishing: AtomicBool,
+    /// Set when the `Finish` markers go out (the destination then disconnects as soon as it
+    /// acknowledged, which the workers, not the watcher, tell from a failure) and when the
+    /// sender is torn down: disconnects are then expected.
+    disconnects_expected: AtomicBool,
     stop: AtomicBool,
 }
 
@@ -317,8 +316,7 @@ impl<S: MappedMemory + ?Sized + 'static> RdmaSender<S> {
             failure,
             done: Mutex::new(vec![0; streams]),
             changed: Condvar::new(),
-            quiet: AtomicBool::new(false),
-            finishing: AtomicBool::new(false),
+            disconnects_expected: AtomicBool::new(false),
             stop: AtomicBool::new(false),
         });
         let ids: Vec<usize> = connections.iter().map(|c| c.id().raw() as usize).collect();
@@ -517,11 +515,10 @@ impl<S: MappedMemory + ?Sized + 'static> RdmaSender<S> {
     /// Tells the destination the transfer is complete (behind every write, as `flush`),
     /// waits for its acknowledgements and stops the workers.
     pub fn finish(mut self) -> Result<TransferStats, SendError> {
-        self.shared.finishing.store(true, Ordering::Release);
+        self.shared
+            .disconnects_expected
+            .store(true, Ordering::Release);
         let result = self.marker(true);
-        if result.is_ok() {
-            self.shared.quiet.store(true, Ordering::Release);
-        }
         self.shutdown();
         result.map(|()| self.stats.snapshot())
     }
@@ -540,7 +537,9 @@ impl<S: MappedMemory + ?Sized + 'static> RdmaSender<S> {
         for worker in self.workers.drain(..) {
             let _ = worker.join();
         }
-        self.shared.quiet.store(true, Ordering::Release);
+        self.shared
+            .disconnects_expected
+            .store(true, Ordering::Release);
         self.shared.stop.store(true, Ordering::Release);
         if let Some(watcher) = self.watcher.take() {
             let _ = watcher.join();
@@ -583,14 +582,13 @@ fn watch(channel: &EventChannel, ids: &[usize], shared: &Shared) {
                 | rdma_cm_event_type::RDMA_CM_EVENT_DEVICE_REMOVAL
                 | rdma_cm_event_type::RDMA_CM_EVENT_TIMEWAIT_EXIT
         );
-        let expected =
-            shared.quiet.load(Ordering::Acquire) || shared.finishing.load(Ordering::Acquire);
-        if fatal && !expected {
+        let expected = || shared.disconnects_expected.load(Ordering::Acquire);
+        if fatal && !expected() {
             // A queue pair in error state disconnects too: give the workers a moment to
             // report the completion status, and an Abandon from the peer a moment to
             // arrive, which say more than "disconnected".
             thread::sleep(Duration::from_millis(300));
-            if shared.quiet.load(Ordering::Acquire) {
+            if expected() {
                 continue;
             }
             shared.fail(RdmaError::Disconnected {
