@@ -8,7 +8,7 @@ use actix::prelude::*;
 use ferry_transport::control::{ControlChannel, ControlConfig};
 use tokio::net::TcpListener;
 
-use crate::host_actor::{HostActor, QueryOutcome};
+use crate::host_actor::{DescribeHost, HostActor, QueryOutcome};
 use crate::journal::Journal;
 use crate::migration::destination::DestinationMigration;
 use crate::migration::protocol::{ToDestination, ToSource};
@@ -41,6 +41,18 @@ fn impostor(channel: &ControlChannel, claimed: &str, settings: &HostSettings) ->
             "the connecting host claims to be '{claimed}', but its certificate is not for '{claimed}'"
         )),
         _ => None,
+    }
+}
+
+/// Why a peer asking for this host's facts is not one of the cluster's hosts, if it is
+/// not: under TLS its certificate must be for a host this host lists (without TLS nothing
+/// proves who asks, as for `Query`).
+fn impostor_of_cluster(channel: &ControlChannel, settings: &HostSettings) -> Option<String> {
+    let identity = channel.peer_identity()?;
+    if settings.peers.keys().any(|peer| identity.is(peer)) {
+        None
+    } else {
+        Some("the asking host's certificate is for no host of this cluster".into())
     }
 }
 
@@ -124,9 +136,22 @@ async fn handle(
             let _ = channel.close().await;
             Ok(())
         }
+        ToDestination::Describe => {
+            if impostor_of_cluster(&channel, &settings).is_some() {
+                return Err("an unauthenticated peer asked for this host's facts".into());
+            }
+            let facts = host.send(DescribeHost).await.map_err(|e| e.to_string())?;
+            channel
+                .send(&ToSource::Description(Box::new(facts)))
+                .await
+                .map_err(|e| ferry_transport::report(&e))?;
+            let _ = channel.close().await;
+            Ok(())
+        }
         other => {
-            let reason =
-                format!("a control connection must start with Hello or Query, not {other:?}");
+            let reason = format!(
+                "a control connection must start with Hello, Query or Describe, not {other:?}"
+            );
             let _ = channel
                 .send(&ToSource::Failed {
                     reason: reason.clone(),

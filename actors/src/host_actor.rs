@@ -19,16 +19,18 @@ use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
 
 use crate::datastore::{Datastore, DatastoreInfo, DiskRef, DiskRequest, VmDisk};
-use crate::journal::{Journal, Phase, Role, VmRecord};
+use crate::evacuation::{Candidate, Evacuation, EvacuationReport, StopEvacuation};
+use crate::journal::{Journal, MaintenanceRecord, Phase, Role, VmRecord};
 use crate::lifecycle::{Event, Lifecycle};
 use crate::migration::protocol::Hello;
 use crate::migration::source::SourceMigration;
 use crate::migration::{DestinationOutcome, MigrationId, MigrationOptions, MigrationReport, Stage};
+use crate::placement::{DatastoreFacts, DiskNeeds, HostFacts, VmNeeds};
 use crate::reattach;
 use crate::settings::{Fault, HostSettings};
 use crate::vm_actor::{
-    BeginMigrateOut, FollowConsole, GetInfo, Operate, VmActor, VmActorError, VmAttachments, VmInfo,
-    VmmProcess, lifecycle_of,
+    BeginMigrateOut, FollowConsole, GetCpuFeatures, GetInfo, Operate, VmActor, VmActorError,
+    VmAttachments, VmInfo, VmmProcess, lifecycle_of,
 };
 use ferry_runtime::DiskSpec;
 
@@ -117,6 +119,9 @@ pub struct VmSpec {
     /// Disks, in slot order.
     #[serde(default)]
     pub disks: Vec<DiskRequest>,
+    /// CPU features withheld from this VM on top of the host's hidden ones.
+    #[serde(default)]
+    pub hide_cpu_features: Vec<String>,
 }
 
 /// What the API shows about a host.
@@ -157,6 +162,23 @@ pub struct HostInfo {
     pub vms: Vec<VmInfo>,
     /// Migrations in flight (in or out).
     pub migrations: Vec<MigrationReport>,
+    /// In maintenance mode (no new VMs, no incoming migrations) since when.
+    #[serde(default)]
+    pub maintenance: Option<MaintenanceRecord>,
+    /// The latest evacuation of this hostd's life, if any.
+    #[serde(default)]
+    pub evacuation: Option<EvacuationReport>,
+}
+
+/// Maintenance mode and the evacuation, as the API shows them.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MaintenanceStatus {
+    /// Host.
+    pub host: String,
+    /// Since when it is in maintenance, if it is.
+    pub maintenance: Option<MaintenanceRecord>,
+    /// The latest evacuation of this hostd's life, if any.
+    pub evacuation: Option<EvacuationReport>,
 }
 
 #[derive(Debug)]
@@ -195,6 +217,16 @@ pub struct HostActor {
     outcomes: BTreeMap<MigrationId, Outcome>,
     /// When this hostd started, milliseconds since the Unix epoch.
     started_unix_ms: u64,
+    /// Maintenance mode (as recorded in the journal).
+    maintenance: Option<MaintenanceRecord>,
+    /// The running evacuation, and the latest report of this process's life.
+    evacuation: (Option<Addr<Evacuation>>, Option<EvacuationReport>),
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The path of a VM's console log in a state directory.
@@ -283,14 +315,30 @@ impl HostActor {
         HostActor {
             settings: Arc::new(settings),
             features,
-            journal,
+            journal: Arc::clone(&journal),
             datastores,
             vms: BTreeMap::new(),
             migrations: BTreeMap::new(),
             outcomes: BTreeMap::new(),
-            started_unix_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+            started_unix_ms: unix_ms(),
+            maintenance: journal.maintenance().unwrap_or_else(|error| {
+                // Unreadable: the safe side is to take nothing new until the operator
+                // looks (`maintenance exit` rewrites the record).
+                tracing::error!(%error, "reading the maintenance mode failed; assuming maintenance");
+                Some(MaintenanceRecord { since_unix_ms: unix_ms() })
+            }),
+            evacuation: (None, None),
+        }
+    }
+
+    /// Refuses what a host in maintenance does not take.
+    fn check_not_in_maintenance(&self, what: &str) -> Result<(), String> {
+        match self.maintenance {
+            Some(_) => Err(format!(
+                "host '{}' is in maintenance mode and takes no {what} (end it with: ferryctl host maintenance exit {})",
+                self.settings.name, self.settings.name
+            )),
+            None => Ok(()),
         }
     }
 
@@ -672,6 +720,8 @@ impl Handler<CreateVm> for HostActor {
 
     fn handle(&mut self, CreateVm(spec): CreateVm, ctx: &mut Self::Context) -> Self::Result {
         let checked = (|| {
+            self.check_not_in_maintenance("new VMs")
+                .map_err(|m| HostError::new(ErrorKind::Conflict, m))?;
             self.check_name(&spec.name)?;
             if spec.vcpus == 0 {
                 return Err(HostError::new(
@@ -700,6 +750,16 @@ impl Handler<CreateVm> for HostActor {
                 Some(net) => Some(net.clone()),
                 None => self.settings.networks.keys().next().cloned(),
             };
+            if let Some(unknown) = spec
+                .hide_cpu_features
+                .iter()
+                .find(|f| !ferry_runtime::cpu::is_known_feature(f))
+            {
+                return Err(HostError::new(
+                    ErrorKind::BadRequest,
+                    format!("unknown CPU feature '{unknown}' to hide"),
+                ));
+            }
             let disks = self.resolve_disks(&spec.disks)?;
             Ok((network, disks))
         })();
@@ -724,7 +784,11 @@ impl Handler<CreateVm> for HostActor {
             preloads: spec.preloads.clone(),
             dirty_log: DirtyLogMode::Bitmap,
             console_log: Some(console_log_path(&self.settings.state_dir, &spec.name)),
-            hidden_cpu_features: self.settings.hidden_cpu_features.clone(),
+            hidden_cpu_features: {
+                let mut hidden = self.settings.hidden_cpu_features.clone();
+                hidden.extend(spec.hide_cpu_features.iter().cloned());
+                hidden
+            },
             disks: disks.specs,
             start: spec.start,
         };
@@ -942,6 +1006,8 @@ impl Handler<GetHostInfo> for HostActor {
                 .filter(|m| !m.report.is_final())
                 .map(|m| m.report.clone())
                 .collect(),
+            maintenance: self.maintenance.clone(),
+            evacuation: self.evacuation.1.clone(),
         };
         let addrs: Vec<Addr<VmActor>> = self.vms.values().filter_map(|e| e.addr.clone()).collect();
         Box::pin(async move {
@@ -1643,6 +1709,7 @@ impl HostActor {
 
     /// Stage verify on the destination: name free, memory, CPU features, networks, limits.
     fn admit(&self, hello: &Hello) -> Result<(), String> {
+        self.check_not_in_maintenance("incoming migrations")?;
         let name = &hello.identity.name;
         if self
             .vms
@@ -1796,5 +1863,239 @@ pub fn parse_operation(op: &str) -> Option<Event> {
         "resume" | "start" => Some(Event::Resume),
         "stop" => Some(Event::Stop),
         _ => None,
+    }
+}
+
+/// What this host can take, for another host's placement (`Describe`).
+#[derive(Debug, Message)]
+#[rtype(result = "HostFacts")]
+pub struct DescribeHost;
+
+impl Handler<DescribeHost> for HostActor {
+    type Result = MessageResult<DescribeHost>;
+
+    fn handle(&mut self, _: DescribeHost, _: &mut Self::Context) -> Self::Result {
+        MessageResult(HostFacts {
+            name: self.settings.name.clone(),
+            memory_free: self.settings.memory.saturating_sub(self.memory_used()),
+            cpu: self.features.clone(),
+            networks: self.settings.networks.keys().cloned().collect(),
+            datastores: self
+                .datastores
+                .values()
+                .map(|d| {
+                    let info = d.info();
+                    DatastoreFacts {
+                        name: info.name,
+                        identity: info.identity,
+                        free_bytes: info.free_bytes,
+                    }
+                })
+                .collect(),
+            maintenance: self.maintenance.is_some(),
+            max_concurrent: self.settings.migration.max_concurrent,
+            active_migrations: self.active_migrations(),
+        })
+    }
+}
+
+/// Puts the host in maintenance mode (durably), and with `evacuate` moves its VMs away.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<MaintenanceStatus, HostError>")]
+pub struct EnterMaintenance {
+    /// Migrate every VM off the host.
+    pub evacuate: bool,
+    /// Where disks that no destination shares move to (`None`: such VMs stay).
+    pub datastore: Option<String>,
+    /// Options for every migration.
+    pub options: MigrationOptions,
+}
+
+impl HostActor {
+    fn maintenance_status(&self) -> MaintenanceStatus {
+        MaintenanceStatus {
+            host: self.settings.name.clone(),
+            maintenance: self.maintenance.clone(),
+            evacuation: self.evacuation.1.clone(),
+        }
+    }
+
+    fn set_maintenance(&mut self, mode: Option<MaintenanceRecord>) -> Result<(), HostError> {
+        self.journal.set_maintenance(mode.as_ref()).map_err(|e| {
+            HostError::new(
+                ErrorKind::Internal,
+                format!(
+                    "recording the maintenance mode: {}",
+                    ferry_transport::report(&e)
+                ),
+            )
+        })?;
+        tracing::info!(host = %self.settings.name, on = mode.is_some(), "maintenance mode");
+        self.maintenance = mode;
+        Ok(())
+    }
+
+    /// What placement needs of every VM here, and why a VM cannot move at all.
+    fn candidates(&self) -> impl Future<Output = Vec<Candidate>> + use<> {
+        let vms: Vec<(String, u64, Lifecycle, Option<Addr<VmActor>>)> = self
+            .vms
+            .iter()
+            .map(|(name, e)| (name.clone(), e.memory, e.state, e.addr.clone()))
+            .collect();
+        let identities: BTreeMap<String, String> = self
+            .datastores
+            .iter()
+            .map(|(name, d)| (name.clone(), d.identity.clone()))
+            .collect();
+        async move {
+            let mut candidates = Vec::new();
+            for (name, memory, state, addr) in vms {
+                let mut needs = VmNeeds {
+                    name: name.clone(),
+                    memory,
+                    cpu: Default::default(),
+                    networks: Vec::new(),
+                    disks: Vec::new(),
+                };
+                let obstacle = match (state, addr) {
+                    (Lifecycle::Running | Lifecycle::Paused | Lifecycle::Created, Some(addr)) => {
+                        match (addr.send(GetInfo).await, addr.send(GetCpuFeatures).await) {
+                            (Ok(info), Ok(Ok(cpu))) => {
+                                needs.cpu = cpu;
+                                needs.networks = info.network.into_iter().collect();
+                                needs.disks = info
+                                    .disks
+                                    .iter()
+                                    .map(|d| DiskNeeds {
+                                        datastore: d.datastore.clone(),
+                                        identity: identities
+                                            .get(&d.datastore)
+                                            .cloned()
+                                            .unwrap_or_default(),
+                                        allocated: d.allocated,
+                                    })
+                                    .collect();
+                                None
+                            }
+                            (_, Ok(Err(e))) => Some(format!("cannot read its CPU features: {e}")),
+                            _ => Some("its actor did not answer".into()),
+                        }
+                    }
+                    (Lifecycle::Created | Lifecycle::Running | Lifecycle::Paused, None) => {
+                        Some("it is still being created".into())
+                    }
+                    (state, _) => Some(format!(
+                        "it is {} and cannot migrate",
+                        lifecycle_name(state)
+                    )),
+                };
+                candidates.push(Candidate { needs, obstacle });
+            }
+            candidates
+        }
+    }
+}
+
+fn lifecycle_name(state: Lifecycle) -> String {
+    serde_json::to_value(state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{state:?}"))
+}
+
+impl Handler<EnterMaintenance> for HostActor {
+    type Result = ResponseActFuture<Self, Result<MaintenanceStatus, HostError>>;
+
+    fn handle(&mut self, msg: EnterMaintenance, _: &mut Self::Context) -> Self::Result {
+        if self.evacuation.0.as_ref().is_some_and(Addr::connected) {
+            return Box::pin(fut::ready(Err(HostError::new(
+                ErrorKind::Conflict,
+                format!("host '{}' is already being evacuated", self.settings.name),
+            ))));
+        }
+        if msg.options.streams == 0 || msg.options.downtime_ms == 0 {
+            return Box::pin(fut::ready(Err(HostError::new(
+                ErrorKind::BadRequest,
+                "streams and downtime must be at least 1",
+            ))));
+        }
+        if self.maintenance.is_none()
+            && let Err(e) = self.set_maintenance(Some(MaintenanceRecord {
+                since_unix_ms: unix_ms(),
+            }))
+        {
+            return Box::pin(fut::ready(Err(e)));
+        }
+        if !msg.evacuate {
+            return Box::pin(fut::ready(Ok(self.maintenance_status())));
+        }
+        Box::pin(
+            self.candidates()
+                .into_actor(self)
+                .map(move |candidates, act, ctx| {
+                    if act.maintenance.is_none() {
+                        return Err(HostError::new(
+                            ErrorKind::Conflict,
+                            "maintenance mode ended before the evacuation began",
+                        ));
+                    }
+                    let evacuation = Evacuation::new(
+                        ctx.address(),
+                        Arc::clone(&act.settings),
+                        candidates,
+                        (msg.datastore, msg.options),
+                    );
+                    act.evacuation.1 = Some(evacuation.report().clone());
+                    act.evacuation.0 = Some(evacuation.start());
+                    Ok(act.maintenance_status())
+                }),
+        )
+    }
+}
+
+/// Ends maintenance mode; an evacuation in progress starts no more migrations (those
+/// running finish).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<MaintenanceStatus, HostError>")]
+pub struct ExitMaintenance;
+
+impl Handler<ExitMaintenance> for HostActor {
+    type Result = Result<MaintenanceStatus, HostError>;
+
+    fn handle(&mut self, _: ExitMaintenance, _: &mut Self::Context) -> Self::Result {
+        if let Some(evacuation) = &self.evacuation.0 {
+            evacuation.do_send(StopEvacuation);
+        }
+        self.set_maintenance(None)?;
+        Ok(self.maintenance_status())
+    }
+}
+
+/// Maintenance mode and the latest evacuation.
+#[derive(Debug, Message)]
+#[rtype(result = "MaintenanceStatus")]
+pub struct GetMaintenance;
+
+impl Handler<GetMaintenance> for HostActor {
+    type Result = MessageResult<GetMaintenance>;
+
+    fn handle(&mut self, _: GetMaintenance, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.maintenance_status())
+    }
+}
+
+/// The evacuation's latest report.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct EvacuationUpdate(pub EvacuationReport);
+
+impl Handler<EvacuationUpdate> for HostActor {
+    type Result = ();
+
+    fn handle(&mut self, EvacuationUpdate(report): EvacuationUpdate, _: &mut Self::Context) {
+        if report.is_finished() {
+            self.evacuation.0 = None;
+        }
+        self.evacuation.1 = Some(report);
     }
 }

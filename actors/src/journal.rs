@@ -38,6 +38,8 @@ const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const META_ID: &str = "id";
 const META_FORMAT: &str = "format";
+/// The host's maintenance mode, while it is on.
+const META_MAINTENANCE: &str = "maintenance";
 /// Version of the store's layout (tables and keys); records themselves are JSON.
 const FORMAT: u32 = 1;
 /// Finished migration records are dropped this long after their last change.
@@ -168,6 +170,13 @@ pub fn settle(record: &MigrationRecord, vmm_alive: bool) -> Option<Phase> {
         (Role::Source, Phase::Committed, _) => None,
         (_, Phase::Discarded | Phase::Lost, _) | (Role::Source, Phase::Resumed, _) => None,
     }
+}
+
+/// The host is in maintenance mode: it takes no new VMs and no incoming migrations.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaintenanceRecord {
+    /// Since when, milliseconds since the Unix epoch.
+    pub since_unix_ms: u64,
 }
 
 /// A VM this host holds, as hostd knows it.
@@ -426,6 +435,40 @@ impl Journal {
         txn.commit().map_err(self.store_error("commit"))
     }
 
+    /// Records durably that the host is in maintenance (`Some`) or not (`None`).
+    pub fn set_maintenance(&self, mode: Option<&MaintenanceRecord>) -> Result<(), JournalError> {
+        let bytes = mode.map(|m| self.encode(m)).transpose()?;
+        let txn = self.db.begin_write().map_err(self.store_error("begin"))?;
+        {
+            let mut meta = txn.open_table(META).map_err(self.store_error("open"))?;
+            match &bytes {
+                Some(bytes) => meta
+                    .insert(META_MAINTENANCE, bytes.as_slice())
+                    .map(drop)
+                    .map_err(self.store_error("write"))?,
+                None => meta
+                    .remove(META_MAINTENANCE)
+                    .map(drop)
+                    .map_err(self.store_error("remove"))?,
+            }
+        }
+        txn.commit().map_err(self.store_error("commit"))
+    }
+
+    /// The maintenance mode recorded, if the host is in it.
+    pub fn maintenance(&self) -> Result<Option<MaintenanceRecord>, JournalError> {
+        let txn = self.db.begin_read().map_err(self.store_error("begin"))?;
+        let meta = txn.open_table(META).map_err(self.store_error("open"))?;
+        let Some(value) = meta
+            .get(META_MAINTENANCE)
+            .map_err(self.store_error("read"))?
+        else {
+            return Ok(None);
+        };
+        self.decode(META_MAINTENANCE.into(), value.value())
+            .map(Some)
+    }
+
     /// Writes (or replaces) the record of a VM, durably.
     pub fn put_vm(&self, record: &VmRecord) -> Result<(), JournalError> {
         let bytes = self.encode(record)?;
@@ -493,6 +536,25 @@ mod tests {
         assert_eq!(journal.get(MigrationId::new_v4()).unwrap(), None);
         let other = tempfile::tempdir().unwrap();
         assert_ne!(Journal::open(other.path()).unwrap().id(), first);
+    }
+
+    #[test]
+    fn maintenance_mode_survives_reopening_until_it_is_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let mode = MaintenanceRecord { since_unix_ms: 42 };
+        {
+            let journal = Journal::open(dir.path()).unwrap();
+            assert_eq!(journal.maintenance().unwrap(), None);
+            journal.set_maintenance(Some(&mode)).unwrap();
+        }
+        let journal = Journal::open(dir.path()).unwrap();
+        assert_eq!(journal.maintenance().unwrap(), Some(mode));
+        journal.set_maintenance(None).unwrap();
+        drop(journal);
+        assert_eq!(
+            Journal::open(dir.path()).unwrap().maintenance().unwrap(),
+            None
+        );
     }
 
     /// The whole table of what an open record means after a restart.

@@ -10,10 +10,12 @@
 pub mod announce;
 pub mod control_server;
 pub mod datastore;
+pub mod evacuation;
 pub mod host_actor;
 pub mod journal;
 pub mod lifecycle;
 pub mod migration;
+pub mod placement;
 pub mod reattach;
 pub mod settings;
 pub mod vm_actor;

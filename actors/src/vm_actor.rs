@@ -489,6 +489,19 @@ pub struct OutgoingVm {
     pub disks: Vec<ferry_runtime::DiskInfo>,
 }
 
+/// The CPU features of the VM's CPUID (what a host must offer to take it).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<CpuFeatures, VmActorError>")]
+pub struct GetCpuFeatures;
+
+impl Handler<GetCpuFeatures> for VmActor {
+    type Result = Result<CpuFeatures, VmActorError>;
+
+    fn handle(&mut self, _: GetCpuFeatures, _: &mut Self::Context) -> Self::Result {
+        Ok(self.vmm()?.info()?.cpu_features)
+    }
+}
+
 /// Begins migrating the VM away: lifecycle → `MigratingOut`.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<OutgoingVm, VmActorError>")]

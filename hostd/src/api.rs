@@ -8,14 +8,17 @@ use actix_web::http::StatusCode;
 use actix_web::web::{self, Bytes, Data, Json, Path, Query};
 use actix_web::{HttpResponse, ResponseError};
 use ferry_actors::host_actor::{
-    CancelMigration, ConsoleOf, CreateVm, ErrorKind, GetHostInfo, GetMigration, GetVm, HostActor,
-    HostError, ListMigrations, ListVms, OperateVm, StartMigration, parse_operation,
+    CancelMigration, ConsoleOf, CreateVm, EnterMaintenance, ErrorKind, ExitMaintenance,
+    GetHostInfo, GetMaintenance, GetMigration, GetVm, HostActor, HostError, ListMigrations,
+    ListVms, OperateVm, StartMigration, parse_operation,
 };
 use ferry_actors::lifecycle::Event;
 use ferry_actors::settings::HostSettings;
 use serde::Deserialize;
 
-use crate::api_types::{CreateVmRequest, ErrorBody, MigrateRequest, RecoverRequest};
+use crate::api_types::{
+    CreateVmRequest, ErrorBody, MaintenanceRequest, MigrateRequest, RecoverRequest,
+};
 
 /// An API error: a `HostError` with its status code.
 #[derive(Debug)]
@@ -74,6 +77,38 @@ type ApiResult = Result<HttpResponse, ApiError>;
 
 async fn host_info(host: Host) -> ApiResult {
     Ok(HttpResponse::Ok().json(host.send(GetHostInfo).await?))
+}
+
+async fn maintenance(host: Host) -> ApiResult {
+    Ok(HttpResponse::Ok().json(host.send(GetMaintenance).await?))
+}
+
+async fn enter_maintenance(
+    host: Host,
+    settings: Settings,
+    body: Json<MaintenanceRequest>,
+) -> ApiResult {
+    if !body.options.to.is_empty() {
+        return Err(bad_request(
+            "an evacuation places every VM itself: leave 'to' out of its options",
+        ));
+    }
+    let options = body
+        .options
+        .options(&settings.migration.defaults)
+        .map_err(bad_request)?;
+    let status = host
+        .send(EnterMaintenance {
+            evacuate: body.evacuate,
+            datastore: options.datastore.clone(),
+            options,
+        })
+        .await??;
+    Ok(HttpResponse::Accepted().json(status))
+}
+
+async fn exit_maintenance(host: Host) -> ApiResult {
+    Ok(HttpResponse::Ok().json(host.send(ExitMaintenance).await??))
 }
 
 async fn list_vms(host: Host) -> ApiResult {
@@ -228,6 +263,15 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.app_data(json)
         .app_data(path)
         .route("/v1/host", web::get().to(host_info))
+        .route("/v1/host/maintenance", web::get().to(maintenance))
+        .route(
+            "/v1/host/maintenance/enter",
+            web::post().to(enter_maintenance),
+        )
+        .route(
+            "/v1/host/maintenance/exit",
+            web::post().to(exit_maintenance),
+        )
         .route("/v1/vms", web::get().to(list_vms))
         .route("/v1/vms", web::post().to(create_vm))
         .route("/v1/vms/{name}", web::get().to(get_vm))

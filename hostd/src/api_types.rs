@@ -57,6 +57,10 @@ pub struct CreateVmRequest {
     /// Disks, each `DATASTORE:FILE[,size=SIZE][,ro]` (created sparse if missing).
     #[serde(default)]
     pub disks: Vec<String>,
+    /// CPU features to withhold from this VM beyond the host's baseline (a per-VM EVC
+    /// mask: the VM can then move to hosts that lack them).
+    #[serde(default)]
+    pub hide_cpu_features: Vec<String>,
 }
 
 impl CreateVmRequest {
@@ -89,6 +93,7 @@ impl CreateVmRequest {
             network: self.network.clone(),
             ip: self.ip,
             start: self.start,
+            hide_cpu_features: self.hide_cpu_features.clone(),
         })
     }
 }
@@ -97,7 +102,8 @@ impl CreateVmRequest {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MigrateRequest {
-    /// Destination host.
+    /// Destination host (required for a migration; absent in an evacuation's options).
+    #[serde(default)]
     pub to: String,
     /// Downtime target, ms.
     #[serde(default)]
@@ -164,6 +170,23 @@ impl MigrateRequest {
             },
         })
     }
+}
+
+/// `POST /v1/host/maintenance/enter`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaintenanceRequest {
+    /// Migrate every VM off the host (default); `false` only sets the mode.
+    #[serde(default = "evacuate_by_default")]
+    pub evacuate: bool,
+    /// Options for every migration of the evacuation, as for one migration without `to`;
+    /// `datastore` is where disks go that no destination shares.
+    #[serde(default)]
+    pub options: MigrateRequest,
+}
+
+fn evacuate_by_default() -> bool {
+    true
 }
 
 /// `POST /v1/vms/{name}/recover`.

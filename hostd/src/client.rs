@@ -4,7 +4,8 @@
 use std::io::Write;
 use std::time::Duration;
 
-use ferry_actors::host_actor::HostInfo;
+use ferry_actors::evacuation::EvacuationReport;
+use ferry_actors::host_actor::{HostInfo, MaintenanceStatus};
 use ferry_actors::lifecycle::Lifecycle;
 use ferry_actors::migration::MigrationReport;
 use ferry_actors::vm_actor::VmInfo;
@@ -269,6 +270,46 @@ impl Client {
     /// Host summary.
     pub fn host_info(&self, host: &str) -> Result<HostInfo, ClientError> {
         self.get(self.host(host)?, "/v1/host")
+    }
+
+    /// Puts `host` in maintenance mode, evacuating it unless `request.evacuate` is false.
+    pub fn enter_maintenance(
+        &self,
+        host: &str,
+        request: &crate::api_types::MaintenanceRequest,
+    ) -> Result<MaintenanceStatus, ClientError> {
+        self.post(self.host(host)?, "/v1/host/maintenance/enter", request)
+    }
+
+    /// Ends maintenance mode on `host`.
+    pub fn exit_maintenance(&self, host: &str) -> Result<MaintenanceStatus, ClientError> {
+        self.post(
+            self.host(host)?,
+            "/v1/host/maintenance/exit",
+            &serde_json::json!({}),
+        )
+    }
+
+    /// Polls `host`'s evacuation until it is finished, calling `progress` with every report.
+    pub fn wait_evacuation(
+        &self,
+        host: &str,
+        mut progress: impl FnMut(&EvacuationReport),
+    ) -> Result<EvacuationReport, ClientError> {
+        let config = self.host(host)?;
+        loop {
+            let status: MaintenanceStatus = self.get(config, "/v1/host/maintenance")?;
+            let Some(report) = status.evacuation else {
+                return Err(ClientError::NotFound(format!(
+                    "host '{host}' has no evacuation"
+                )));
+            };
+            progress(&report);
+            if report.is_finished() {
+                return Ok(report);
+            }
+            std::thread::sleep(POLL_INTERVAL * 2);
+        }
     }
 
     /// Creates a VM on `host`.

@@ -11,6 +11,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+pub mod evacuation_view;
 pub mod progress;
 
 /// Sets up logging to stderr (`RUST_LOG` overrides `default`).

@@ -1,8 +1,9 @@
 //! Messages between the source and destination migration actors over the control channel.
 //!
 //! The source speaks [`ToDestination`], the destination answers with [`ToSource`]. A new
-//! control connection starts with either `Hello` (a migration) or `Query` (the source asking
-//! how an earlier migration ended, after losing the connection during switch-over).
+//! control connection starts with `Hello` (a migration), `Query` (the source asking how an
+//! earlier migration ended, after losing the connection during switch-over) or `Describe`
+//! (a host placing the VMs it evacuates asks what this host can take).
 //!
 //! Versions: this message set is the one of the protocol version the control channel agreed
 //! in its greeting (`ferry_transport::wire::PROTOCOL_VERSIONS`), which is frozen and comes
@@ -127,6 +128,8 @@ pub enum ToDestination {
         /// The migration.
         id: MigrationId,
     },
+    /// What can this host take? (placement for an evacuation; answered with `Description`)
+    Describe,
 }
 
 /// Destination → source.
@@ -183,6 +186,8 @@ pub enum ToSource {
         /// As in `Resumed`, when the destination resumed the VM.
         resumed_after_commit_ms: Option<f64>,
     },
+    /// Answer to `Describe`.
+    Description(Box<crate::placement::HostFacts>),
 }
 
 #[cfg(test)]

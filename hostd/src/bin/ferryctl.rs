@@ -8,9 +8,10 @@ use clap::{Args, Parser, Subcommand};
 use ferry_actors::vm_actor::VmInfo;
 use ferry_runtime::GuestOptions;
 use ferry_runtime::units::format_bytes;
-use hostd::api_types::{CreateVmRequest, MigrateRequest};
+use hostd::api_types::{CreateVmRequest, MaintenanceRequest, MigrateRequest};
 use hostd::client::Client;
 use hostd::config::Cluster;
+use hostd::evacuation_view::{self, EvacuationView};
 use hostd::progress::{ProgressView, describe, report_json};
 
 #[derive(Parser, Debug)]
@@ -147,6 +148,10 @@ struct CreateArgs {
     /// disk guest: block writes per second (0: as fast as the disk goes; default 200).
     #[arg(long)]
     disk_rate: Option<u64>,
+    /// Withhold a CPU feature from this VM (e.g. avx2), beyond the host's baseline, so it
+    /// can move to hosts without it. Repeatable.
+    #[arg(long = "hide-cpu-feature")]
+    hide_cpu_features: Vec<String>,
     /// Create without starting.
     #[arg(long)]
     no_start: bool,
@@ -217,6 +222,55 @@ enum HostCommand {
     },
     /// The hosts of the cluster and whether they answer.
     List,
+    /// Maintenance mode: a host that takes no new VMs and no incoming migrations.
+    #[command(subcommand)]
+    Maintenance(MaintenanceCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum MaintenanceCommand {
+    /// Put a host in maintenance and migrate every VM off it, each to a host that can take
+    /// it (exit status 1 if any VM stayed).
+    Enter(Box<EnterArgs>),
+    /// End maintenance mode (an evacuation in progress starts no more migrations).
+    Exit {
+        /// Host name.
+        host: String,
+    },
+}
+
+#[derive(Args, Debug)]
+struct EnterArgs {
+    /// Host name.
+    host: String,
+    /// Only set the mode; leave the VMs where they are.
+    #[arg(long)]
+    no_evacuate: bool,
+    /// Move the disks of VMs that no other host shares to this datastore of their
+    /// destination (compute + storage). Without it such VMs stay.
+    #[arg(long)]
+    datastore: Option<String>,
+    /// Downtime target of each migration, ms.
+    #[arg(long)]
+    downtime_ms: Option<u64>,
+    /// Data streams per migration.
+    #[arg(long)]
+    streams: Option<u16>,
+    /// Compare memory hashes before each switch-over.
+    #[arg(long)]
+    verify: bool,
+    /// Bandwidth cap per migration, e.g. 200M, or `none`.
+    #[arg(long)]
+    max_bandwidth: Option<String>,
+    /// Encryption: required, opportunistic or disabled.
+    #[arg(long, value_parser = ["required", "opportunistic", "disabled"])]
+    encryption: Option<String>,
+    /// Data path: auto, tcp or rdma.
+    #[arg(long, value_parser = ["auto", "tcp", "rdma"])]
+    transport: Option<String>,
+    /// Print one JSON object when done instead of progress and a table.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() {
@@ -296,6 +350,7 @@ fn run(client: Client, command: Command) -> Result<i32> {
                 ip: args.ip,
                 start: !args.no_start,
                 disks: args.disks.clone(),
+                hide_cpu_features: args.hide_cpu_features.clone(),
             };
             let info = client.create_vm(&args.host, &request)?;
             if args.json {
@@ -379,10 +434,15 @@ fn run(client: Client, command: Command) -> Result<i32> {
             for host in &client.cluster().hosts {
                 let status = match client.host_info(&host.name) {
                     Ok(info) => format!(
-                        "up, {} VMs, {} of {} memory used",
+                        "up, {} VMs, {} of {} memory used{}",
                         info.vms.len(),
                         format_bytes(info.memory_used),
-                        format_bytes(info.memory_total)
+                        format_bytes(info.memory_total),
+                        if info.maintenance.is_some() {
+                            ", in maintenance"
+                        } else {
+                            ""
+                        }
                     ),
                     Err(e) => format!("down ({e})"),
                 };
@@ -393,7 +453,68 @@ fn run(client: Client, command: Command) -> Result<i32> {
             }
             Ok(0)
         }
+        Command::Host(HostCommand::Maintenance(MaintenanceCommand::Enter(args))) => {
+            enter_maintenance(&client, &args)
+        }
+        Command::Host(HostCommand::Maintenance(MaintenanceCommand::Exit { host })) => {
+            let status = client.exit_maintenance(&host)?;
+            let stopped = status.evacuation.as_ref().is_some_and(|e| !e.is_finished());
+            println!(
+                "{host}: maintenance mode ended{}",
+                if stopped {
+                    "; the evacuation starts no more migrations"
+                } else {
+                    ""
+                }
+            );
+            Ok(0)
+        }
     }
+}
+
+fn enter_maintenance(client: &Client, args: &EnterArgs) -> Result<i32> {
+    if args.streams == Some(0) {
+        bail!("--streams must be at least 1");
+    }
+    if args.downtime_ms == Some(0) {
+        bail!("--downtime-ms must be at least 1");
+    }
+    let request = MaintenanceRequest {
+        evacuate: !args.no_evacuate,
+        options: MigrateRequest {
+            downtime_ms: args.downtime_ms,
+            streams: args.streams,
+            verify: args.verify,
+            max_bandwidth: args.max_bandwidth.clone(),
+            datastore: args.datastore.clone(),
+            encryption: args.encryption.clone(),
+            transport: args.transport.clone(),
+            ..MigrateRequest::default()
+        },
+    };
+    client.enter_maintenance(&args.host, &request)?;
+    if args.no_evacuate {
+        println!(
+            "{}: in maintenance mode (no new VMs, no incoming migrations); its VMs stay",
+            args.host
+        );
+        return Ok(0);
+    }
+    let mut view = (!args.json).then(|| EvacuationView::new(&args.host));
+    let report = client.wait_evacuation(&args.host, |report| {
+        if let Some(view) = &mut view {
+            view.update(report);
+        }
+    })?;
+    if let Some(view) = &mut view {
+        view.finish();
+    }
+    if args.json {
+        println!("{}", evacuation_view::report_json(&report));
+    } else {
+        print!("{}", evacuation_view::describe(&report));
+    }
+    Ok(if report.stayed > 0 { 1 } else { 0 })
 }
 
 fn operate(client: &Client, name: &str, op: &str) -> Result<i32> {

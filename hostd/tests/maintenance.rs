@@ -1,0 +1,194 @@
+//! Maintenance mode and evacuation across three real hostd processes. Needs /dev/kvm and
+//! root.
+
+use std::path::Path;
+use std::time::Duration;
+
+use ferry_tests::{HostSpec, TestCluster, assert_consecutive_from_one};
+
+fn cluster(hosts: Vec<HostSpec>) -> TestCluster {
+    TestCluster::loopback(
+        Path::new(env!("CARGO_BIN_EXE_hostd")),
+        Path::new(env!("CARGO_BIN_EXE_ferryctl")),
+        hosts,
+    )
+}
+
+fn create(cluster: &TestCluster, name: &str, guest: &str, extra: &[&str]) {
+    let mut args = vec![
+        "vm", "create", name, "--host", "alpha", "--guest", guest, "--memory", "64M",
+    ];
+    args.extend_from_slice(extra);
+    cluster.ferryctl_ok(&args);
+}
+
+fn progress(cluster: &TestCluster, vm: &str) -> u64 {
+    cluster
+        .vm(vm)
+        .and_then(|v| v["guest_progress"].as_u64())
+        .unwrap_or(0)
+}
+
+fn maintenance_of(cluster: &TestCluster, host: &str) -> serde_json::Value {
+    cluster.ferryctl_ok(&["host", "show", host]).json()["maintenance"].clone()
+}
+
+/// Six VMs of three kinds leave alpha for beta and gamma, spread by free memory, whole;
+/// alpha then refuses new VMs (also after its hostd restarts) until maintenance ends.
+#[test]
+fn maintenance_evacuates_every_vm_and_refuses_new_ones_until_it_ends() {
+    let mut cluster = cluster(vec![
+        HostSpec::new("alpha"),
+        HostSpec::new("beta"),
+        HostSpec::new("gamma"),
+    ]);
+    for name in ["c1", "c2"] {
+        create(&cluster, name, "counter", &["--ticks-per-sec", "20"]);
+    }
+    for name in ["v1", "v2"] {
+        create(&cluster, name, "verify", &[]);
+    }
+    for name in ["d1", "d2"] {
+        create(
+            &cluster,
+            name,
+            "dirty",
+            &["--working-set", "4M", "--rate", "2000"],
+        );
+    }
+    cluster.wait_for("guests at work", Duration::from_secs(60), |c| {
+        c.ticks("c1").len() >= 3
+            && c.ticks("c2").len() >= 3
+            && progress(c, "v1") >= 1
+            && progress(c, "v2") >= 1
+    });
+
+    let result = cluster.ferryctl(&["host", "maintenance", "enter", "alpha", "--json"]);
+    let report = result.json();
+    assert_eq!(result.code, Some(0), "{report:#}");
+    assert_eq!(report["total"], 6, "{report:#}");
+    assert_eq!(report["moved"], 6, "{report:#}");
+    assert_eq!(report["stayed"], 0, "{report:#}");
+    let mut on = std::collections::BTreeMap::<String, usize>::new();
+    for vm in report["vms"].as_array().unwrap() {
+        assert_eq!(vm["outcome"], "moved", "{vm:#}");
+        assert_eq!(vm["move"], "compute_only", "{vm:#}");
+        assert!(vm["total_ms"].as_f64().unwrap() > 0.0, "{vm:#}");
+        *on.entry(vm["to"].as_str().unwrap().into()).or_default() += 1;
+    }
+    // Six equal VMs on two empty hosts: the most-free-memory rule alternates.
+    assert_eq!(on.get("beta"), Some(&3), "{report:#}");
+    assert_eq!(on.get("gamma"), Some(&3), "{report:#}");
+    assert!(cluster.vms_on("alpha").is_empty());
+    assert!(maintenance_of(&cluster, "alpha").is_object());
+
+    // The guests carry on, whole: ticks consecutive, verify finds no bad page.
+    let arrived = [progress(&cluster, "v1"), progress(&cluster, "v2")];
+    cluster.wait_for("guests after evacuation", Duration::from_secs(60), |c| {
+        progress(c, "v1") >= arrived[0] + 2 && progress(c, "v2") >= arrived[1] + 2
+    });
+    for name in ["c1", "c2"] {
+        assert_consecutive_from_one(&cluster.ticks(name));
+    }
+    for name in ["v1", "v2", "d1", "d2"] {
+        let vm = cluster.vm(name).unwrap();
+        assert_eq!(vm["guest_failures"], 0, "{vm:#}");
+        assert_ne!(vm["host"], "alpha", "{vm:#}");
+    }
+
+    // No new VM on alpha, with the reason, and the mode survives a hostd restart.
+    let refused = |cluster: &TestCluster| {
+        let result = cluster.ferryctl(&[
+            "vm", "create", "late", "--host", "alpha", "--guest", "counter", "--memory", "32M",
+        ]);
+        assert_ne!(result.code, Some(0), "{result:?}");
+        assert!(
+            result.stderr.contains("maintenance mode"),
+            "{}",
+            result.stderr
+        );
+    };
+    refused(&cluster);
+    // Nor an incoming migration.
+    let result = cluster.ferryctl(&["migrate", "c1", "--to", "alpha", "--json"]);
+    assert_eq!(result.code, Some(1), "{result:?}");
+    let back = result.json();
+    assert!(
+        back["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("maintenance mode")),
+        "{back:#}"
+    );
+    cluster.kill("alpha");
+    cluster.restart("alpha");
+    assert!(maintenance_of(&cluster, "alpha").is_object());
+    refused(&cluster);
+    let listed = cluster.ferryctl_ok(&["host", "list"]).stdout;
+    assert!(listed.contains("in maintenance"), "{listed}");
+
+    cluster.ferryctl_ok(&["host", "maintenance", "exit", "alpha"]);
+    assert!(maintenance_of(&cluster, "alpha").is_null());
+    cluster.ferryctl_ok(&[
+        "vm", "create", "late", "--host", "alpha", "--guest", "counter", "--memory", "32M",
+    ]);
+    // `--no-evacuate` only sets the mode.
+    let result = cluster.ferryctl(&["host", "maintenance", "enter", "alpha", "--no-evacuate"]);
+    assert_eq!(result.code, Some(0), "{result:?}");
+    assert_eq!(cluster.vms_on("alpha"), ["late"]);
+    assert!(maintenance_of(&cluster, "alpha").is_object());
+}
+
+/// A VM that needs a CPU feature no other host offers stays on alpha, running, with the
+/// reason; the others move; ferryctl exits 1.
+#[test]
+fn an_evacuation_leaves_an_unplaceable_vm_running_and_names_why() {
+    let cluster = cluster(vec![
+        HostSpec::new("alpha"),
+        HostSpec::new("beta").hide(&["sse2"]),
+        HostSpec::new("gamma").hide(&["sse2"]),
+    ]);
+    // Created with the other hosts' baseline (per-VM mask): movable.
+    for name in ["c1", "c2"] {
+        create(
+            &cluster,
+            name,
+            "counter",
+            &["--ticks-per-sec", "20", "--hide-cpu-feature", "sse2"],
+        );
+    }
+    // Created with all of alpha's features: no other host can take it.
+    create(&cluster, "pinned", "counter", &["--ticks-per-sec", "20"]);
+    cluster.wait_for("ticks", Duration::from_secs(60), |c| {
+        ["c1", "c2", "pinned"]
+            .iter()
+            .all(|vm| c.ticks(vm).len() >= 3)
+    });
+
+    let result = cluster.ferryctl(&["host", "maintenance", "enter", "alpha", "--json"]);
+    let report = result.json();
+    assert_eq!(result.code, Some(1), "{report:#}");
+    assert_eq!(report["moved"], 2, "{report:#}");
+    assert_eq!(report["stayed"], 1, "{report:#}");
+    let pinned = report["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "pinned")
+        .unwrap()
+        .clone();
+    assert_eq!(pinned["outcome"], "stayed", "{pinned:#}");
+    let reason = pinned["reason"].as_str().unwrap();
+    for part in ["beta", "gamma", "sse2"] {
+        assert!(reason.contains(part), "reason lacks {part}: {reason}");
+    }
+    assert_eq!(cluster.vms_on("alpha"), ["pinned"]);
+    let vm = cluster.vm("pinned").unwrap();
+    assert_eq!(vm["state"], "running", "{vm:#}");
+    let before = cluster.ticks("pinned").len();
+    cluster.wait_for("pinned keeps ticking", Duration::from_secs(30), |c| {
+        c.ticks("pinned").len() > before
+    });
+    for name in ["c1", "c2", "pinned"] {
+        assert_consecutive_from_one(&cluster.ticks(name));
+    }
+}
