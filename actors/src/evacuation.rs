@@ -18,7 +18,7 @@ use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
 
 use crate::control_server::control_config;
-use crate::host_actor::{EvacuationUpdate, GetMigration, HostActor, StartMigration};
+use crate::host_actor::{ErrorKind, EvacuationUpdate, GetMigration, HostActor, StartMigration};
 use crate::migration::protocol::{ToDestination, ToSource};
 use crate::migration::{MigrationOptions, MigrationReport, Stage};
 use crate::placement::{self, HostFacts, Move, Placed, VmNeeds};
@@ -26,6 +26,11 @@ use crate::settings::HostSettings;
 
 /// How often in-flight migrations are looked at.
 const POLL: Duration = Duration::from_millis(200);
+/// Times a VM's migration is tried when it is refused before anything moved (a host's
+/// limit reached a moment early, facts changed since placement), and the pause before
+/// the next try (times the try's number).
+const ATTEMPTS: u32 = 4;
+const RETRY_PAUSE: Duration = Duration::from_millis(500);
 
 /// Where one VM of an evacuation is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,6 +126,7 @@ pub struct Evacuation {
     queue: VecDeque<usize>,
     in_flight: BTreeMap<usize, String>,
     limits: BTreeMap<String, usize>,
+    attempts: BTreeMap<usize, u32>,
     starting: bool,
     began: Instant,
 }
@@ -183,6 +189,7 @@ impl Evacuation {
             queue: VecDeque::new(),
             in_flight: BTreeMap::new(),
             limits: BTreeMap::new(),
+            attempts: BTreeMap::new(),
             starting: false,
             began: Instant::now(),
         }
@@ -228,6 +235,25 @@ impl Evacuation {
         tracing::warn!(vm = %vm.name, %reason, "evacuation: VM stays on this host");
         vm.outcome = VmOutcome::Stayed;
         vm.reason = Some(reason);
+    }
+
+    /// A try of `index` was refused before anything moved: tries again after a pause,
+    /// unless it had all its tries; then it stays with `reason`.
+    fn refused(&mut self, index: usize, reason: String, ctx: &mut Context<Self>) {
+        let tries = self.attempts.entry(index).or_insert(0);
+        *tries += 1;
+        if *tries >= ATTEMPTS {
+            return self.stay(index, reason);
+        }
+        let pause = RETRY_PAUSE * *tries;
+        tracing::info!(vm = %self.report.vms[index].name, %reason, ?pause, "evacuation: migration refused; trying again");
+        self.report.vms[index].outcome = VmOutcome::Queued;
+        ctx.run_later(pause, move |act, ctx| {
+            if act.report.vms[index].outcome == VmOutcome::Queued {
+                act.queue.push_front(index);
+                act.schedule(ctx);
+            }
+        });
     }
 
     fn placed(&mut self, facts: Vec<HostFacts>, unreachable: Vec<String>) {
@@ -324,6 +350,9 @@ impl Evacuation {
                             vm.outcome = VmOutcome::Migrating;
                             vm.migration = Some(report);
                             act.in_flight.insert(index, to);
+                        }
+                        Ok(Err(e)) if e.kind == ErrorKind::Conflict => {
+                            act.refused(index, format!("migration to {to}: {e}"), ctx);
                         }
                         Ok(Err(e)) => act.stay(index, format!("migration to {to}: {e}")),
                         Err(e) => act.stay(index, format!("migration to {to}: {e}")),

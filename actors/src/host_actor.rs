@@ -1733,7 +1733,14 @@ impl HostActor {
             }
         }
         self.arriving_disks(hello)?;
-        if self.active_migrations() >= self.settings.migration.max_concurrent {
+        // The arriving migration has published its own report by now: it does not count
+        // against the limit it is being checked for.
+        let others = self
+            .migrations
+            .iter()
+            .filter(|(id, m)| **id != hello.id && !m.report.is_final())
+            .count();
+        if others >= self.settings.migration.max_concurrent {
             return Err(format!(
                 "host '{}' already runs {} migrations, its limit",
                 self.settings.name, self.settings.migration.max_concurrent

@@ -121,6 +121,8 @@ struct HostSection {
     #[serde(default)]
     hide_cpu_features: Vec<String>,
     #[serde(default)]
+    max_concurrent: Option<usize>,
+    #[serde(default)]
     state_dir: Option<String>,
 }
 
@@ -168,6 +170,9 @@ pub struct HostConfig {
     pub datastores: BTreeMap<String, PathBuf>,
     /// Hidden CPU features.
     pub hide_cpu_features: Vec<String>,
+    /// Migrations (in and out) this host runs at once, if not the cluster's
+    /// `[migration] max_concurrent`.
+    pub max_concurrent: Option<usize>,
     /// State directory.
     pub state_dir: PathBuf,
 }
@@ -318,7 +323,10 @@ impl Cluster {
             datastores: host.datastores.clone(),
             hidden_cpu_features: host.hide_cpu_features.clone(),
             state_dir: host.state_dir.clone(),
-            migration: self.migration.clone(),
+            migration: MigrationLimits {
+                max_concurrent: host.max_concurrent.unwrap_or(self.migration.max_concurrent),
+                ..self.migration.clone()
+            },
             peers,
             fault,
             protocol_versions: ferry_transport::wire::PROTOCOL_VERSIONS,
@@ -619,6 +627,7 @@ fn validate(file: &Path, raw: ClusterFile) -> Result<Cluster, ConfigError> {
             networks: attached,
             datastores: stores,
             hide_cpu_features: h.hide_cpu_features,
+            max_concurrent: h.max_concurrent.map(|n| n.max(1)),
             state_dir,
         });
     }

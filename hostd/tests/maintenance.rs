@@ -192,3 +192,27 @@ fn an_evacuation_leaves_an_unplaceable_vm_running_and_names_why() {
         assert_consecutive_from_one(&cluster.ticks(name));
     }
 }
+
+/// A destination that runs one migration at a time takes an evacuation's VMs one by one
+/// (its own arriving migration does not count against its limit).
+#[test]
+fn a_destination_limited_to_one_migration_takes_the_vms_one_by_one() {
+    let cluster = cluster(vec![
+        HostSpec::new("alpha"),
+        HostSpec::new("beta").max_concurrent(1),
+    ]);
+    for name in ["c1", "c2", "c3"] {
+        create(&cluster, name, "counter", &["--ticks-per-sec", "20"]);
+    }
+    cluster.wait_for("ticks", Duration::from_secs(60), |c| {
+        ["c1", "c2", "c3"].iter().all(|vm| c.ticks(vm).len() >= 3)
+    });
+    let result = cluster.ferryctl(&["host", "maintenance", "enter", "alpha", "--json"]);
+    let report = result.json();
+    assert_eq!(result.code, Some(0), "{report:#}");
+    assert_eq!(report["moved"], 3, "{report:#}");
+    assert_eq!(cluster.vms_on("beta").len(), 3);
+    for name in ["c1", "c2", "c3"] {
+        assert_consecutive_from_one(&cluster.ticks(name));
+    }
+}

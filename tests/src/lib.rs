@@ -37,6 +37,8 @@ pub struct HostSpec {
     /// Run hostd with this RLIMIT_MEMLOCK (soft and hard) and without CAP_IPC_LOCK, as an
     /// unprivileged daemon would.
     pub memlock_limit: Option<u64>,
+    /// The host's own `max_concurrent` (migrations in and out at once).
+    pub max_concurrent: Option<usize>,
     /// Directory (under the cluster's) this host's datastore `shared` is at; `shared` by
     /// default, the same for every host, as real shared storage would be.
     pub shared_dir: String,
@@ -73,6 +75,7 @@ impl HostSpec {
             protocol_versions: None,
             claimed_rdma: None,
             memlock_limit: None,
+            max_concurrent: None,
             shared_dir: "shared".into(),
             certificate: Certificate::Cluster,
             unlisted: false,
@@ -120,6 +123,12 @@ impl HostSpec {
     /// not have: negotiation plans RDMA and its setup fails for real.
     pub fn claim_rdma(mut self, device: &str) -> Self {
         self.claimed_rdma = Some(device.into());
+        self
+    }
+
+    /// Running at most `n` migrations at once.
+    pub fn max_concurrent(mut self, n: usize) -> Self {
+        self.max_concurrent = Some(n);
         self
     }
 
@@ -657,13 +666,16 @@ impl TestCluster {
             let token_file = dir.path().join(format!("{}.token", spec.name));
             std::fs::write(&token_file, &token).expect("write token");
             let entry = format!(
-                "\n[[hosts]]\nname = \"{name}\"\ndatacenter = \"dc{dc}\"\napi = \"{addr}:{api_port}\"\napi_token_file = \"{token_file}\"\n{tls}\ncontrol = \"{addr}:{control_port}\"\ndata = [\"{addr}:0\"]\nmemory = \"{memory}\"\nnetworks = [{{ name = \"vmnet\", interface = \"{interface}\" }}]\nhide_cpu_features = [{hide}]\ndatastores = [{{ name = \"shared\", path = \"{dir}/{shared}\" }}, {{ name = \"{name}-local\", path = \"{dir}/{name}/disks\" }}]\nstate_dir = \"{dir}/{name}\"\n\n[[datastores]]\nname = \"{name}-local\"\n",
+                "\n[[hosts]]\nname = \"{name}\"\ndatacenter = \"dc{dc}\"\napi = \"{addr}:{api_port}\"\napi_token_file = \"{token_file}\"\n{tls}\ncontrol = \"{addr}:{control_port}\"\ndata = [\"{addr}:0\"]\nmemory = \"{memory}\"\nnetworks = [{{ name = \"vmnet\", interface = \"{interface}\" }}]\nhide_cpu_features = [{hide}]\n{limit}datastores = [{{ name = \"shared\", path = \"{dir}/{shared}\" }}, {{ name = \"{name}-local\", path = \"{dir}/{name}/disks\" }}]\nstate_dir = \"{dir}/{name}\"\n\n[[datastores]]\nname = \"{name}-local\"\n",
                 name = spec.name,
                 dc = if netns.is_some() { i + 1 } else { 1 },
                 memory = spec.memory,
                 shared = spec.shared_dir,
                 dir = dir.path().display(),
                 token_file = token_file.display(),
+                limit = spec
+                    .max_concurrent
+                    .map_or(String::new(), |n| format!("max_concurrent = {n}\n")),
             );
             let host_config = if spec.unlisted {
                 let file = dir.path().join(format!("{}.toml", spec.name));
