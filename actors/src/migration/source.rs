@@ -227,6 +227,11 @@ impl SourceMigration {
                 "a storage migration reads disk blocks through file mappings, which RDMA cannot register; RDMA carries compute-only migrations".into(),
             );
         }
+        if let Some(cap) = self.options.max_bandwidth {
+            return Some(format!(
+                "a bandwidth cap ({cap} B/s) is kept by pacing frames on TCP; RDMA writes are not paced"
+            ));
+        }
         let bytes = self.outgoing.ram.size();
         if let Some(why) = ours.memlock.and_then(|limit| limit.shortfall(bytes)) {
             return Some(format!(
