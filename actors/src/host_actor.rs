@@ -22,6 +22,7 @@ use crate::datastore::{Datastore, DatastoreInfo, DiskRef, DiskRequest, VmDisk};
 use crate::evacuation::{Candidate, Evacuation, EvacuationReport, StopEvacuation};
 use crate::journal::{Journal, MaintenanceRecord, Phase, Role, VmRecord};
 use crate::lifecycle::{Event, Lifecycle};
+use crate::metrics::{self, HostGauges, HostMetrics};
 use crate::migration::protocol::Hello;
 use crate::migration::source::SourceMigration;
 use crate::migration::{DestinationOutcome, MigrationId, MigrationOptions, MigrationReport, Stage};
@@ -221,6 +222,8 @@ pub struct HostActor {
     maintenance: Option<MaintenanceRecord>,
     /// The running evacuation, and the latest report of this process's life.
     evacuation: (Option<Addr<Evacuation>>, Option<EvacuationReport>),
+    /// Prometheus metrics.
+    metrics: HostMetrics,
 }
 
 fn unix_ms() -> u64 {
@@ -328,6 +331,7 @@ impl HostActor {
                 Some(MaintenanceRecord { since_unix_ms: unix_ms() })
             }),
             evacuation: (None, None),
+            metrics: HostMetrics::new(),
         }
     }
 
@@ -693,20 +697,24 @@ impl HostActor {
         });
     }
 
-    /// Forgets a VM in the inventory (stopped, or gone to another host).
+    /// Forgets a VM in the inventory (gone to another host).
     fn forget_vm(&self, name: &str) {
-        let journal = Arc::clone(&self.journal);
-        let name = name.to_string();
-        actix_rt::spawn(async move {
-            let written = actix_rt::task::spawn_blocking({
-                let name = name.clone();
-                move || journal.remove_vm(&name)
-            })
-            .await;
-            if let Ok(Err(error)) = written {
-                tracing::error!(vm = %name, error = %ferry_transport::report(&error), "removing the VM's record failed");
-            }
-        });
+        actix_rt::spawn(remove_vm_record(
+            Arc::clone(&self.journal),
+            name.to_string(),
+        ));
+    }
+}
+
+/// Removes a VM's inventory record (off the actor's thread); a failure is logged.
+async fn remove_vm_record(journal: Arc<Journal>, name: String) {
+    let written = actix_rt::task::spawn_blocking({
+        let name = name.clone();
+        move || journal.remove_vm(&name)
+    })
+    .await;
+    if let Ok(Err(error)) = written {
+        tracing::error!(vm = %name, error = %ferry_transport::report(&error), "removing the VM's record failed");
     }
 }
 
@@ -926,25 +934,34 @@ impl Handler<OperateVm> for HostActor {
         let addr = self.vm_addr(&msg.name);
         let name = msg.name.clone();
         let event = msg.event;
+        let journal = Arc::clone(&self.journal);
         Box::pin(
-            async move { Ok(addr?.send(Operate(event)).await??) }
-                .into_actor(self)
-                .map(move |result: Result<VmInfo, HostError>, act, _| {
-                    if let (Ok(info), Some(entry)) = (&result, act.vms.get_mut(&name)) {
-                        entry.state = info.state;
-                        match info.state {
-                            Lifecycle::Stopped => act.forget_vm(&name),
-                            // Recovered from a stale copy: an ordinary VM again.
-                            Lifecycle::Running if event == Event::RecoverStale => {
-                                if let Some(addr) = entry.addr.clone() {
-                                    act.record_vm_later(addr, false);
-                                }
+            async move {
+                let info = addr?.send(Operate(event)).await??;
+                if info.state == Lifecycle::Stopped {
+                    // Stopped is answered once it is durable: a hostd killed right after
+                    // must not find the VM's record and call it crashed.
+                    remove_vm_record(journal, info.name.clone()).await;
+                }
+                Ok(info)
+            }
+            .into_actor(self)
+            .map(move |result: Result<VmInfo, HostError>, act, _| {
+                if let (Ok(info), Some(entry)) = (&result, act.vms.get_mut(&name)) {
+                    entry.state = info.state;
+                    match info.state {
+                        Lifecycle::Stopped => {}
+                        // Recovered from a stale copy: an ordinary VM again.
+                        Lifecycle::Running if event == Event::RecoverStale => {
+                            if let Some(addr) = entry.addr.clone() {
+                                act.record_vm_later(addr, false);
                             }
-                            _ => {}
                         }
+                        _ => {}
                     }
-                    result
-                }),
+                }
+                result
+            }),
         )
     }
 }
@@ -1193,6 +1210,18 @@ impl Handler<MigrationUpdate> for HostActor {
                 _ => {}
             }
         }
+        let was_final = self
+            .migrations
+            .get(&id)
+            .is_some_and(|m| m.report.is_final());
+        if report.is_final() && !was_final {
+            let role = if is_source {
+                metrics::Role::Source
+            } else {
+                metrics::Role::Destination
+            };
+            self.metrics.migration_ended(role, &report);
+        }
         let entry = self.migrations.entry(id).or_insert(MigrationEntry {
             report: report.clone(),
             cancel: None,
@@ -1222,6 +1251,33 @@ impl Handler<VmStateChanged> for HostActor {
         if let Some(entry) = self.vms.get_mut(&msg.vm) {
             entry.state = msg.state;
         }
+    }
+}
+
+/// The host's metrics in the OpenMetrics text format.
+#[derive(Debug, Message)]
+#[rtype(result = "String")]
+pub struct RenderMetrics;
+
+impl Handler<RenderMetrics> for HostActor {
+    type Result = String;
+
+    fn handle(&mut self, _: RenderMetrics, _: &mut Self::Context) -> Self::Result {
+        let in_flight = |outgoing: bool| {
+            self.migrations
+                .values()
+                .filter(|m| !m.report.is_final())
+                .filter(|m| (m.report.source == self.settings.name) == outgoing)
+                .count()
+        };
+        let gauges = HostGauges {
+            vm_states: self.vms.values().map(|e| e.state).collect(),
+            memory_bytes: self.vms.values().map(|e| e.memory).sum(),
+            outgoing: in_flight(true),
+            incoming: in_flight(false),
+            maintenance: self.maintenance.is_some(),
+        };
+        self.metrics.render(&gauges)
     }
 }
 

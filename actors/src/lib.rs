@@ -14,6 +14,7 @@ pub mod evacuation;
 pub mod host_actor;
 pub mod journal;
 pub mod lifecycle;
+pub mod metrics;
 pub mod migration;
 pub mod placement;
 pub mod reattach;

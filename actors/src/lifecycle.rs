@@ -75,6 +75,34 @@ pub struct InvalidTransition {
     pub event: Event,
 }
 
+impl Lifecycle {
+    /// Every state, for reports that list all of them (metrics show zeros too).
+    pub const ALL: [Lifecycle; 8] = [
+        Lifecycle::Created,
+        Lifecycle::Running,
+        Lifecycle::Paused,
+        Lifecycle::Stopped,
+        Lifecycle::MigratingOut,
+        Lifecycle::MigratingIn,
+        Lifecycle::Stale,
+        Lifecycle::Crashed,
+    ];
+
+    /// The state's name in machine output (as serialized).
+    pub fn label(self) -> &'static str {
+        match self {
+            Lifecycle::Created => "created",
+            Lifecycle::Running => "running",
+            Lifecycle::Paused => "paused",
+            Lifecycle::Stopped => "stopped",
+            Lifecycle::MigratingOut => "migrating_out",
+            Lifecycle::MigratingIn => "migrating_in",
+            Lifecycle::Stale => "stale",
+            Lifecycle::Crashed => "crashed",
+        }
+    }
+}
+
 impl std::fmt::Display for Lifecycle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -141,16 +169,7 @@ pub fn next(state: Lifecycle, event: Event) -> Result<Lifecycle, InvalidTransiti
 mod tests {
     use super::*;
 
-    const STATES: [Lifecycle; 8] = [
-        Lifecycle::Created,
-        Lifecycle::Running,
-        Lifecycle::Paused,
-        Lifecycle::Stopped,
-        Lifecycle::MigratingOut,
-        Lifecycle::MigratingIn,
-        Lifecycle::Stale,
-        Lifecycle::Crashed,
-    ];
+    const STATES: [Lifecycle; 8] = Lifecycle::ALL;
     const EVENTS: [Event; 13] = [
         Event::Resume,
         Event::Pause,
@@ -166,6 +185,15 @@ mod tests {
         Event::RecoverStale,
         Event::VmmExited,
     ];
+
+    /// Labels are the serialized names.
+    #[test]
+    fn labels_are_the_serialized_names() {
+        for state in STATES {
+            let json = serde_json::to_string(&state).unwrap();
+            assert_eq!(json, format!("\"{}\"", state.label()));
+        }
+    }
 
     /// The whole table, written out: every (state, event) pair not listed is refused.
     #[test]

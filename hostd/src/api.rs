@@ -10,7 +10,7 @@ use actix_web::{HttpResponse, ResponseError};
 use ferry_actors::host_actor::{
     CancelMigration, ConsoleOf, CreateVm, EnterMaintenance, ErrorKind, ExitMaintenance,
     GetHostInfo, GetMaintenance, GetMigration, GetVm, HostActor, HostError, ListMigrations,
-    ListVms, OperateVm, StartMigration, parse_operation,
+    ListVms, OperateVm, RenderMetrics, StartMigration, parse_operation,
 };
 use ferry_actors::lifecycle::Event;
 use ferry_actors::settings::HostSettings;
@@ -231,10 +231,16 @@ async fn get_migration(host: Host, id: Path<String>) -> ApiResult {
     Ok(HttpResponse::Ok().json(host.send(GetMigration(id.into_inner())).await??))
 }
 
+async fn metrics(host: Host) -> ApiResult {
+    Ok(HttpResponse::Ok()
+        .content_type(ferry_actors::metrics::CONTENT_TYPE)
+        .body(host.send(RenderMetrics).await?))
+}
+
 async fn not_found() -> ApiResult {
     Err(ApiError(HostError {
         kind: ErrorKind::NotFound,
-        message: "no such API endpoint (see /v1/host, /v1/vms, /v1/migrations)".into(),
+        message: "no such API endpoint (see /v1/host, /v1/vms, /v1/migrations, /metrics)".into(),
     }))
 }
 
@@ -285,5 +291,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/vms/{name}/{op}", web::post().to(operate_vm))
         .route("/v1/migrations", web::get().to(list_migrations))
         .route("/v1/migrations/{id}", web::get().to(get_migration))
+        .route("/metrics", web::get().to(metrics))
         .default_service(web::to(not_found));
 }

@@ -321,7 +321,14 @@ fn source_hostd_killed_with_the_guest_paused_resumes_it_on_the_source() {
     );
     cluster.restart("alpha");
     running_on_alpha(&cluster, "ss");
-    assert_eq!(report(&cluster, &id)["status"], "rolled_back");
+    let after = report(&cluster, &id);
+    assert_eq!(after["status"], "rolled_back", "{after:#}");
+    let error = after["error"].as_str().unwrap_or("");
+    assert!(
+        error.contains("hostd restarted during the migration")
+            && error.contains("'beta' discarded its copy"),
+        "{after:#}"
+    );
     beta_holds_nothing(&cluster);
 }
 
@@ -404,7 +411,7 @@ fn source_hostd_killed_after_its_commit_asks_before_anything_else() {
     assert!(
         cluster
             .log("alpha")
-            .contains("hostd restarted after this migration's commit went out"),
+            .contains("hostd restarted in this migration's switch-over"),
         "alpha took the migration over"
     );
     cluster.wait_for(

@@ -151,6 +151,36 @@ fn control_connection_dropped_during_stop_and_copy_rolls_back() {
     assert_nothing_left_on(&cluster, "beta", "s1");
 }
 
+/// A rollback after a long pause reports the whole pause: beta takes 5 s to load the state,
+/// and its hostd is killed 1.5 s into that, with the guest paused on alpha all along.
+#[test]
+fn a_rollback_after_a_long_pause_reports_the_whole_pause() {
+    let mut cluster = cluster(vec![
+        HostSpec::new("alpha"),
+        HostSpec::new("beta").fault("slow-state-load"),
+    ]);
+    counter_vm(&cluster, "lp", "128M", 0);
+    let id = start_migration(&cluster, "lp", "beta");
+    // The stage reads switch_over only once the guest is paused.
+    cluster.wait_for(
+        "the guest paused for the switch-over",
+        Duration::from_secs(30),
+        |c| migration(c, &id)["stage"] == "switch_over",
+    );
+    let paused_for_at_least = Duration::from_millis(1500);
+    std::thread::sleep(paused_for_at_least);
+    cluster.kill("beta");
+    let report = wait_final(&cluster, &id);
+    assert_eq!(report["status"], "rolled_back", "{report:#}");
+    let downtime = report["downtime_ms"].as_f64().unwrap();
+    assert!(
+        downtime >= paused_for_at_least.as_secs_f64() * 1000.0
+            && downtime <= report["total_ms"].as_f64().unwrap(),
+        "the guest was paused at least {paused_for_at_least:?}: {report:#}"
+    );
+    assert_back_on_source(&cluster, "lp", false);
+}
+
 #[test]
 fn destination_without_enough_memory_refuses_at_verify() {
     let cluster = cluster(vec![

@@ -874,6 +874,19 @@ impl TestCluster {
         (status, response.json().unwrap_or(Value::Null))
     }
 
+    /// `GET` on a host's API (loopback clusters only): status and body text.
+    pub fn api_text(&self, host: &str, path: &str) -> (u16, String) {
+        let host = self.host(host);
+        let response = self
+            .http
+            .get(format!("http://{}{path}", host.api))
+            .bearer_auth(&host.token)
+            .send()
+            .expect("API request");
+        let status = response.status().as_u16();
+        (status, response.text().unwrap_or_default())
+    }
+
     /// `POST` with a raw body on a host's API: status and JSON body.
     pub fn api_post(&self, host: &str, path: &str, body: &str) -> (u16, Value) {
         let host = self.host(host);

@@ -23,6 +23,11 @@ use crate::client::{VmmClient, VmmClientError};
 /// How long a new VMM may take to answer on its socket.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How long the VMM a VM of the same name had here may take to let go of the socket path:
+/// a VM that has just migrated away, or come back, has its old VMM ending while its new one
+/// is wanted.
+pub const PREDECESSOR_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How to start a VMM: a program and the arguments that make it one (`hostd vmm`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmmProgram {
@@ -83,6 +88,27 @@ pub enum SpawnError {
     /// It answered, but not as a VMM should.
     #[error(transparent)]
     Greeting(VmmClientError),
+    /// Another process still serves the socket path.
+    #[error("another VMM process still serves {socket} after {PREDECESSOR_TIMEOUT:?}")]
+    Occupied {
+        /// The socket.
+        socket: PathBuf,
+    },
+}
+
+/// Waits until nothing answers on `socket`: a VMM that is ending removes its socket before
+/// it exits, and one that died leaves a path nothing listens on (the new VMM removes it).
+fn wait_for_predecessor(socket: &Path) -> Result<(), SpawnError> {
+    let deadline = Instant::now() + PREDECESSOR_TIMEOUT;
+    while std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        if Instant::now() >= deadline {
+            return Err(SpawnError::Occupied {
+                socket: socket.to_path_buf(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
 }
 
 fn log_tail(path: &Path) -> String {
@@ -92,11 +118,13 @@ fn log_tail(path: &Path) -> String {
 }
 
 /// Starts a VMM serving `socket`, logging to `log`; returns the child and a connection.
+/// A VMM still ending on that path (the VM's previous life on this host) is waited for.
 pub fn spawn(
     program: &VmmProgram,
     socket: &Path,
     log: &Path,
 ) -> Result<(Child, VmmClient), SpawnError> {
+    wait_for_predecessor(socket)?;
     let log_file = OpenOptions::new()
         .create(true)
         .append(true)

@@ -874,6 +874,15 @@ impl SourceMigration {
         );
     }
 
+    /// What a reason starts with when this actor took the migration over after a restart.
+    fn restart_prefix(&self) -> &'static str {
+        if self.recovering {
+            "hostd restarted during the migration, in the switch-over; "
+        } else {
+            ""
+        }
+    }
+
     /// Pauses the guest (one step: pause, last dirty pages, state), then sends the last
     /// pages and the state.
     ///
@@ -1180,7 +1189,8 @@ impl SourceMigration {
                     // Durably discarded before it ever ran: the VM is ours again.
                     act.commit_sent_at = None;
                     let why = format!(
-                        "switch-over not completed: '{peer}' discarded its copy before running it"
+                        "{}switch-over not completed: '{peer}' discarded its copy before running it",
+                        act.restart_prefix()
                     );
                     act.fail(ctx, Stage::SwitchOver, why);
                 }
@@ -1189,7 +1199,8 @@ impl SourceMigration {
                     // it can commit: no record, no commit.
                     act.commit_sent_at = None;
                     let why = format!(
-                        "switch-over not completed: '{peer}' has no record of the migration, so it never prepared the VM"
+                        "{}switch-over not completed: '{peer}' has no record of the migration, so it never prepared the VM",
+                        act.restart_prefix()
                     );
                     act.fail(ctx, Stage::SwitchOver, why);
                 }
@@ -1313,9 +1324,12 @@ impl Actor for SourceMigration {
             }
         });
         if self.recovering {
-            tracing::warn!(migration = %self.id, vm = %self.report.vm, to = %self.peer.name, "hostd restarted after this migration's commit went out; asking the destination");
+            tracing::warn!(migration = %self.id, vm = %self.report.vm, to = %self.peer.name, "hostd restarted in this migration's switch-over (its commit may have gone out); asking the destination");
             self.report.stage = Some(Stage::SwitchOver);
-            return self.in_doubt(ctx, "hostd restarted after the switch-over was sent".into());
+            return self.in_doubt(
+                ctx,
+                "hostd restarted in the switch-over (the commit may have gone out)".into(),
+            );
         }
         tracing::info!(migration = %self.id, vm = %self.report.vm, to = %self.peer.name, "migration starting");
         self.publish();
