@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod demo;
 pub mod evacuation_view;
 pub mod progress;
+pub mod table;
 
 /// Sets up logging to stderr (`RUST_LOG` overrides `default`).
 pub fn init_logging(default: &str) {

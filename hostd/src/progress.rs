@@ -25,11 +25,32 @@ fn stage_name(stage: Option<Stage>) -> &'static str {
     }
 }
 
-/// One line describing where a migration is.
+/// A bar of `width` cells, `done` of `total` filled.
+fn bar(done: u64, total: u64, width: usize) -> String {
+    let filled = if total == 0 {
+        width
+    } else {
+        ((done.min(total) as u128 * width as u128) / total as u128) as usize
+    };
+    format!("[{}{}]", "#".repeat(filled), "-".repeat(width - filled))
+}
+
+/// One line describing where a migration is: in a pre-copy round, a bar of the round with
+/// its percent, bytes, rate and ETA.
 pub fn progress_line(report: &MigrationReport) -> String {
     let mut line = format!("{:<13}", stage_name(report.stage));
     if report.round > 0 {
         line.push_str(&format!(" round {:>2}", report.round));
+    }
+    if report.stage == Some(Stage::PreCopy) && report.round_bytes > 0 {
+        let percent = report.round_sent_bytes.min(report.round_bytes) as f64 * 100.0
+            / report.round_bytes as f64;
+        line.push_str(&format!(
+            " {} {percent:>3.0}% {:>10} of {:>10}",
+            bar(report.round_sent_bytes, report.round_bytes, 20),
+            format_bytes(report.round_sent_bytes),
+            format_bytes(report.round_bytes),
+        ));
     }
     line.push_str(&format!(
         " | sent {:>10} | remaining {:>10} | {:>9}/s",
@@ -248,6 +269,33 @@ pub fn report_json(report: &MigrationReport) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_round_in_progress_shows_a_bar_with_its_share() {
+        let report = MigrationReport {
+            stage: Some(Stage::PreCopy),
+            round: 1,
+            round_bytes: 400 << 20,
+            round_sent_bytes: 100 << 20,
+            remaining_bytes: 300 << 20,
+            rate_bytes_per_s: 100.0 * 1048576.0,
+            eta_ms: Some(3000.0),
+            ..Default::default()
+        };
+        let line = progress_line(&report);
+        assert!(
+            line.contains("round  1 [#####---------------]  25%"),
+            "{line}"
+        );
+        assert!(line.contains("remaining"), "{line}");
+        assert!(line.contains("ETA   3000 ms"), "{line}");
+        // No bar outside pre-copy.
+        let line = progress_line(&MigrationReport {
+            stage: Some(Stage::SwitchOver),
+            ..report
+        });
+        assert!(!line.contains('['), "{line}");
+    }
 
     #[test]
     fn the_words_name_the_rdma_link_when_there_is_one() {

@@ -125,6 +125,17 @@ fn maintenance_evacuates_every_vm_and_refuses_new_ones_until_it_ends() {
     refused(&cluster);
     let listed = cluster.ferryctl_ok(&["host", "list"]).stdout;
     assert!(listed.contains("in maintenance"), "{listed}");
+    let hosts = cluster.ferryctl_ok(&["host", "list", "--json"]).json();
+    let alpha = hosts
+        .as_array()
+        .and_then(|h| h.iter().find(|h| h["name"] == "alpha"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        (&alpha["up"], &alpha["maintenance"], &alpha["vms"]),
+        (&true.into(), &true.into(), &0.into()),
+        "{hosts:#}"
+    );
 
     cluster.ferryctl_ok(&["host", "maintenance", "exit", "alpha"]);
     assert!(maintenance_of(&cluster, "alpha").is_null());

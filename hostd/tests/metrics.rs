@@ -1,8 +1,11 @@
-//! hostd's Prometheus metrics: `/metrics` parses as Prometheus text (read by an independent
-//! parser) and its counters and gauges follow what the hosts did. Needs /dev/kvm and root.
+//! What an operator watches: hostd's Prometheus metrics (`/metrics` parses as Prometheus
+//! text, read by an independent parser, and its counters and gauges follow what the hosts
+//! did) and a migration's live progress. Needs /dev/kvm and root.
 
 use std::path::Path;
+use std::time::Duration;
 
+use ferry_runtime::content::{self, Content};
 use ferry_tests::{HostSpec, TestCluster};
 use prometheus_parse::{Sample, Scrape, Value};
 
@@ -118,4 +121,67 @@ fn metrics_parse_as_prometheus_text_and_follow_migrations() {
         value(&scrape(&cluster, "alpha"), "ferry_host_maintenance", &[]),
         1.0
     );
+}
+
+/// Round one's size is known from its start (the populated memory), and the live report
+/// counts it down: sent of planned, what is left, the rate and the ETA. A bandwidth cap makes
+/// the round last seconds on any machine.
+#[test]
+fn round_one_progress_is_known_from_its_start() {
+    let cluster = TestCluster::loopback(
+        Path::new(env!("CARGO_BIN_EXE_hostd")),
+        Path::new(env!("CARGO_BIN_EXE_ferryctl")),
+        vec![HostSpec::new("alpha"), HostSpec::new("beta")],
+    );
+    let random = cluster.dir().join("random.bin");
+    content::write_file(&random, Content::Random, 24 << 20, 7).expect("content file");
+    let preload = format!("{}@64M", random.display());
+    cluster.ferryctl_ok(&[
+        "vm",
+        "create",
+        "p1",
+        "--host",
+        "alpha",
+        "--guest",
+        "counter",
+        "--memory",
+        "128M",
+        "--preload",
+        &preload,
+    ]);
+    let (status, body) = cluster.api_post(
+        "alpha",
+        "/v1/vms/p1/migrate",
+        r#"{"to": "beta", "max_bandwidth": "8M"}"#,
+    );
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().expect("migration id").to_string();
+    let report = |c: &TestCluster| c.api_get("alpha", &format!("/v1/migrations/{id}")).1;
+    let mut seen = serde_json::Value::Null;
+    cluster.wait_for("round one under way", Duration::from_secs(30), |c| {
+        seen = report(c);
+        seen["stage"] == "pre_copy"
+            && seen["round"] == 1
+            && seen["round_sent_bytes"].as_u64() > Some(0)
+            && seen["eta_ms"].as_f64().is_some()
+    });
+    let planned = seen["round_bytes"].as_u64().unwrap();
+    let sent = seen["round_sent_bytes"].as_u64().unwrap();
+    assert!(planned >= 24 << 20, "round one plans the preload: {seen:#}");
+    assert!(sent < planned, "{seen:#}");
+    assert_eq!(
+        seen["remaining_bytes"].as_u64(),
+        Some(planned - sent),
+        "{seen:#}"
+    );
+    assert!(seen["rate_bytes_per_s"].as_f64() > Some(0.0), "{seen:#}");
+    assert!(seen["eta_ms"].as_f64() > Some(0.0), "{seen:#}");
+    // It counts down.
+    cluster.wait_for("more of round one sent", Duration::from_secs(30), |c| {
+        let now = report(c);
+        now["round"] != 1 || now["round_sent_bytes"].as_u64() > Some(sent)
+    });
+    cluster.wait_for("the migration to end", Duration::from_secs(60), |c| {
+        report(c)["status"] == "completed"
+    });
 }

@@ -240,11 +240,19 @@ pub struct MigrationReport {
     pub max_bandwidth: Option<u64>,
     /// Pre-copy round in progress or last done (1-based; 0 before the first).
     pub round: u32,
-    /// Dirty data left to send, as of the last dirty-log fetch.
+    /// Data left to send: during a pre-copy round, what the round has still to send (live);
+    /// between rounds, the dirty set the last fetch found.
     pub remaining_bytes: u64,
-    /// Guest bytes per second over the last round.
+    /// Bytes the current pre-copy round set out to send (round one: the populated memory
+    /// and the disks' data, known from the start).
+    #[serde(default)]
+    pub round_bytes: u64,
+    /// Of those, sent so far.
+    #[serde(default)]
+    pub round_sent_bytes: u64,
+    /// Guest bytes per second: live during a round, then over the last round.
     pub rate_bytes_per_s: f64,
-    /// Estimated time to finish at the current rate.
+    /// Estimated time to finish the round (live) or the next one, at the current rate.
     pub eta_ms: Option<f64>,
     /// Time since the migration started (total when final).
     pub total_ms: f64,

@@ -321,7 +321,34 @@ impl SourceMigration {
     fn publish(&mut self) {
         let totals = self.data_stats.as_ref().map(|s| s.snapshot());
         self.report.refresh(self.started, totals.as_ref());
+        if let Some(totals) = totals.as_ref().filter(|_| self.round_running()) {
+            self.round_progress(totals);
+        }
         self.host.do_send(MigrationUpdate(self.report.clone()));
+    }
+
+    /// Whether a pre-copy round's copy is under way.
+    fn round_running(&self) -> bool {
+        self.report.stage == Some(Stage::PreCopy)
+            && self.report.rounds.len() < self.report.round as usize
+    }
+
+    /// Live figures of the round under way: sent of planned, what is left, the rate since
+    /// the round began and when it will end at that rate.
+    fn round_progress(&mut self, totals: &TransferStats) {
+        let sent = totals
+            .total
+            .guest_bytes
+            .saturating_sub(self.round_base.total.guest_bytes)
+            .min(self.report.round_bytes);
+        let left = self.report.round_bytes - sent;
+        self.report.round_sent_bytes = sent;
+        self.report.remaining_bytes = left;
+        let seconds = self.round_started.elapsed().as_secs_f64();
+        if seconds >= 0.1 && sent > 0 {
+            self.report.rate_bytes_per_s = sent as f64 / seconds;
+            self.report.eta_ms = Some(left as f64 / self.report.rate_bytes_per_s * 1000.0);
+        }
     }
 
     /// The report as it stands.
@@ -739,6 +766,10 @@ impl SourceMigration {
         self.round_disks = memory::disks_in(&ranges);
         self.round_base = sender.stats();
         self.round_started = Instant::now();
+        let planned: u64 = ranges.iter().map(|r| r.bytes()).sum();
+        self.report.round_bytes = planned;
+        self.report.round_sent_bytes = 0;
+        self.report.remaining_bytes = planned;
         self.publish();
         let pages: u64 = ranges.iter().map(|r| r.count).sum();
         ctx.spawn(
@@ -771,6 +802,7 @@ impl SourceMigration {
         self.disks_landed(false);
         let stats = self.data.as_ref().map(|s| s.stats()).unwrap_or_default();
         let bytes = stats.total.guest_bytes - self.round_base.total.guest_bytes;
+        self.report.round_sent_bytes = self.report.round_bytes;
         self.report.rounds.push(RoundReport {
             pages,
             bytes,

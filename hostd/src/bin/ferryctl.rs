@@ -13,6 +13,7 @@ use hostd::client::Client;
 use hostd::config::Cluster;
 use hostd::evacuation_view::{self, EvacuationView};
 use hostd::progress::{ProgressView, describe, report_json};
+use hostd::table::{self, Align};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -221,7 +222,11 @@ enum HostCommand {
         name: String,
     },
     /// The hosts of the cluster and whether they answer.
-    List,
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Maintenance mode: a host that takes no new VMs and no incoming migrations.
     #[command(subcommand)]
     Maintenance(MaintenanceCommand),
@@ -302,27 +307,127 @@ fn age(unix_ms: u64) -> String {
 }
 
 fn print_vms(vms: &[VmInfo]) {
-    println!(
-        "{:<20} {:<10} {:<14} {:>5} {:>10} {:<10} {:<17} {:>8} {:>6}",
-        "NAME", "HOST", "STATE", "VCPUS", "MEMORY", "GUEST", "MAC", "VMM PID", "UP"
+    let rows: Vec<Vec<String>> = vms
+        .iter()
+        .map(|vm| {
+            vec![
+                vm.name.clone(),
+                vm.host.clone(),
+                vm.state.to_string(),
+                vm.vcpus.to_string(),
+                format_bytes(vm.memory),
+                vm.guest.clone(),
+                vm.mac.clone(),
+                vm.vmm_pid
+                    .map_or_else(|| "-".to_string(), |p| p.to_string()),
+                vm.vmm_started_unix_ms
+                    .filter(|_| vm.vmm_pid.is_some())
+                    .map_or_else(|| "-".to_string(), age),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table::render(
+            &[
+                ("NAME", Align::Left),
+                ("HOST", Align::Left),
+                ("STATE", Align::Left),
+                ("VCPUS", Align::Right),
+                ("MEMORY", Align::Right),
+                ("GUEST", Align::Left),
+                ("MAC", Align::Left),
+                ("VMM PID", Align::Right),
+                ("UP", Align::Right),
+            ],
+            &rows
+        )
     );
-    for vm in vms {
-        println!(
-            "{:<20} {:<10} {:<14} {:>5} {:>10} {:<10} {:<17} {:>8} {:>6}",
-            vm.name,
-            vm.host,
-            vm.state.to_string(),
-            vm.vcpus,
-            format_bytes(vm.memory),
-            vm.guest,
-            vm.mac,
-            vm.vmm_pid
-                .map_or_else(|| "-".to_string(), |p| p.to_string()),
-            vm.vmm_started_unix_ms
-                .filter(|_| vm.vmm_pid.is_some())
-                .map_or_else(|| "-".to_string(), age),
-        );
+}
+
+/// One host as `host list` shows it.
+#[derive(serde::Serialize)]
+struct HostLine {
+    name: String,
+    api: Option<String>,
+    up: bool,
+    vms: Option<usize>,
+    memory_used: Option<u64>,
+    memory_total: Option<u64>,
+    maintenance: Option<bool>,
+    error: Option<String>,
+}
+
+fn list_hosts(client: &Client, json: bool) -> Result<i32> {
+    let hosts: Vec<HostLine> = client
+        .cluster()
+        .hosts
+        .iter()
+        .map(|host| {
+            let api = host.api.map(|a| a.to_string());
+            match client.host_info(&host.name) {
+                Ok(info) => HostLine {
+                    name: host.name.clone(),
+                    api,
+                    up: true,
+                    vms: Some(info.vms.len()),
+                    memory_used: Some(info.memory_used),
+                    memory_total: Some(info.memory_total),
+                    maintenance: Some(info.maintenance.is_some()),
+                    error: None,
+                },
+                Err(e) => HostLine {
+                    name: host.name.clone(),
+                    api,
+                    up: false,
+                    vms: None,
+                    memory_used: None,
+                    memory_total: None,
+                    maintenance: None,
+                    error: Some(e.to_string()),
+                },
+            }
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&hosts)?);
+        return Ok(0);
     }
+    let dash = || "-".to_string();
+    let rows: Vec<Vec<String>> = hosts
+        .iter()
+        .map(|h| {
+            vec![
+                h.name.clone(),
+                h.api.clone().unwrap_or_else(|| "(socket only)".into()),
+                if h.up { "up" } else { "down" }.to_string(),
+                h.vms.map_or_else(dash, |n| n.to_string()),
+                h.memory_used.map_or_else(dash, format_bytes),
+                h.memory_total.map_or_else(dash, format_bytes),
+                match (h.maintenance, &h.error) {
+                    (Some(true), _) => "in maintenance".to_string(),
+                    (_, Some(error)) => error.clone(),
+                    _ => String::new(),
+                },
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table::render(
+            &[
+                ("NAME", Align::Left),
+                ("API", Align::Left),
+                ("STATUS", Align::Left),
+                ("VMS", Align::Right),
+                ("MEMORY USED", Align::Right),
+                ("MEMORY", Align::Right),
+                ("NOTE", Align::Left),
+            ],
+            &rows
+        )
+    );
+    Ok(0)
 }
 
 fn run(client: Client, command: Command) -> Result<i32> {
@@ -430,29 +535,7 @@ fn run(client: Client, command: Command) -> Result<i32> {
             println!("{}", serde_json::to_string_pretty(&info)?);
             Ok(0)
         }
-        Command::Host(HostCommand::List) => {
-            for host in &client.cluster().hosts {
-                let status = match client.host_info(&host.name) {
-                    Ok(info) => format!(
-                        "up, {} VMs, {} of {} memory used{}",
-                        info.vms.len(),
-                        format_bytes(info.memory_used),
-                        format_bytes(info.memory_total),
-                        if info.maintenance.is_some() {
-                            ", in maintenance"
-                        } else {
-                            ""
-                        }
-                    ),
-                    Err(e) => format!("down ({e})"),
-                };
-                let api = host
-                    .api
-                    .map_or("(socket only)".to_string(), |a| a.to_string());
-                println!("{:<12} {:<22} {status}", host.name, api);
-            }
-            Ok(0)
-        }
+        Command::Host(HostCommand::List { json }) => list_hosts(&client, json),
         Command::Host(HostCommand::Maintenance(MaintenanceCommand::Enter(args))) => {
             enter_maintenance(&client, &args)
         }
