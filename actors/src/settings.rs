@@ -38,6 +38,8 @@ pub enum Fault {
     },
     /// Destination: change one byte of the arrived memory before comparing hashes.
     CorruptArrivingMemory,
+    /// Destination: change one byte of the first moved disk image before comparing hashes.
+    CorruptArrivingDisk,
     /// Destination: fail to build the arriving VM, as when the host runs out of memory.
     FailPrepare,
     /// Destination: reject the arrived VM state.
@@ -51,7 +53,7 @@ pub enum Fault {
 pub const SLOW_STATE_LOAD: Duration = Duration::from_secs(5);
 
 impl Fault {
-    const ALL: [(&'static str, Fault); 8] = [
+    const ALL: [(&'static str, Fault); 9] = [
         ("slow-state-load", Fault::SlowStateLoad),
         ("drop-control-on-state", Fault::DropControlOnState),
         ("drop-control-on-commit", Fault::DropControlOnCommit),
@@ -64,6 +66,7 @@ impl Fault {
             Fault::PartitionAfterCommit { heals: true },
         ),
         ("corrupt-arriving-memory", Fault::CorruptArrivingMemory),
+        ("corrupt-arriving-disk", Fault::CorruptArrivingDisk),
         ("fail-prepare", Fault::FailPrepare),
         ("reject-state", Fault::RejectState),
     ];

@@ -605,6 +605,47 @@ fn a_storage_migration_that_fails_leaves_nothing_in_the_target_datastore() {
     assert_eq!(cluster.vm("f1").unwrap()["state"], "running");
 }
 
+/// `--verify` compares the moved images with the source's, not only the memory: one byte
+/// changed in beta's copy of the disk rolls the migration back, naming the image.
+#[test]
+fn verify_catches_a_moved_image_that_differs_from_the_source() {
+    let cluster = cluster(vec![
+        HostSpec::new("alpha"),
+        HostSpec::new("beta").fault("corrupt-arriving-disk"),
+    ]);
+    let beta_local = cluster.dir().join("beta").join("disks");
+    create_disk_vm(&cluster, "h1", "alpha-local:h1.raw,size=16M", "0");
+    wait_for_writes(&cluster, "h1", 256);
+    let result = cluster.ferryctl(&[
+        "migrate",
+        "h1",
+        "--to",
+        "beta",
+        "--datastore",
+        "beta-local",
+        "--verify",
+        "--json",
+    ]);
+    assert_eq!(result.code, Some(1), "{result:?}");
+    let report = result.json();
+    assert_eq!(report["status"], "rolled_back", "{report:#}");
+    let error = report["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("disk hash mismatch") && error.contains("h1.raw"),
+        "{report:#}"
+    );
+    assert!(
+        cluster.log("beta").contains("fault injection"),
+        "the fault fired"
+    );
+    assert!(
+        files_in(&beta_local).is_empty(),
+        "{:?}",
+        files_in(&beta_local)
+    );
+    assert_source_runs_on(&cluster, "h1");
+}
+
 fn start_storage_migration(cluster: &TestCluster, vm: &str, body: &str) -> String {
     let (status, answer) = cluster.api_post("alpha", &format!("/v1/vms/{vm}/migrate"), body);
     assert_eq!(status, 202, "{answer}");

@@ -63,6 +63,22 @@ fn check_moved_images(images: &[std::path::PathBuf], hashes: &[[u8; 16]]) -> Res
     Ok(())
 }
 
+/// Fault injection: flips the first byte of a moved image.
+fn corrupt_first_byte(path: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    tracing::warn!(image = %path.display(), "fault injection: changing one byte of the moved image");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, 0)
+        .map_err(|e| e.to_string())?;
+    file.write_all_at(&[byte[0] ^ 0x5a], 0)
+        .map_err(|e| e.to_string())
+}
+
 async fn persist(journal: Arc<Journal>, record: MigrationRecord) -> Result<(), String> {
     let phase = record.phase;
     actix_rt::task::spawn_blocking(move || journal.record(&record))
@@ -565,9 +581,14 @@ impl DestinationMigration {
             if !created.is_empty() {
                 // The moved disks: durable here before the source may delete its images,
                 // and, with --verify, equal to the source's at the pause.
-                actix_rt::task::spawn_blocking(move || check_moved_images(&created, &disk_hashes))
-                    .await
-                    .map_err(|e| e.to_string())??;
+                actix_rt::task::spawn_blocking(move || {
+                    if fault == Some(Fault::CorruptArrivingDisk) {
+                        corrupt_first_byte(&created[0])?;
+                    }
+                    check_moved_images(&created, &disk_hashes)
+                })
+                .await
+                .map_err(|e| e.to_string())??;
             }
             if fault == Some(Fault::CorruptArrivingMemory)
                 && let Some(ram) = ram
