@@ -89,21 +89,24 @@ pub enum SpawnError {
     #[error(transparent)]
     Greeting(VmmClientError),
     /// Another process still serves the socket path.
-    #[error("another VMM process still serves {socket} after {PREDECESSOR_TIMEOUT:?}")]
+    #[error("another VMM process still serves {socket} after {waited:?}")]
     Occupied {
         /// The socket.
         socket: PathBuf,
+        /// How long it was given to let go.
+        waited: Duration,
     },
 }
 
 /// Waits until nothing answers on `socket`: a VMM that is ending removes its socket before
 /// it exits, and one that died leaves a path nothing listens on (the new VMM removes it).
-fn wait_for_predecessor(socket: &Path) -> Result<(), SpawnError> {
-    let deadline = Instant::now() + PREDECESSOR_TIMEOUT;
+fn wait_for_predecessor(socket: &Path, wait: Duration) -> Result<(), SpawnError> {
+    let deadline = Instant::now() + wait;
     while std::os::unix::net::UnixStream::connect(socket).is_ok() {
         if Instant::now() >= deadline {
             return Err(SpawnError::Occupied {
                 socket: socket.to_path_buf(),
+                waited: wait,
             });
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -118,13 +121,24 @@ fn log_tail(path: &Path) -> String {
 }
 
 /// Starts a VMM serving `socket`, logging to `log`; returns the child and a connection.
-/// A VMM still ending on that path (the VM's previous life on this host) is waited for.
+/// A VMM still ending on that path (the VM's previous life on this host) is waited for, up
+/// to [`PREDECESSOR_TIMEOUT`].
 pub fn spawn(
     program: &VmmProgram,
     socket: &Path,
     log: &Path,
 ) -> Result<(Child, VmmClient), SpawnError> {
-    wait_for_predecessor(socket)?;
+    spawn_waiting(program, socket, log, PREDECESSOR_TIMEOUT)
+}
+
+/// [`spawn`], giving a VMM still on `socket` up to `predecessor` to let go.
+pub fn spawn_waiting(
+    program: &VmmProgram,
+    socket: &Path,
+    log: &Path,
+    predecessor: Duration,
+) -> Result<(Child, VmmClient), SpawnError> {
+    wait_for_predecessor(socket, predecessor)?;
     let log_file = OpenOptions::new()
         .create(true)
         .append(true)

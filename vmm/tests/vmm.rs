@@ -211,14 +211,33 @@ fn an_empty_vm_takes_memory_and_state_from_outside() {
     assert!(target_child.wait().success());
 }
 
-/// A second VMM on a socket a live one serves is refused; a dead one's socket is reused.
+/// A second VMM on a socket a live one serves is refused (by hostd's spawn after waiting for
+/// the first to let go, and by the VMM itself); a dead one's socket is reused.
 #[test]
 fn a_socket_belongs_to_one_live_vmm() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("one.sock");
     let (mut first, client) = spawn(&socket, &dir.path().join("a.log")).unwrap();
-    let refused = spawn(&socket, &dir.path().join("b.log")).unwrap_err();
-    assert!(refused.to_string().contains("already serves"), "{refused}");
+    let refused = ferry_vmm::spawn::spawn_waiting(
+        &program(),
+        &socket,
+        &dir.path().join("b.log"),
+        Duration::from_millis(300),
+    )
+    .unwrap_err();
+    assert!(refused.to_string().contains("still serves"), "{refused}");
+    let direct = std::process::Command::new(env!("CARGO_BIN_EXE_ferry-vmm"))
+        .args(["vmm", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert!(!direct.status.success());
+    let said = String::from_utf8_lossy(&direct.stderr);
+    assert!(said.contains("already serves"), "{said}");
+    assert!(
+        client.process().pid == first.0.id(),
+        "the first VMM still serves"
+    );
     first.0.kill().unwrap();
     first.wait();
     drop(client);
