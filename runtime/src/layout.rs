@@ -71,6 +71,10 @@ pub const TEST_PORT_EXIT: u16 = 0x500;
 pub const TEST_PORT_FAIL: u16 = 0x504;
 /// Test device: a 32-bit write reports progress (e.g. completed verification passes).
 pub const TEST_PORT_PROGRESS: u16 = 0x508;
+/// Test device: a 32-bit write of N parks the writing vCPU for about N TSC cycles, or until
+/// the VM is paused, whichever comes first (the guest then reads the TSC again): how the
+/// built-in guests wait without burning a host core, where CPL 3 has no `hlt`.
+pub const TEST_PORT_SLEEP: u16 = 0x50c;
 
 /// Base of the first virtio-mmio device window, in the hole below 4 GiB (where Firecracker
 /// puts its devices too); device `i` is at `VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_WINDOW`.

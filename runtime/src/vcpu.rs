@@ -28,6 +28,8 @@ const REKICK_INTERVAL: Duration = Duration::from_millis(10);
 const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
 /// Give up on a vCPU that does not stop within this time (a KVM bug or a wedged host).
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a guest's sleep request parks its vCPU in one go.
+const MAX_IDLE_SLEEP: Duration = Duration::from_secs(1);
 
 thread_local! {
     /// This thread's `kvm_run` page, for the kick signal handler.
@@ -168,6 +170,26 @@ impl RunControl {
         }
         let sleep = THROTTLE_PERIOD * percent / (100 - percent);
         let deadline = Instant::now() + sleep;
+        let mut state = self.lock();
+        while state.want == Want::Run {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Parks a vCPU that asked to wait (the test device's sleep port) for `duration`, waking
+    /// early if the VM is paused or stopped meanwhile: the caller then re-enters `KVM_RUN`,
+    /// which completes the `out` and, if a pause is wanted, returns at once, so a parked vCPU
+    /// pauses with exact state like a running one.
+    fn idle_sleep(&self, duration: Duration) {
+        let deadline = Instant::now() + duration.min(MAX_IDLE_SLEEP);
         let mut state = self.lock();
         while state.want == Want::Run {
             let now = Instant::now();
@@ -384,6 +406,8 @@ fn run_until_kicked(
     control: &RunControl,
     devices: &Devices,
 ) -> RunOutcome {
+    // TSC cycles per millisecond, for sleep requests; 0 (unknown) makes them no-ops.
+    let tsc_khz = fd.get_tsc_khz().unwrap_or(0);
     loop {
         if !control.should_run() {
             fd.set_kvm_immediate_exit(1);
@@ -391,6 +415,13 @@ fn run_until_kicked(
         let stop = match fd.run() {
             Ok(VcpuExit::IoOut(port, data)) => match devices.io_out(index, port, data) {
                 PortEffect::Continue => continue,
+                PortEffect::Sleep(cycles) => {
+                    if tsc_khz > 0 {
+                        let micros = u64::from(cycles) * 1000 / u64::from(tsc_khz);
+                        control.idle_sleep(Duration::from_micros(micros));
+                    }
+                    continue;
+                }
                 PortEffect::Exit(status) => VcpuStop::GuestExit(status),
             },
             Ok(VcpuExit::IoIn(port, data)) => {

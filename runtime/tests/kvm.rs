@@ -171,6 +171,87 @@ fn verify_guest_passes_and_catches_a_corrupted_page() {
     assert!(caught, "table corruption went unnoticed: {state:?}");
 }
 
+/// CPU time (user + system) a child took over its whole life, from `wait4`.
+#[expect(clippy::zombie_processes, reason = "the child is reaped by wait4, not Child::wait")]
+fn run_measuring_cpu(command: &mut Command) -> (std::process::ExitStatus, Duration) {
+    use std::os::unix::process::ExitStatusExt;
+    let child = command.spawn().expect("child starts");
+    let mut status = 0;
+    // SAFETY: getrusage's struct is plain data, filled by wait4.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child, with valid pointers.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as i32);
+    let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    let cpu = Duration::from_micros(micros(usage.ru_utime) + micros(usage.ru_stime));
+    (std::process::ExitStatus::from_raw(status), cpu)
+}
+
+/// An idle guest is idle: the counter's waits and the unused vCPU's loop park their threads
+/// through the test device's sleep port instead of spinning, and a parked vCPU still pauses
+/// at once and resumes with no tick lost or repeated.
+#[test]
+fn an_idle_counter_parks_its_vcpus_and_still_pauses_exactly() {
+    // In a process of its own, so that other tests' VMs are not counted. Two spinning
+    // vCPUs would take about 6 s of CPU in 3 s (less on a loaded machine, never more);
+    // parked ones take a few milliseconds beyond the process's start.
+    let run_for = Duration::from_secs(3);
+    let (status, cpu) = run_measuring_cpu(
+        Command::new(env!("CARGO_BIN_EXE_ferry-vm"))
+            .args([
+                "run",
+                "--guest",
+                "counter",
+                "--vcpus",
+                "2",
+                "--ticks-per-sec",
+                "10",
+            ])
+            .args(["--memory", "16M", "--console", "/dev/null", "--run-for"])
+            .arg(run_for.as_secs_f64().to_string())
+            .stdout(std::process::Stdio::null()),
+    );
+    assert!(status.success(), "{status}");
+    assert!(
+        cpu < run_for / 4,
+        "the idle VM used {cpu:?} of CPU in {run_for:?}"
+    );
+
+    let mut vm = Vm::create(&VmConfig::new("idle", 2, 16 * MIB), &counter(10), &[]).unwrap();
+    vm.resume().unwrap();
+    assert!(wait_for(Duration::from_secs(10), || ticks(
+        &vm.console().history()
+    )
+    .len()
+        >= 2));
+    let mut worst = Duration::ZERO;
+    for round in 0..40u64 {
+        std::thread::sleep(Duration::from_millis(round % 7 * 13));
+        worst = worst.max(vm.pause().unwrap());
+        assert!(
+            vm.vcpu_states().iter().all(|s| *s == VcpuRunState::Parked),
+            "round {round}: {:?}",
+            vm.vcpu_states()
+        );
+        if round % 10 == 0 {
+            let state = vm.capture_state().unwrap();
+            assert_eq!(state.vcpus.len(), 2);
+        }
+        vm.resume().unwrap();
+    }
+    assert!(worst < Duration::from_secs(1), "a pause took {worst:?}");
+    let before = ticks(&vm.console().history()).len();
+    assert!(wait_for(Duration::from_secs(10), || ticks(
+        &vm.console().history()
+    )
+    .len()
+        >= before + 5));
+    vm.pause().unwrap();
+    let seen = ticks(&vm.console().history());
+    assert_eq!(seen[0], 1);
+    assert_consecutive(&seen);
+}
+
 #[test]
 fn pause_and_resume_many_times_under_load() {
     let guest = TestGuest::Dirty {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::layout::{TEST_PORT_EXIT, TEST_PORT_FAIL, TEST_PORT_PROGRESS};
+use crate::layout::{TEST_PORT_EXIT, TEST_PORT_FAIL, TEST_PORT_PROGRESS, TEST_PORT_SLEEP};
 
 /// Failure values kept (the count keeps going).
 pub const MAX_RECORDED_FAILURES: usize = 1024;
@@ -34,6 +34,8 @@ pub enum PortEffect {
     Continue,
     /// The vCPU's workload ended with this status; stop running it.
     Exit(u32),
+    /// Park the vCPU for about this many TSC cycles (or until the VM pauses), then go on.
+    Sleep(u32),
 }
 
 /// The device, shared between vCPU threads and observers.
@@ -46,7 +48,10 @@ pub struct TestDevice {
 impl TestDevice {
     /// Whether `port` belongs to the device.
     pub fn handles(port: u16) -> bool {
-        matches!(port, TEST_PORT_EXIT | TEST_PORT_FAIL | TEST_PORT_PROGRESS)
+        matches!(
+            port,
+            TEST_PORT_EXIT | TEST_PORT_FAIL | TEST_PORT_PROGRESS | TEST_PORT_SLEEP
+        )
     }
 
     fn lock(&self) -> MutexGuard<'_, TestDeviceState> {
@@ -59,6 +64,10 @@ impl TestDevice {
         let n = data.len().min(4);
         word[..n].copy_from_slice(&data[..n]);
         let value = u32::from_le_bytes(word);
+        if port == TEST_PORT_SLEEP {
+            // No state: a sleep leaves nothing behind to migrate.
+            return PortEffect::Sleep(value);
+        }
         let mut state = self.lock();
         let effect = match port {
             TEST_PORT_EXIT => {
@@ -133,6 +142,10 @@ mod tests {
             PortEffect::Continue
         );
         assert_eq!(dev.write(0, TEST_PORT_FAIL, &[5, 1]), PortEffect::Continue);
+        assert_eq!(
+            dev.write(1, TEST_PORT_SLEEP, &5000u32.to_le_bytes()),
+            PortEffect::Sleep(5000)
+        );
         assert_eq!(
             dev.write(1, TEST_PORT_EXIT, &3u32.to_le_bytes()),
             PortEffect::Exit(3)

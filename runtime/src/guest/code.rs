@@ -12,7 +12,9 @@ use iced_x86::code_asm::*;
 use iced_x86::{BlockEncoderOptions, IcedError};
 
 use super::params::offsets;
-use crate::layout::{self, SERIAL_PORT, TEST_PORT_EXIT, TEST_PORT_FAIL, TEST_PORT_PROGRESS};
+use crate::layout::{
+    self, SERIAL_PORT, TEST_PORT_EXIT, TEST_PORT_FAIL, TEST_PORT_PROGRESS, TEST_PORT_SLEEP,
+};
 
 /// Exit status a guest reports when it took CPU exception `vector` (`0xE000_0000 | vector`).
 pub const EXCEPTION_EXIT_BASE: u32 = 0xE000_0000;
@@ -68,6 +70,35 @@ fn read_tsc(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.or(rax, rdx)
 }
 
+/// A wait at least this many TSC cycles long parks the vCPU (about 1 ms at 2 GHz); a shorter
+/// one spins with `pause`, where parking would cost more than it saves.
+const SLEEP_MIN: i32 = 1 << 21;
+/// The part of a parked wait left to spin, so that a deadline is still met to the cycle
+/// even when the host wakes the vCPU a little late.
+const SLEEP_MARGIN: i32 = 1 << 19;
+
+/// Waits part of the RAX (> 0) TSC cycles left until a deadline, then falls through (the
+/// caller reads the TSC again): far from the deadline, it parks the vCPU through the test
+/// device's sleep port for all but the last `SLEEP_MARGIN` cycles, so an idle guest does not
+/// burn a host core; near it, one `pause`. Clobbers RAX, RDX.
+fn idle(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    let mut near = a.create_label();
+    let mut done = a.create_label();
+    a.cmp(rax, SLEEP_MIN)?;
+    a.jb(near)?;
+    a.sub(rax, SLEEP_MARGIN)?;
+    a.mov(edx, u32::MAX)?;
+    a.cmp(rax, rdx)?;
+    a.cmova(rax, rdx)?;
+    a.mov(dx, TEST_PORT_SLEEP as u32)?;
+    a.out(dx, eax)?;
+    a.jmp(done)?;
+    a.set_label(&mut near)?;
+    a.pause()?;
+    a.set_label(&mut done)?;
+    a.nop()
+}
+
 fn out32(a: &mut CodeAssembler, port: u16) -> Result<(), IcedError> {
     a.mov(dx, port as u32)?;
     a.out(dx, eax)
@@ -98,9 +129,11 @@ fn assemble() -> Result<GuestCode, IcedError> {
     let mut stubs: Vec<CodeLabel> = (0..32).map(|_| a.create_label()).collect();
     let mut exception_common = a.create_label();
 
-    // Idle loop.
+    // Idle loop: parked as long as the VMM allows, again and again.
     a.set_label(&mut spin)?;
-    a.pause()?;
+    a.mov(eax, u32::MAX)?;
+    a.mov(dx, TEST_PORT_SLEEP as u32)?;
+    a.out(dx, eax)?;
     a.jmp(spin)?;
 
     // print_str: RCX = NUL-terminated string. Clobbers RAX, RCX, RDX.
@@ -157,11 +190,17 @@ fn assemble() -> Result<GuestCode, IcedError> {
         a.call(print_str)?;
         read_tsc(&mut a)?;
         a.mov(r13, rax)?;
+        let mut ready = a.create_label();
         a.set_label(&mut wait)?;
-        a.pause()?;
         read_tsc(&mut a)?;
         a.cmp(rax, r13)?;
-        a.jb(wait)?;
+        a.jae(ready)?;
+        a.mov(rdx, r13)?;
+        a.sub(rdx, rax)?;
+        a.mov(rax, rdx)?;
+        idle(&mut a)?;
+        a.jmp(wait)?;
+        a.set_label(&mut ready)?;
         // After a long stall (host paused us), restart the schedule instead of bursting.
         a.mov(rcx, rax)?;
         a.sub(rcx, r13)?;
@@ -455,7 +494,7 @@ struct DiskLabels<'a> {
     msg_ready: CodeLabel,
 }
 
-/// Spins until the TSC reaches `deadline`, then jumps to `next`. Further behind than `slack`
+/// Waits (see [`idle`]) until the TSC reaches `deadline`, then jumps to `next`. Further behind than `slack`
 /// cycles (the guest was paused), it moves the deadline to now instead of bursting to catch
 /// up. Clobbers RAX, RDX.
 fn wait_until(
@@ -476,7 +515,9 @@ fn wait_until(
     a.mov(deadline, rax)?;
     a.jmp(next)?;
     a.set_label(&mut early)?;
-    a.pause()?;
+    a.mov(rax, rdx)?;
+    a.neg(rax)?;
+    idle(a)?;
     a.jmp(wait)
 }
 
