@@ -168,8 +168,12 @@ impl RunControl {
         if percent == 0 {
             return;
         }
-        let sleep = THROTTLE_PERIOD * percent / (100 - percent);
-        let deadline = Instant::now() + sleep;
+        self.sleep_while_running(THROTTLE_PERIOD * percent / (100 - percent));
+    }
+
+    /// Waits `duration`, or less if the VM stops wanting its vCPUs to run.
+    fn sleep_while_running(&self, duration: Duration) {
+        let deadline = Instant::now() + duration;
         let mut state = self.lock();
         while state.want == Want::Run {
             let now = Instant::now();
@@ -189,19 +193,7 @@ impl RunControl {
     /// which completes the `out` and, if a pause is wanted, returns at once, so a parked vCPU
     /// pauses with exact state like a running one.
     fn idle_sleep(&self, duration: Duration) {
-        let deadline = Instant::now() + duration.min(MAX_IDLE_SLEEP);
-        let mut state = self.lock();
-        while state.want == Want::Run {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            state = self
-                .changed
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        self.sleep_while_running(duration.min(MAX_IDLE_SLEEP));
     }
 
     fn lock(&self) -> MutexGuard<'_, ControlState> {

@@ -172,7 +172,10 @@ fn verify_guest_passes_and_catches_a_corrupted_page() {
 }
 
 /// CPU time (user + system) a child took over its whole life, from `wait4`.
-#[expect(clippy::zombie_processes, reason = "the child is reaped by wait4, not Child::wait")]
+#[expect(
+    clippy::zombie_processes,
+    reason = "the child is reaped by wait4, not Child::wait"
+)]
 fn run_measuring_cpu(command: &mut Command) -> (std::process::ExitStatus, Duration) {
     use std::os::unix::process::ExitStatusExt;
     let child = command.spawn().expect("child starts");

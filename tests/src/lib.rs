@@ -861,28 +861,25 @@ impl TestCluster {
         result
     }
 
-    /// `GET` on a host's API (loopback clusters only): status and JSON body.
-    pub fn api_get(&self, host: &str, path: &str) -> (u16, Value) {
+    fn get(&self, host: &str, path: &str) -> reqwest::blocking::Response {
         let host = self.host(host);
-        let response = self
-            .http
+        self.http
             .get(format!("http://{}{path}", host.api))
             .bearer_auth(&host.token)
             .send()
-            .expect("API request");
+            .expect("API request")
+    }
+
+    /// `GET` on a host's API (loopback clusters only): status and JSON body.
+    pub fn api_get(&self, host: &str, path: &str) -> (u16, Value) {
+        let response = self.get(host, path);
         let status = response.status().as_u16();
         (status, response.json().unwrap_or(Value::Null))
     }
 
     /// `GET` on a host's API (loopback clusters only): status and body text.
     pub fn api_text(&self, host: &str, path: &str) -> (u16, String) {
-        let host = self.host(host);
-        let response = self
-            .http
-            .get(format!("http://{}{path}", host.api))
-            .bearer_auth(&host.token)
-            .send()
-            .expect("API request");
+        let response = self.get(host, path);
         let status = response.status().as_u16();
         (status, response.text().unwrap_or_default())
     }
