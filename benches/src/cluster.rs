@@ -19,6 +19,16 @@ fn free_port() -> Result<u16, std::io::Error> {
 /// Starts the two hosts with state under `dir`; with `local_datastores`, each has a
 /// datastore `HOST-local` at `dir/HOST/disks`. Returns an API client once both answer.
 pub fn start(dir: &Path, name: &str, local_datastores: bool) -> Result<Client, Box<dyn Error>> {
+    start_sized(dir, name, local_datastores, "4G")
+}
+
+/// [`start`], each host offering `memory` to its VMs (e.g. `"12G"`).
+pub fn start_sized(
+    dir: &Path,
+    name: &str,
+    local_datastores: bool,
+    memory: &str,
+) -> Result<Client, Box<dyn Error>> {
     let mut text = format!(
         "[cluster]\nname = \"{name}\"\n[migration]\nencryption = \"disabled\"\n[tls]\nca = \"certs/ca.pem\"\n[[networks]]\nname = \"vmnet\"\n"
     );
@@ -37,7 +47,7 @@ pub fn start(dir: &Path, name: &str, local_datastores: bool) -> Result<Client, B
             String::new()
         };
         text.push_str(&format!(
-            "[[hosts]]\nname = \"{host}\"\ncontrol = \"127.0.0.1:{}\"\ndata = [\"127.0.0.1:0\"]\nmemory = \"4G\"\nnetworks = [{{ name = \"vmnet\" }}]\ntls_cert = \"certs/{host}.pem\"\ntls_key = \"certs/{host}.key\"\n{datastores}state_dir = \"{}/{host}\"\n",
+            "[[hosts]]\nname = \"{host}\"\ncontrol = \"127.0.0.1:{}\"\ndata = [\"127.0.0.1:0\"]\nmemory = \"{memory}\"\nnetworks = [{{ name = \"vmnet\" }}]\ntls_cert = \"certs/{host}.pem\"\ntls_key = \"certs/{host}.key\"\n{datastores}state_dir = \"{}/{host}\"\n",
             free_port()?,
             dir.display()
         ));

@@ -99,6 +99,10 @@ pub struct QemuSpec {
     /// A raw disk on each side (source image, destination image): then [`migrate`] moves
     /// it as libvirt's `--copy-storage-all` does (see [`migrate`]).
     pub disks: Option<(PathBuf, PathBuf)>,
+    /// More memory content for the source, as (file, guest-physical address): QEMU's generic
+    /// loader (`-device loader,file=F,addr=A,force-raw=on`) puts it where multiboot modules
+    /// cannot go (above 4 GiB).
+    pub loads: Vec<(PathBuf, u64)>,
 }
 
 impl QemuSpec {
@@ -114,6 +118,7 @@ impl QemuSpec {
             settle: Duration::from_secs(2),
             timeout: Duration::from_secs(120),
             disks: None,
+            loads: Vec::new(),
         }
     }
 }
@@ -493,6 +498,14 @@ impl QemuProcess {
                 ))
                 .args(["-blockdev", "driver=raw,file=f0,node-name=d0"])
                 .args(["-device", "virtio-blk-pci,drive=d0"]);
+        }
+        if !incoming {
+            for (file, addr) in &spec.loads {
+                command.arg("-device").arg(format!(
+                    "loader,file={},addr={addr:#x},force-raw=on",
+                    file.display()
+                ));
+            }
         }
         if incoming {
             command.args(["-incoming", "defer"]);
