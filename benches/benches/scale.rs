@@ -337,16 +337,5 @@ fn run() -> Result<(), Box<dyn Error>> {
 fn main() -> ExitCode {
     // The hostd threads below start VMM processes as this executable with `vmm`.
     ferry_vmm::run_if_vmm();
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("scale bench: {error}");
-            let mut cause = error.source();
-            while let Some(inner) = cause {
-                eprintln!("  caused by: {inner}");
-                cause = inner.source();
-            }
-            ExitCode::FAILURE
-        }
-    }
+    ferry_benches::report_outcome("scale bench", run)
 }

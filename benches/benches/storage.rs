@@ -241,16 +241,5 @@ fn run() -> Result<(), Box<dyn Error>> {
 
 fn main() -> ExitCode {
     ferry_vmm::run_if_vmm();
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("storage bench: {error}");
-            let mut cause = error.source();
-            while let Some(inner) = cause {
-                eprintln!("  caused by: {inner}");
-                cause = inner.source();
-            }
-            ExitCode::FAILURE
-        }
-    }
+    ferry_benches::report_outcome("storage bench", run)
 }

@@ -3,8 +3,27 @@
 pub mod cluster;
 pub mod qemu;
 
+use std::error::Error;
 use std::fmt::Write as _;
+use std::process::ExitCode;
 use std::time::Duration;
+
+/// A benchmark's `main` body: runs `run` and, when it fails, prints the error and its causes
+/// after `name`. (Call `ferry_vmm::run_if_vmm()` first where the bench starts VMMs.)
+pub fn report_outcome(name: &str, run: impl FnOnce() -> Result<(), Box<dyn Error>>) -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{name}: {error}");
+            let mut cause = error.source();
+            while let Some(inner) = cause {
+                eprintln!("  caused by: {inner}");
+                cause = inner.source();
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
 
 /// A positive number from the environment variable `name`, or `default` when it is unset.
 pub fn env_number(name: &str, default: u64) -> Result<u64, String> {
