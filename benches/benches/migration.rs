@@ -19,7 +19,7 @@
 //! - `FERRY_BENCH_QEMU_CHANNELS`: multifd channels of QEMU's best preset (default 2).
 
 use std::error::Error;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -28,8 +28,7 @@ use ferry_benches::qemu::{self, Preset, QemuMigrationReport, QemuSpec};
 use ferry_benches::{Table, env_number, median};
 use ferry_runtime::content::{self, Content};
 use ferry_runtime::guest::multiboot_workload;
-use ferry_runtime::layout::MIN_MEMORY;
-use ferry_runtime::{Boot, GuestOptions, TestGuest, Vm, VmConfig};
+use ferry_runtime::{GuestOptions, TestGuest};
 use hostd::api_types::{CreateVmRequest, MigrateRequest};
 use hostd::client::Client;
 
@@ -128,15 +127,12 @@ fn ferry_runs(
     };
     client.create_vm("alpha", &request)?;
     std::thread::sleep(Duration::from_secs(1));
-    let mut reports = Vec::new();
-    for run in 0..runs {
-        let to = if run % 2 == 0 { "beta" } else { "alpha" };
-        eprintln!(
-            "migration bench: Ferry, {}, run {}/{runs}",
-            guest.name(),
-            run + 1
-        );
-        let request = MigrateRequest {
+    let reports = ferry_benches::cluster::migrate_back_and_forth(
+        client,
+        &name,
+        runs,
+        &format!("migration bench: Ferry, {}", guest.name()),
+        |to| MigrateRequest {
             to: to.into(),
             streams: Some(case.streams),
             encryption: Some(
@@ -148,26 +144,18 @@ fn ferry_runs(
                 .into(),
             ),
             ..Default::default()
-        };
-        let (source, started) = client.migrate(&name, &request)?;
-        let report = client.wait_migration(&source, &started.id, |_| {})?;
-        let expected = if case.encrypted {
-            "tls1.3 aes-256-gcm"
-        } else {
-            "none (disabled by the operator)"
-        };
-        if report.status == "completed" && report.encryption.as_deref() != Some(expected) {
-            return Err(format!("Ferry migration used {:?}", report.encryption).into());
-        }
-        if report.status != "completed" {
-            return Err(format!(
-                "Ferry migration ended {}: {:?}",
-                report.status, report.error
-            )
-            .into());
-        }
-        reports.push(report);
-        std::thread::sleep(Duration::from_millis(500));
+        },
+    )?;
+    let expected = if case.encrypted {
+        "tls1.3 aes-256-gcm"
+    } else {
+        "none (disabled by the operator)"
+    };
+    if let Some(report) = reports
+        .iter()
+        .find(|r| r.encryption.as_deref() != Some(expected))
+    {
+        return Err(format!("Ferry migration used {:?}", report.encryption).into());
     }
     client.operate(&name, "stop")?;
     Ok(reports)
@@ -179,31 +167,15 @@ fn median_by<T>(items: &[T], field: impl Fn(&T) -> f64) -> f64 {
 
 fn run() -> Result<(), Box<dyn Error>> {
     let runs = env_number("FERRY_BENCH_RUNS", 3)?;
-    let with_qemu = std::env::var_os("FERRY_BENCH_NO_QEMU").is_none();
-    let qemu_binary = PathBuf::from(
-        std::env::var_os("FERRY_BENCH_QEMU").unwrap_or_else(|| qemu::DEFAULT_QEMU.into()),
-    );
-    let version = if with_qemu {
-        qemu::qemu_version(&qemu_binary)?
-    } else {
-        "QEMU skipped".into()
-    };
-    let channels = env_number("FERRY_BENCH_QEMU_CHANNELS", qemu::BEST_MULTIFD_CHANNELS)?;
+    let baseline = qemu::Baseline::from_env()?;
+    let version = &baseline.version;
 
     let dir = tempfile::Builder::new()
         .prefix("ferry-migration-bench")
         .tempdir()?;
     let module = dir.path().join("content.bin");
     content::write_file(&module, Content::Mixed, CONTENT_BYTES, CONTENT_SEED)?;
-    // The guest TSC runs at the host's rate in QEMU as in Ferry (no TSC scaling here), so
-    // any Ferry VM tells the QEMU kernel what to pace with.
-    let probe = Vm::create(
-        &VmConfig::new("tsc-probe", 1, MIN_MEMORY),
-        &Boot::Guest(TestGuest::Counter { ticks_per_sec: 1 }),
-        &[],
-    )?;
-    let tsc_khz = u64::from(probe.tsc_khz());
-    drop(probe);
+    let tsc_khz = qemu::host_tsc_khz()?;
 
     let workloads = [
         (
@@ -228,7 +200,7 @@ fn run() -> Result<(), Box<dyn Error>> {
     let presets = [
         Preset::Defaults,
         Preset::Best {
-            multifd_channels: channels,
+            multifd_channels: baseline.channels,
         },
     ];
 
@@ -276,7 +248,7 @@ fn run() -> Result<(), Box<dyn Error>> {
                 format!("{:.0}", median_by(&reports, |r| r.rounds.len() as f64)),
             ]);
         }
-        if !with_qemu {
+        if !baseline.enabled {
             continue;
         }
         let kernel = multiboot_workload::build(guest, MEMORY, tsc_khz)?;
@@ -288,7 +260,7 @@ fn run() -> Result<(), Box<dyn Error>> {
             &format!("tsc_khz={tsc_khz}"),
             &dir.path().join("qemu"),
         );
-        spec.qemu = qemu_binary.clone();
+        spec.qemu = baseline.binary.clone();
         spec.memory_mib = MEMORY / MIB;
         for preset in presets {
             let mut reports: Vec<QemuMigrationReport> = Vec::new();

@@ -25,8 +25,8 @@ use ferry_benches::qemu::{self, Preset, QemuSpec};
 use ferry_benches::{Table, env_number, median};
 use ferry_runtime::content::{self, Content};
 use ferry_runtime::guest::multiboot_workload;
-use ferry_runtime::layout::{HIGH_MEMORY_START, MIN_MEMORY};
-use ferry_runtime::{Boot, GuestOptions, TestGuest, Vm, VmConfig};
+use ferry_runtime::layout::HIGH_MEMORY_START;
+use ferry_runtime::{GuestOptions, TestGuest};
 use hostd::api_types::{CreateVmRequest, MigrateRequest};
 use hostd::client::Client;
 
@@ -104,29 +104,17 @@ fn ferry_runs(
     };
     client.create_vm("alpha", &request)?;
     std::thread::sleep(Duration::from_secs(1));
-    let mut reports = Vec::new();
-    for run in 0..runs {
-        let to = if run % 2 == 0 { "beta" } else { "alpha" };
-        eprintln!(
-            "scale bench: Ferry, {} GiB, run {}/{runs}",
-            layout.size / GIB,
-            run + 1
-        );
-        let (source, started) = client.migrate(
-            &name,
-            &MigrateRequest {
-                to: to.into(),
-                ..Default::default()
-            },
-        )?;
-        let report = client.wait_migration(&source, &started.id, |_| {})?;
-        if report.status != "completed" {
-            return Err(format!(
-                "Ferry migration ended {}: {:?}",
-                report.status, report.error
-            )
-            .into());
-        }
+    let reports = ferry_benches::cluster::migrate_back_and_forth(
+        client,
+        &name,
+        runs,
+        &format!("scale bench: Ferry, {} GiB", layout.size / GIB),
+        |to| MigrateRequest {
+            to: to.into(),
+            ..Default::default()
+        },
+    )?;
+    for report in &reports {
         eprintln!(
             "  total {:.0} ms, rounds (MiB in ms): {}, final {} pages, downtime {:.1} ms",
             report.total_ms,
@@ -139,8 +127,6 @@ fn ferry_runs(
             report.final_pages,
             report.downtime_ms.unwrap_or(f64::NAN)
         );
-        reports.push(report);
-        std::thread::sleep(Duration::from_millis(500));
     }
     client.operate(&name, "stop")?;
     Ok(reports)
@@ -163,26 +149,12 @@ fn run() -> Result<(), Box<dyn Error>> {
         .collect::<Result<_, _>>()
         .map_err(|e| format!("FERRY_BENCH_SIZES_GIB: {e}"))?;
     let largest = sizes.iter().copied().max().unwrap_or(GIB);
-    let with_qemu = std::env::var_os("FERRY_BENCH_NO_QEMU").is_none();
-    let qemu_binary = PathBuf::from(
-        std::env::var_os("FERRY_BENCH_QEMU").unwrap_or_else(|| qemu::DEFAULT_QEMU.into()),
-    );
-    let version = if with_qemu {
-        qemu::qemu_version(&qemu_binary)?
-    } else {
-        "QEMU skipped".into()
-    };
-    let channels = env_number("FERRY_BENCH_QEMU_CHANNELS", qemu::BEST_MULTIFD_CHANNELS)?;
+    let baseline = qemu::Baseline::from_env()?;
+    let version = &baseline.version;
     let dir = tempfile::Builder::new()
         .prefix("ferry-scale-bench")
         .tempdir_in("/var/tmp")?;
-    let probe = Vm::create(
-        &VmConfig::new("tsc-probe", 1, MIN_MEMORY),
-        &Boot::Guest(TestGuest::Counter { ticks_per_sec: 1 }),
-        &[],
-    )?;
-    let tsc_khz = u64::from(probe.tsc_khz());
-    drop(probe);
+    let tsc_khz = qemu::host_tsc_khz()?;
 
     let mut table = Table::new([
         "VM",
@@ -219,7 +191,7 @@ fn run() -> Result<(), Box<dyn Error>> {
         let wire: Vec<f64> = reports.iter().map(|r| r.wire_bytes as f64).collect();
         let mut qemu_total = None;
         let mut qemu_row = None;
-        if with_qemu {
+        if baseline.enabled {
             let guest = TestGuest::Counter {
                 ticks_per_sec: IDLE_TICKS_PER_SEC,
             };
@@ -233,12 +205,12 @@ fn run() -> Result<(), Box<dyn Error>> {
                 &format!("tsc_khz={tsc_khz}"),
                 &dir.path().join("qemu"),
             );
-            spec.qemu = qemu_binary.clone();
+            spec.qemu = baseline.binary.clone();
             spec.memory_mib = size / MIB;
             spec.loads = layout.parts[1..].to_vec();
             spec.timeout = Duration::from_secs(300);
             let preset = Preset::Best {
-                multifd_channels: channels,
+                multifd_channels: baseline.channels,
             };
             let mut reports = Vec::new();
             for run in 1..=runs {

@@ -27,8 +27,7 @@ use ferry_benches::qemu::{self, Preset, QemuSpec};
 use ferry_benches::{Table, env_number, median};
 use ferry_runtime::content::{self, Content};
 use ferry_runtime::guest::multiboot_workload;
-use ferry_runtime::layout::MIN_MEMORY;
-use ferry_runtime::{Boot, GuestOptions, TestGuest, Vm, VmConfig};
+use ferry_runtime::{GuestOptions, TestGuest};
 use hostd::api_types::{CreateVmRequest, MigrateRequest};
 use hostd::client::Client;
 
@@ -73,27 +72,17 @@ fn ferry_runs(
     };
     client.create_vm("alpha", &request)?;
     std::thread::sleep(Duration::from_secs(1));
-    let mut reports = Vec::new();
-    for run in 0..runs {
-        let to = if run % 2 == 0 { "beta" } else { "alpha" };
-        eprintln!("storage bench: Ferry, {guest}, run {}/{runs}", run + 1);
-        let request = MigrateRequest {
+    let reports = ferry_benches::cluster::migrate_back_and_forth(
+        client,
+        &name,
+        runs,
+        &format!("storage bench: Ferry, {guest}"),
+        |to| MigrateRequest {
             to: to.into(),
             datastore: Some(format!("{to}-local")),
             ..Default::default()
-        };
-        let (source, started) = client.migrate(&name, &request)?;
-        let report = client.wait_migration(&source, &started.id, |_| {})?;
-        if report.status != "completed" {
-            return Err(format!(
-                "Ferry migration ended {}: {:?}",
-                report.status, report.error
-            )
-            .into());
-        }
-        reports.push(report);
-        std::thread::sleep(Duration::from_millis(500));
-    }
+        },
+    )?;
     let (_, info) = client.find_vm(&name)?;
     if info.guest_failures != 0 {
         return Err(format!(
@@ -119,15 +108,8 @@ fn range(values: impl Iterator<Item = f64> + Clone) -> String {
 fn run() -> Result<(), Box<dyn Error>> {
     let runs = env_number("FERRY_BENCH_RUNS", 3)?;
     let disk_rate = env_number("FERRY_BENCH_DISK_RATE", 2000)?;
-    let with_qemu = std::env::var_os("FERRY_BENCH_NO_QEMU").is_none();
-    let qemu_binary = std::path::PathBuf::from(
-        std::env::var_os("FERRY_BENCH_QEMU").unwrap_or_else(|| qemu::DEFAULT_QEMU.into()),
-    );
-    let version = if with_qemu {
-        qemu::qemu_version(&qemu_binary)?
-    } else {
-        "QEMU skipped".into()
-    };
+    let baseline = qemu::Baseline::from_env()?;
+    let version = &baseline.version;
     let dir = tempfile::Builder::new()
         .prefix("ferry-storage-bench")
         .tempdir_in("/var/tmp")?;
@@ -171,14 +153,8 @@ fn run() -> Result<(), Box<dyn Error>> {
             format!("{:.0}", median_by(&reports, |r| r.rounds.len() as f64)),
         ]);
     }
-    if with_qemu {
-        let probe = Vm::create(
-            &VmConfig::new("tsc-probe", 1, MIN_MEMORY),
-            &Boot::Guest(TestGuest::Counter { ticks_per_sec: 1 }),
-            &[],
-        )?;
-        let tsc_khz = u64::from(probe.tsc_khz());
-        drop(probe);
+    if baseline.enabled {
+        let tsc_khz = qemu::host_tsc_khz()?;
         let guest = TestGuest::Counter { ticks_per_sec: 10 };
         let kernel = multiboot_workload::build(&guest, MEMORY, tsc_khz)?;
         let kernel_path = dir.path().join("counter.elf");
@@ -194,7 +170,7 @@ fn run() -> Result<(), Box<dyn Error>> {
             &format!("tsc_khz={tsc_khz}"),
             &dir.path().join("qemu"),
         );
-        spec.qemu = qemu_binary;
+        spec.qemu = baseline.binary.clone();
         spec.memory_mib = MEMORY / MIB;
         spec.disks = Some((source_image, destination_image.clone()));
         let mut reports = Vec::new();

@@ -7,6 +7,8 @@ use std::error::Error;
 use std::path::Path;
 use std::time::Duration;
 
+use ferry_actors::migration::MigrationReport;
+use hostd::api_types::MigrateRequest;
 use hostd::client::Client;
 use hostd::config::Cluster;
 
@@ -76,4 +78,32 @@ pub fn start_sized(
         }
     }
     Ok(client)
+}
+
+/// Migrates `vm` `runs` times, alpha → beta first and back again, each with the request
+/// `request(to)` makes; every migration must complete. `label` starts the progress lines.
+pub fn migrate_back_and_forth(
+    client: &Client,
+    vm: &str,
+    runs: u64,
+    label: &str,
+    request: impl Fn(&str) -> MigrateRequest,
+) -> Result<Vec<MigrationReport>, Box<dyn Error>> {
+    let mut reports = Vec::new();
+    for run in 0..runs {
+        let to = if run % 2 == 0 { "beta" } else { "alpha" };
+        eprintln!("{label}, run {}/{runs}", run + 1);
+        let (source, started) = client.migrate(vm, &request(to))?;
+        let report = client.wait_migration(&source, &started.id, |_| {})?;
+        if report.status != "completed" {
+            return Err(format!(
+                "Ferry migration ended {}: {:?}",
+                report.status, report.error
+            )
+            .into());
+        }
+        reports.push(report);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Ok(reports)
 }

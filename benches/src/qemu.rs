@@ -40,6 +40,56 @@ use serde_json::{Value, json};
 
 /// The QEMU binary used when none is given.
 pub const DEFAULT_QEMU: &str = "qemu-system-x86_64";
+
+/// The QEMU side of a benchmark, as the environment chooses it: `FERRY_BENCH_NO_QEMU=1`
+/// skips QEMU, `FERRY_BENCH_QEMU` names the binary (default [`DEFAULT_QEMU`]) and
+/// `FERRY_BENCH_QEMU_CHANNELS` the multifd channels of the best preset (default
+/// [`BEST_MULTIFD_CHANNELS`]).
+#[derive(Clone, Debug)]
+pub struct Baseline {
+    /// Whether QEMU runs at all.
+    pub enabled: bool,
+    /// The binary.
+    pub binary: PathBuf,
+    /// What it says its version is ("QEMU skipped" when it does not run).
+    pub version: String,
+    /// multifd channels of [`Preset::Best`].
+    pub channels: u64,
+}
+
+impl Baseline {
+    /// Reads the environment (and asks the binary its version when QEMU runs).
+    pub fn from_env() -> Result<Baseline, Box<dyn std::error::Error>> {
+        let enabled = std::env::var_os("FERRY_BENCH_NO_QEMU").is_none();
+        let binary = PathBuf::from(
+            std::env::var_os("FERRY_BENCH_QEMU").unwrap_or_else(|| DEFAULT_QEMU.into()),
+        );
+        let version = if enabled {
+            qemu_version(&binary)?
+        } else {
+            "QEMU skipped".into()
+        };
+        let channels = crate::env_number("FERRY_BENCH_QEMU_CHANNELS", BEST_MULTIFD_CHANNELS)?;
+        Ok(Baseline {
+            enabled,
+            binary,
+            version,
+            channels,
+        })
+    }
+}
+
+/// The guest TSC rate in kHz, as a Ferry VM sees it: QEMU's guest runs at the host's rate
+/// too (no TSC scaling here), so the workload kernel paces itself with this.
+pub fn host_tsc_khz() -> Result<u64, ferry_runtime::VmError> {
+    use ferry_runtime::{Boot, TestGuest, Vm, VmConfig};
+    let probe = Vm::create(
+        &VmConfig::new("tsc-probe", 1, ferry_runtime::layout::MIN_MEMORY),
+        &Boot::Guest(TestGuest::Counter { ticks_per_sec: 1 }),
+        &[],
+    )?;
+    Ok(u64::from(probe.tsc_khz()))
+}
 /// `max-bandwidth` of [`Preset::Best`] in bytes/s: far above what loopback carries, i.e.
 /// unlimited (QEMU's default is 128 MiB/s).
 pub const BEST_MAX_BANDWIDTH: u64 = 100_000_000_000;
