@@ -949,15 +949,12 @@ impl Handler<OperateVm> for HostActor {
             .map(move |result: Result<VmInfo, HostError>, act, _| {
                 if let (Ok(info), Some(entry)) = (&result, act.vms.get_mut(&name)) {
                     entry.state = info.state;
-                    match info.state {
-                        Lifecycle::Stopped => {}
-                        // Recovered from a stale copy: an ordinary VM again.
-                        Lifecycle::Running if event == Event::RecoverStale => {
-                            if let Some(addr) = entry.addr.clone() {
-                                act.record_vm_later(addr, false);
-                            }
-                        }
-                        _ => {}
+                    // Recovered from a stale copy: an ordinary VM again.
+                    if info.state == Lifecycle::Running
+                        && event == Event::RecoverStale
+                        && let Some(addr) = entry.addr.clone()
+                    {
+                        act.record_vm_later(addr, false);
                     }
                 }
                 result
@@ -1272,7 +1269,7 @@ impl Handler<RenderMetrics> for HostActor {
         };
         let gauges = HostGauges {
             vm_states: self.vms.values().map(|e| e.state).collect(),
-            memory_bytes: self.vms.values().map(|e| e.memory).sum(),
+            memory_bytes: self.memory_used(),
             outgoing: in_flight(true),
             incoming: in_flight(false),
             maintenance: self.maintenance.is_some(),

@@ -347,11 +347,14 @@ enum RunOutcome {
 
 fn vcpu_thread(index: u32, fd: &Mutex<VcpuFd>, control: &RunControl, devices: &Devices) {
     let slot = index as usize;
-    {
+    let tsc_khz = {
         let mut guard = fd.lock().unwrap_or_else(|e| e.into_inner());
         let run: *mut kvm_run = guard.get_kvm_run();
         KVM_RUN.with(|cell| cell.set(run));
-    }
+        // TSC cycles per millisecond, for sleep requests (asked once: resuming is on the
+        // downtime path); 0 (unknown) makes them no-ops.
+        guard.get_tsc_khz().unwrap_or(0)
+    };
     loop {
         {
             let mut state = control.lock();
@@ -378,7 +381,7 @@ fn vcpu_thread(index: u32, fd: &Mutex<VcpuFd>, control: &RunControl, devices: &D
         }
         let outcome = {
             let mut guard = fd.lock().unwrap_or_else(|e| e.into_inner());
-            run_until_kicked(index, &mut guard, control, devices)
+            run_until_kicked((index, tsc_khz), &mut guard, control, devices)
         };
         let mut state = control.lock();
         state.vcpus[slot] = match outcome {
@@ -393,13 +396,11 @@ fn vcpu_thread(index: u32, fd: &Mutex<VcpuFd>, control: &RunControl, devices: &D
 }
 
 fn run_until_kicked(
-    index: u32,
+    (index, tsc_khz): (u32, u32),
     fd: &mut VcpuFd,
     control: &RunControl,
     devices: &Devices,
 ) -> RunOutcome {
-    // TSC cycles per millisecond, for sleep requests; 0 (unknown) makes them no-ops.
-    let tsc_khz = fd.get_tsc_khz().unwrap_or(0);
     loop {
         if !control.should_run() {
             fd.set_kvm_immediate_exit(1);

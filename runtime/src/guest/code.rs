@@ -95,8 +95,8 @@ fn idle(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.jmp(done)?;
     a.set_label(&mut near)?;
     a.pause()?;
-    a.set_label(&mut done)?;
-    a.nop()
+    // The caller's next instruction carries the label.
+    a.set_label(&mut done)
 }
 
 fn out32(a: &mut CodeAssembler, port: u16) -> Result<(), IcedError> {
@@ -195,9 +195,8 @@ fn assemble() -> Result<GuestCode, IcedError> {
         read_tsc(&mut a)?;
         a.cmp(rax, r13)?;
         a.jae(ready)?;
-        a.mov(rdx, r13)?;
-        a.sub(rdx, rax)?;
-        a.mov(rax, rdx)?;
+        a.sub(rax, r13)?;
+        a.neg(rax)?;
         idle(&mut a)?;
         a.jmp(wait)?;
         a.set_label(&mut ready)?;
