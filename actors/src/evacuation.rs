@@ -6,7 +6,12 @@
 //! source's `max_concurrent` in flight and at most each destination's. It watches them
 //! through the host actor's migration reports and publishes one [`EvacuationReport`] for
 //! the whole evacuation after every change. A VM that cannot be placed, or whose migration
-//! does not complete, stays where it is, with its reason; the others carry on.
+//! does not complete, stays where it is, with its reason; the others carry on. With a
+//! `total_bandwidth`, every migration it starts shares one cap (a [`SharedCap`] in its
+//! options): together they never put more than that on the wire, and when one ends the
+//! others take its share at once.
+//!
+//! [`SharedCap`]: ferry_transport::data::SharedCap
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -86,6 +91,9 @@ pub struct EvacuationReport {
     pub rate_bytes_per_s: f64,
     /// Time left at that rate.
     pub eta_ms: Option<f64>,
+    /// The cap all of its migrations share, bytes per second (`None`: none).
+    #[serde(default)]
+    pub total_bandwidth: Option<u64>,
     /// Since the start.
     pub elapsed_ms: f64,
     /// Hosts that could not be asked, with why.
@@ -164,6 +172,7 @@ impl Evacuation {
             bytes_planned: 0,
             rate_bytes_per_s: 0.0,
             eta_ms: None,
+            total_bandwidth: options.shared_cap.as_ref().map(|cap| cap.rate()),
             elapsed_ms: 0.0,
             unreachable: Vec::new(),
             vms: candidates

@@ -14,6 +14,7 @@ use actix::prelude::*;
 use ferry_runtime::cpu::{CpuFeatures, check_compatible};
 use ferry_runtime::vm::RunState;
 use ferry_runtime::{Boot, DirtyLogMode, Preload, VmIdentity};
+use ferry_transport::data::SharedCap;
 use ferry_vmm::{CreateSpec, EmptySpec, VmmClient};
 use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
@@ -1965,6 +1966,8 @@ impl Handler<DescribeHost> for HostActor {
 pub struct EnterMaintenance {
     /// Migrate every VM off the host.
     pub evacuate: bool,
+    /// A cap on all of the evacuation's migrations together, bytes per second.
+    pub total_bandwidth: Option<u64>,
     /// Where disks that no destination shares move to (`None`: such VMs stay).
     pub datastore: Option<String>,
     /// Options for every migration.
@@ -2079,6 +2082,11 @@ impl Handler<EnterMaintenance> for HostActor {
                 "streams and downtime must be at least 1",
             ))));
         }
+        let mut options = msg.options;
+        match msg.total_bandwidth.map(SharedCap::new).transpose() {
+            Ok(cap) => options.shared_cap = cap,
+            Err(e) => return Box::pin(fut::ready(Err(HostError::new(ErrorKind::BadRequest, e)))),
+        }
         if self.maintenance.is_none()
             && let Err(e) = self.set_maintenance(Some(MaintenanceRecord {
                 since_unix_ms: unix_ms(),
@@ -2103,7 +2111,7 @@ impl Handler<EnterMaintenance> for HostActor {
                         ctx.address(),
                         Arc::clone(&act.settings),
                         candidates,
-                        (msg.datastore, msg.options),
+                        (msg.datastore, options),
                     );
                     act.evacuation.1 = Some(evacuation.report().clone());
                     act.evacuation.0 = Some(evacuation.start());

@@ -97,9 +97,11 @@ async fn enter_maintenance(
         .options
         .options(&settings.migration.defaults)
         .map_err(bad_request)?;
+    let total_bandwidth = body.total_bandwidth().map_err(bad_request)?;
     let status = host
         .send(EnterMaintenance {
             evacuate: body.evacuate,
+            total_bandwidth,
             datastore: options.datastore.clone(),
             options,
         })

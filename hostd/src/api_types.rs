@@ -168,6 +168,7 @@ impl MigrateRequest {
                 None => defaults.transport,
                 Some(text) => text.parse().map_err(|e| format!("transport: {e}"))?,
             },
+            shared_cap: None,
         })
     }
 }
@@ -183,6 +184,23 @@ pub struct MaintenanceRequest {
     /// `datastore` is where disks go that no destination shares.
     #[serde(default)]
     pub options: MigrateRequest,
+    /// A cap on all of the evacuation's migrations together, e.g. `"200M"` (bytes per
+    /// second on the wire): concurrent migrations share it, and one that ends leaves its
+    /// share to the others. `options.max_bandwidth` still caps each migration on its own.
+    #[serde(default)]
+    pub total_bandwidth: Option<String>,
+}
+
+impl MaintenanceRequest {
+    /// The shared cap the request asks for, or what is wrong with it.
+    pub fn total_bandwidth(&self) -> Result<Option<u64>, String> {
+        match self.total_bandwidth.as_deref().map(str::trim) {
+            None | Some("none" | "unlimited") => Ok(None),
+            Some(text) => parse_bandwidth(text)
+                .map(Some)
+                .map_err(|e| format!("total_bandwidth: {e}")),
+        }
+    }
 }
 
 fn evacuate_by_default() -> bool {

@@ -443,6 +443,7 @@ fn validate(file: &Path, raw: ClusterFile) -> Result<Cluster, ConfigError> {
                     .parse()
                     .map_err(|problem| invalid("migration.transport".into(), problem))?,
             },
+            shared_cap: None,
         },
         max_concurrent: m
             .max_concurrent

@@ -25,6 +25,9 @@ pub fn summary_line(report: &EvacuationReport) -> String {
         format_bytes(report.bytes_planned),
         format_bytes(report.rate_bytes_per_s as u64),
     );
+    if let Some(cap) = report.total_bandwidth {
+        line.push_str(&format!(" (cap {}/s shared)", format_bytes(cap)));
+    }
     if let Some(eta) = report.eta_ms {
         line.push_str(&format!(" | ETA {:.1} s", eta / 1e3));
     }
@@ -225,6 +228,7 @@ pub fn report_json(report: &EvacuationReport) -> serde_json::Value {
         "stayed": report.stayed,
         "elapsed_ms": report.elapsed_ms,
         "bytes_sent": report.bytes_sent,
+        "total_bandwidth": report.total_bandwidth,
         "unreachable": report.unreachable,
         "vms": vms,
     })

@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use ferry_runtime::content::{self, Content};
 use ferry_tests::{HostSpec, TestCluster, assert_consecutive_from_one};
 
 fn cluster(hosts: Vec<HostSpec>) -> TestCluster {
@@ -224,6 +225,78 @@ fn a_destination_limited_to_one_migration_takes_the_vms_one_by_one() {
     assert_eq!(report["moved"], 3, "{report:#}");
     assert_eq!(cluster.vms_on("beta").len(), 3);
     for name in ["c1", "c2", "c3"] {
+        assert_consecutive_from_one(&cluster.ticks(name));
+    }
+}
+
+/// `--total-bandwidth` is one cap for the whole evacuation: two migrations that run at the
+/// same time share it, so together they stay under it (two caps of that size, one each,
+/// would put twice as much on the wire). A cap below the smallest is refused before the
+/// host enters maintenance.
+#[test]
+fn an_evacuations_migrations_share_its_total_bandwidth() {
+    let cluster = cluster(vec![HostSpec::new("alpha"), HostSpec::new("beta")]);
+    let content_bytes: u64 = 16 << 20;
+    for (seed, name) in [(1, "p1"), (2, "p2")] {
+        let random = cluster.dir().join(format!("{name}.bin"));
+        content::write_file(&random, Content::Random, content_bytes, seed).expect("content");
+        let preload = format!("{}@32M", random.display());
+        create(&cluster, name, "counter", &["--preload", &preload]);
+    }
+    cluster.wait_for("ticks", Duration::from_secs(60), |c| {
+        ["p1", "p2"].iter().all(|vm| c.ticks(vm).len() >= 2)
+    });
+
+    let refused = cluster.ferryctl(&[
+        "host",
+        "maintenance",
+        "enter",
+        "alpha",
+        "--total-bandwidth",
+        "10",
+    ]);
+    assert_eq!(refused.code, Some(2), "{refused:?}");
+    assert!(
+        refused.stderr.contains("total_bandwidth") && refused.stderr.contains("smallest cap"),
+        "{}",
+        refused.stderr
+    );
+    assert!(maintenance_of(&cluster, "alpha").is_null());
+
+    let cap = 8_000_000.0;
+    let result = cluster.ferryctl(&[
+        "host",
+        "maintenance",
+        "enter",
+        "alpha",
+        "--total-bandwidth",
+        "8M",
+        "--json",
+    ]);
+    let report = result.json();
+    assert_eq!(result.code, Some(0), "{report:#}");
+    assert_eq!(report["moved"], 2, "{report:#}");
+    assert_eq!(report["total_bandwidth"], 8_000_000, "{report:#}");
+    let vms = report["vms"].as_array().expect("vms");
+    let wire: f64 = vms.iter().map(|v| v["wire_bytes"].as_f64().unwrap()).sum();
+    let migrating_ms: f64 = vms.iter().map(|v| v["total_ms"].as_f64().unwrap()).sum();
+    let elapsed = report["elapsed_ms"].as_f64().unwrap() / 1e3;
+    assert!(
+        wire >= 2.0 * content_bytes as f64,
+        "both preloads crossed: {report:#}"
+    );
+    // They ran at the same time (one after the other, the sum of their times would fit in
+    // the evacuation's).
+    assert!(
+        elapsed * 1e3 < migrating_ms,
+        "the two migrations overlapped: {report:#}"
+    );
+    // Together, under the one cap (plus the pacer's 20 ms burst).
+    assert!(
+        wire <= cap * (elapsed + 0.02) + (1 << 20) as f64,
+        "{wire} bytes in {elapsed:.2} s is over the shared {cap} B/s: {report:#}"
+    );
+    for name in ["p1", "p2"] {
         assert_consecutive_from_one(&cluster.ticks(name));
     }
 }

@@ -117,6 +117,10 @@ pub struct MigrationOptions {
     /// The data path: `auto` (the default), `tcp` or `rdma`.
     #[serde(default)]
     pub transport: TransportChoice,
+    /// A cap this migration shares with others running at the same time (an evacuation's
+    /// `total_bandwidth`): not part of a request, set by whoever starts the migrations.
+    #[serde(skip)]
+    pub shared_cap: Option<ferry_transport::data::SharedCap>,
 }
 
 impl Default for MigrationOptions {
@@ -133,6 +137,7 @@ impl Default for MigrationOptions {
             keep_source_disks: false,
             encryption: None,
             transport: TransportChoice::Auto,
+            shared_cap: None,
         }
     }
 }
@@ -238,6 +243,9 @@ pub struct MigrationReport {
     pub control_rtt_ms: Option<f64>,
     /// Bandwidth cap on the memory copy, bytes per second (`None`: uncapped).
     pub max_bandwidth: Option<u64>,
+    /// A cap shared with the other migrations of an evacuation, bytes per second.
+    #[serde(default)]
+    pub shared_bandwidth: Option<u64>,
     /// Pre-copy round in progress or last done (1-based; 0 before the first).
     pub round: u32,
     /// Data left to send: during a pre-copy round, what the round has still to send (live);

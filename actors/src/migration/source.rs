@@ -168,6 +168,7 @@ impl SourceMigration {
             options.streams,
         );
         report.max_bandwidth = options.max_bandwidth;
+        report.shared_bandwidth = options.shared_cap.as_ref().map(|cap| cap.rate());
         let storage = crate::datastore::storage_targets(
             &outgoing.attachments.disks,
             options.datastore.as_deref(),
@@ -227,7 +228,11 @@ impl SourceMigration {
                 "a storage migration reads disk blocks through file mappings, which RDMA cannot register; RDMA carries compute-only migrations".into(),
             );
         }
-        if let Some(cap) = self.options.max_bandwidth {
+        if let Some(cap) =
+            self.options
+                .max_bandwidth
+                .or(self.options.shared_cap.as_ref().map(|c| c.rate()))
+        {
             return Some(format!(
                 "a bandwidth cap ({cap} B/s) is kept by pacing frames on TCP; RDMA writes are not paced"
             ));
@@ -622,6 +627,7 @@ impl SourceMigration {
         let rdma_config = RdmaSenderConfig::new(session_of(self.id), placement.clone());
         let mut config = SenderConfig::new(session_of(self.id), placement);
         config.max_bandwidth = self.options.max_bandwidth;
+        config.shared_cap = self.options.shared_cap.clone();
         if plan.encrypted {
             let Some(identity) = self.settings.tls.clone() else {
                 return self.fail(

@@ -267,6 +267,10 @@ struct EnterArgs {
     /// Bandwidth cap per migration, e.g. 200M, or `none`.
     #[arg(long)]
     max_bandwidth: Option<String>,
+    /// Bandwidth cap on all of the evacuation's migrations together, e.g. 1G: concurrent
+    /// migrations share it, and one that ends leaves its share to the others.
+    #[arg(long)]
+    total_bandwidth: Option<String>,
     /// Encryption: required, opportunistic or disabled.
     #[arg(long, value_parser = ["required", "opportunistic", "disabled"])]
     encryption: Option<String>,
@@ -574,6 +578,7 @@ fn enter_maintenance(client: &Client, args: &EnterArgs) -> Result<i32> {
             transport: args.transport.clone(),
             ..MigrateRequest::default()
         },
+        total_bandwidth: args.total_bandwidth.clone(),
     };
     client.enter_maintenance(&args.host, &request)?;
     if args.no_evacuate {

@@ -34,7 +34,7 @@ pub use batch::{
     ApplyPagesError, MAX_PAGES_PER_FRAME, PagesDecoder, PagesError, PagesFrame, max_batch_payload,
     sample_frames,
 };
-pub use pace::MIN_BANDWIDTH;
+pub use pace::{MIN_BANDWIDTH, SharedCap};
 pub use policy::CompressionPolicy;
 pub use receiver::{DataListener, DataReceiver, Prefault, ReceiveError, ReceiverConfig};
 pub use sender::{DataSender, SendError, SenderConfig};

@@ -8,7 +8,7 @@
 //! rate limiters (governor, for one) count cells in `u32` bursts and are built for async
 //! callers, while this needs byte-granular, blocking pacing for plain threads, in a few lines.
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// Slowest cap accepted: below this a single full frame would take longer to pace than the
@@ -57,6 +57,42 @@ impl Pacer {
         }
     }
 }
+
+/// A cap shared by several senders (the migrations of an evacuation, say): together they
+/// put at most its rate on the wire, however many run at once, and a migration that ends
+/// leaves its share to the others at once. Clones are the same cap; two caps are equal
+/// only when they are the same one.
+#[derive(Clone, Debug)]
+pub struct SharedCap(Arc<Pacer>);
+
+impl SharedCap {
+    /// A cap of `bytes_per_sec`, or why it is not one (below [`MIN_BANDWIDTH`]).
+    pub fn new(bytes_per_sec: u64) -> Result<Self, String> {
+        if bytes_per_sec < MIN_BANDWIDTH {
+            return Err(format!(
+                "a shared cap of {bytes_per_sec} B/s is below the smallest cap, {MIN_BANDWIDTH} B/s"
+            ));
+        }
+        Ok(SharedCap(Arc::new(Pacer::new(bytes_per_sec))))
+    }
+
+    /// The rate, bytes per second.
+    pub fn rate(&self) -> u64 {
+        self.0.rate as u64
+    }
+
+    pub(crate) fn pacer(&self) -> Arc<Pacer> {
+        Arc::clone(&self.0)
+    }
+}
+
+impl PartialEq for SharedCap {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for SharedCap {}
 
 #[cfg(test)]
 mod tests {

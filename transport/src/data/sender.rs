@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender, bounded};
 
 use super::batch::{BatchEncoder, MAX_PAGES_PER_FRAME};
-use super::pace::{MIN_BANDWIDTH, Pacer};
+use super::pace::{MIN_BANDWIDTH, Pacer, SharedCap};
 use super::policy::{CompressionPolicy, Decider};
 use super::stream::{self, FrameReader, StreamError};
 use super::{SessionId, Timeouts};
@@ -54,6 +54,9 @@ pub struct SenderConfig {
     pub timeouts: Timeouts,
     /// Cap on the bytes all streams together put on the wire per second (`None`: no cap).
     pub max_bandwidth: Option<u64>,
+    /// A cap this sender shares with others (see [`SharedCap`]); kept as well as
+    /// `max_bandwidth`, so the sender goes at the lower of the two.
+    pub shared_cap: Option<SharedCap>,
     /// Page ranges counted on their own as well (each disk of a storage migration, say):
     /// [`TransferStats::accounts`] has one entry per range. No frame mixes pages of two
     /// accounts, or of an account and outside any, so the figures are exact. At most
@@ -78,6 +81,7 @@ impl SenderConfig {
             queue_depth: 4,
             timeouts: Timeouts::default(),
             max_bandwidth: None,
+            shared_cap: None,
             accounts: Vec::new(),
             tls: None,
         }
@@ -354,7 +358,12 @@ impl<S: PageSource + ?Sized + 'static> DataSender<S> {
         });
         let stats = StatsHandle::new(streams, config.accounts.len());
         let policy = effective_policy(config.compression, addrs);
-        let pacer = config.max_bandwidth.map(|rate| Arc::new(Pacer::new(rate)));
+        let pacers: Vec<Arc<Pacer>> = config
+            .max_bandwidth
+            .map(|rate| Arc::new(Pacer::new(rate)))
+            .into_iter()
+            .chain(config.shared_cap.as_ref().map(SharedCap::pacer))
+            .collect();
         let (queue, jobs) = bounded(config.queue_depth * streams);
         let mut sender = Self {
             source,
@@ -379,7 +388,7 @@ impl<S: PageSource + ?Sized + 'static> DataSender<S> {
                 stats: sender.stats.clone(),
                 encoder: BatchEncoder::new(sender.config.pages_per_frame, version),
                 decider: Decider::new(policy),
-                pacer: pacer.clone(),
+                pacers: pacers.clone(),
                 timeouts,
                 version,
             };
@@ -712,8 +721,9 @@ struct Worker<S: PageSource + ?Sized> {
     stats: StatsHandle,
     encoder: BatchEncoder,
     decider: Decider,
-    /// The bandwidth cap, shared by every worker of the sender.
-    pacer: Option<Arc<Pacer>>,
+    /// The bandwidth caps: the sender's own, shared by every worker of the sender, and a
+    /// cap shared with other senders; a frame waits for each.
+    pacers: Vec<Arc<Pacer>>,
     timeouts: Timeouts,
     version: u16,
 }
@@ -776,9 +786,9 @@ impl<S: PageSource + ?Sized> Worker<S> {
             .encoder
             .encode(&*self.source, seq, runs, compress)
             .map_err(|source| StreamError::ReadMemory { stream, source })?;
-        if let Some(pacer) = &self.pacer {
-            // After encoding, so the cap counts what goes on the wire (compressed or not);
-            // the pages were read after the round's dirty-log fetch either way.
+        // After encoding, so the caps count what goes on the wire (compressed or not); the
+        // pages were read after the round's dirty-log fetch either way.
+        for pacer in &self.pacers {
             pacer.admit(frame.len());
         }
         {
