@@ -1,5 +1,5 @@
-//! Maintenance mode and evacuation across three real hostd processes. Needs /dev/kvm and
-//! root.
+//! Maintenance mode and evacuation across real hostd processes, each in a network namespace
+//! of its own (three on one switch, or two on a veth pair). Needs /dev/kvm and root.
 
 use std::path::Path;
 use std::time::Duration;
@@ -8,7 +8,7 @@ use ferry_runtime::content::{self, Content};
 use ferry_tests::{HostSpec, TestCluster, assert_consecutive_from_one};
 
 fn cluster(hosts: Vec<HostSpec>) -> TestCluster {
-    TestCluster::loopback(
+    TestCluster::in_namespaces(
         Path::new(env!("CARGO_BIN_EXE_hostd")),
         Path::new(env!("CARGO_BIN_EXE_ferryctl")),
         hosts,

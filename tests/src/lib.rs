@@ -145,17 +145,21 @@ impl HostSpec {
     }
 }
 
-/// Two network namespaces joined by a veth pair, removed on drop.
+/// Network namespaces for test hosts, removed on drop: two joined by a veth pair
+/// ([`Netns::create`]), two on different subnets routed through a third
+/// ([`Netns::routed`]), or any number on one switch ([`Netns::switched`]).
 #[derive(Debug)]
-pub struct NetnsPair {
-    /// Namespace names.
-    pub names: [String; 2],
+pub struct Netns {
+    /// Namespace names, one per host.
+    pub names: Vec<String>,
     /// Interface in each namespace.
-    pub interfaces: [String; 2],
-    /// Address of each side.
-    pub addrs: [Ipv4Addr; 2],
+    pub interfaces: Vec<String>,
+    /// Address of each host.
+    pub addrs: Vec<Ipv4Addr>,
     /// The namespace routing between the two, when they are in different subnets.
     pub router: Option<String>,
+    /// The namespace holding the bridge every host's link is a port of, when there is one.
+    pub switch: Option<String>,
 }
 
 fn run(cmd: &mut Command) -> Output {
@@ -180,14 +184,14 @@ fn unique() -> u32 {
     std::process::id() % 10_000 * 100 + UNIQUE.fetch_add(1, Ordering::SeqCst)
 }
 
-impl NetnsPair {
+impl Netns {
     /// Creates `ferryN-a`/`ferryN-b` with 10.77.X.1/.2 on a veth pair.
-    pub fn create() -> NetnsPair {
+    pub fn create() -> Netns {
         let id = unique();
-        let names = [format!("ferry{id}a"), format!("ferry{id}b")];
-        let interfaces = [format!("fv{id}a"), format!("fv{id}b")];
+        let names = vec![format!("ferry{id}a"), format!("ferry{id}b")];
+        let interfaces = vec![format!("fv{id}a"), format!("fv{id}b")];
         let subnet = (id % 250) as u8;
-        let addrs = [
+        let addrs = vec![
             Ipv4Addr::new(10, 77, subnet, 1),
             Ipv4Addr::new(10, 77, subnet, 2),
         ];
@@ -224,25 +228,92 @@ impl NetnsPair {
             exec(&["link", "set", &interfaces[i], "up"]);
             exec(&["link", "set", "lo", "up"]);
         }
-        NetnsPair {
+        Netns {
             names,
             interfaces,
             addrs,
             router: None,
+            switch: None,
+        }
+    }
+
+    /// `hosts` namespaces on one switch: each has a veth link (10.78.X.N/24) whose other
+    /// end is a port of a bridge in a namespace of its own, as hosts on one top-of-rack
+    /// switch would be.
+    pub fn switched(hosts: usize) -> Netns {
+        assert!((1..=26).contains(&hosts), "1 to 26 hosts on a switch");
+        let id = unique();
+        let letter = |i: usize| char::from(b'a' + i as u8);
+        let names: Vec<String> = (0..hosts)
+            .map(|i| format!("ferry{id}{}", letter(i)))
+            .collect();
+        let interfaces: Vec<String> = (0..hosts).map(|i| format!("fv{id}{}", letter(i))).collect();
+        let subnet = (id % 250) as u8;
+        let addrs: Vec<Ipv4Addr> = (0..hosts)
+            .map(|i| Ipv4Addr::new(10, 78, subnet, i as u8 + 1))
+            .collect();
+        let switch = format!("ferry{id}s");
+        for ns in names.iter().chain([&switch]) {
+            ip(&["netns", "add", ns]);
+        }
+        let exec = |ns: &str, args: &[&str]| {
+            let mut full = vec!["netns", "exec", ns, "ip"];
+            full.extend_from_slice(args);
+            ip(&full);
+        };
+        exec(&switch, &["link", "add", "br0", "type", "bridge"]);
+        exec(&switch, &["link", "set", "br0", "up"]);
+        for i in 0..hosts {
+            let port = format!("fs{id}{}", letter(i));
+            ip(&[
+                "link",
+                "add",
+                &interfaces[i],
+                "netns",
+                &names[i],
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &port,
+                "netns",
+                &switch,
+            ]);
+            exec(&switch, &["link", "set", &port, "master", "br0"]);
+            exec(&switch, &["link", "set", &port, "up"]);
+            exec(
+                &names[i],
+                &[
+                    "addr",
+                    "add",
+                    &format!("{}/24", addrs[i]),
+                    "dev",
+                    &interfaces[i],
+                ],
+            );
+            exec(&names[i], &["link", "set", &interfaces[i], "up"]);
+            exec(&names[i], &["link", "set", "lo", "up"]);
+        }
+        Netns {
+            names,
+            interfaces,
+            addrs,
+            router: None,
+            switch: Some(switch),
         }
     }
 
     /// Two datacenters: each host namespace on a subnet of its own (10.81.X.0/24 and
     /// 10.82.X.0/24), joined through a third namespace that routes between them, with every
     /// link out of the router limited by `tc tbf` to `rate` (e.g. `100mbit`).
-    pub fn routed(rate: &str) -> NetnsPair {
+    pub fn routed(rate: &str) -> Netns {
         let id = unique();
-        let names = [format!("ferry{id}a"), format!("ferry{id}b")];
+        let names = vec![format!("ferry{id}a"), format!("ferry{id}b")];
         let router = format!("ferry{id}r");
-        let interfaces = [format!("fv{id}a"), format!("fv{id}b")];
+        let interfaces = vec![format!("fv{id}a"), format!("fv{id}b")];
         let router_ends = [format!("fr{id}a"), format!("fr{id}b")];
         let subnet = (id % 250) as u8;
-        let addrs = [
+        let addrs = vec![
             Ipv4Addr::new(10, 81, subnet, 2),
             Ipv4Addr::new(10, 82, subnet, 2),
         ];
@@ -329,11 +400,12 @@ impl NetnsPair {
                 "100ms",
             ]));
         }
-        NetnsPair {
+        Netns {
             names,
             interfaces,
             addrs,
             router: Some(router),
+            switch: None,
         }
     }
 
@@ -352,9 +424,14 @@ impl NetnsPair {
     }
 }
 
-impl Drop for NetnsPair {
+impl Drop for Netns {
     fn drop(&mut self) {
-        for ns in self.names.iter().chain(self.router.as_ref()) {
+        for ns in self
+            .names
+            .iter()
+            .chain(self.router.as_ref())
+            .chain(self.switch.as_ref())
+        {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
     }
@@ -513,7 +590,7 @@ pub struct TestCluster {
     hostd: PathBuf,
     ferryctl: PathBuf,
     hosts: Vec<HostProcess>,
-    netns: Option<NetnsPair>,
+    netns: Option<Netns>,
     http: reqwest::blocking::Client,
 }
 
@@ -596,10 +673,19 @@ impl TestCluster {
         Self::start(hostd, ferryctl, hosts, None)
     }
 
-    /// Starts two hosts, each in its own network namespace, joined by a veth pair.
-    pub fn in_namespaces(hostd: &Path, ferryctl: &Path, hosts: [HostSpec; 2]) -> TestCluster {
-        let pair = NetnsPair::create();
-        Self::start(hostd, ferryctl, hosts.to_vec(), Some(pair))
+    /// Starts `hosts`, each in its own network namespace: two joined by a veth pair, more
+    /// on one switch (a bridge in a namespace of its own).
+    pub fn in_namespaces(
+        hostd: &Path,
+        ferryctl: &Path,
+        hosts: impl Into<Vec<HostSpec>>,
+    ) -> TestCluster {
+        let hosts = hosts.into();
+        let netns = match hosts.len() {
+            2 => Netns::create(),
+            n => Netns::switched(n),
+        };
+        Self::start(hostd, ferryctl, hosts, Some(netns))
     }
 
     /// Starts two hosts in two datacenters: namespaces on different subnets, routed through
@@ -610,7 +696,7 @@ impl TestCluster {
         hosts: [HostSpec; 2],
         rate: &str,
     ) -> TestCluster {
-        let pair = NetnsPair::routed(rate);
+        let pair = Netns::routed(rate);
         Self::start(hostd, ferryctl, hosts.to_vec(), Some(pair))
     }
 
@@ -618,7 +704,7 @@ impl TestCluster {
         hostd: &Path,
         ferryctl: &Path,
         specs: Vec<HostSpec>,
-        netns: Option<NetnsPair>,
+        netns: Option<Netns>,
     ) -> TestCluster {
         let dir = tempfile::Builder::new()
             .prefix("ferry-test-")
@@ -668,7 +754,11 @@ impl TestCluster {
             let entry = format!(
                 "\n[[hosts]]\nname = \"{name}\"\ndatacenter = \"dc{dc}\"\napi = \"{addr}:{api_port}\"\napi_token_file = \"{token_file}\"\n{tls}\ncontrol = \"{addr}:{control_port}\"\ndata = [\"{addr}:0\"]\nmemory = \"{memory}\"\nnetworks = [{{ name = \"vmnet\", interface = \"{interface}\" }}]\nhide_cpu_features = [{hide}]\n{limit}datastores = [{{ name = \"shared\", path = \"{dir}/{shared}\" }}, {{ name = \"{name}-local\", path = \"{dir}/{name}/disks\" }}]\nstate_dir = \"{dir}/{name}\"\n\n[[datastores]]\nname = \"{name}-local\"\n",
                 name = spec.name,
-                dc = if netns.is_some() { i + 1 } else { 1 },
+                // Hosts on one switch share a datacenter; a pair or a routed pair has one each.
+                dc = match &netns {
+                    Some(n) if n.switch.is_none() => i + 1,
+                    _ => 1,
+                },
                 memory = spec.memory,
                 shared = spec.shared_dir,
                 dir = dir.path().display(),
@@ -812,7 +902,7 @@ impl TestCluster {
     }
 
     /// The namespaces, if any.
-    pub fn netns(&self) -> Option<&NetnsPair> {
+    pub fn netns(&self) -> Option<&Netns> {
         self.netns.as_ref()
     }
 
