@@ -123,6 +123,12 @@ pub struct Candidate {
 #[rtype(result = "()")]
 pub struct StopEvacuation;
 
+/// Tells the evacuation that one of this host's outgoing migrations ended: it looks at its
+/// migrations at once (instead of at its next poll) and fills the freed slot.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct MigrationEnded;
+
 /// The evacuation of one host.
 pub struct Evacuation {
     host: Addr<HostActor>,
@@ -512,5 +518,15 @@ impl Handler<StopEvacuation> for Evacuation {
             );
         }
         self.publish();
+    }
+}
+
+impl Handler<MigrationEnded> for Evacuation {
+    type Result = ();
+
+    fn handle(&mut self, _: MigrationEnded, ctx: &mut Self::Context) {
+        if !self.in_flight.is_empty() {
+            self.poll(ctx);
+        }
     }
 }

@@ -20,7 +20,7 @@ use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
 
 use crate::datastore::{Datastore, DatastoreInfo, DiskRef, DiskRequest, VmDisk};
-use crate::evacuation::{Candidate, Evacuation, EvacuationReport, StopEvacuation};
+use crate::evacuation::{Candidate, Evacuation, EvacuationReport, MigrationEnded, StopEvacuation};
 use crate::journal::{Journal, MaintenanceRecord, Phase, Role, VmRecord};
 use crate::lifecycle::{Event, Lifecycle};
 use crate::metrics::{self, HostGauges, HostMetrics};
@@ -1219,6 +1219,10 @@ impl Handler<MigrationUpdate> for HostActor {
                 metrics::Role::Destination
             };
             self.metrics.migration_ended(role, &report);
+            // An evacuation starts its next VM as soon as a slot frees, not at its next poll.
+            if let Some(evacuation) = self.evacuation.0.as_ref().filter(|_| is_source) {
+                evacuation.do_send(MigrationEnded);
+            }
         }
         let entry = self.migrations.entry(id).or_insert(MigrationEntry {
             report: report.clone(),
