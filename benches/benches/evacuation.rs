@@ -371,8 +371,12 @@ fn run() -> Result<(), Box<dyn Error>> {
         }
         rows.push(Row {
             system: format!(
-                "{} one guest at a time ({})",
-                baseline.version,
+                "QEMU {} one guest at a time ({})",
+                baseline
+                    .version
+                    .split_whitespace()
+                    .nth(3)
+                    .unwrap_or(&baseline.version),
                 preset.describe()
             ),
             totals_ms: totals,
