@@ -24,7 +24,7 @@
 
 use std::error::Error;
 use std::path::Path;
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Child, ExitCode};
 use std::time::Duration;
 
 use ferry_actors::evacuation::EvacuationReport;
@@ -88,21 +88,12 @@ fn start_hosts(dir: &Path, concurrent: u64) -> Result<(Hosts, Client), Box<dyn E
         dir: dir.to_path_buf(),
     };
     for (i, host) in HOSTS.iter().enumerate() {
-        let log = std::fs::File::create(dir.join(format!("{host}.log")))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &hosts._netns.names[i]])
-            .arg(std::env::current_exe()?)
-            .arg("hostd")
-            .arg(&path)
-            .arg(host)
-            .env(
-                "RUST_LOG",
-                std::env::var("FERRY_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
+        let child = ferry_benches::spawn_hostd(
+            Some(&hosts._netns.names[i]),
+            &path,
+            host,
+            &dir.join(format!("{host}.log")),
+        )?;
         hosts.children.push(child);
     }
     // The API is each host's unix socket, which the root namespace reaches.
@@ -410,7 +401,6 @@ fn run() -> Result<(), Box<dyn Error>> {
             qemu_total.map_or("-".into(), |q| format!("{:.2}", total / q)),
         ]);
     }
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
         "Evacuating {vms} idle VMs (counter, {IDLE_TICKS_PER_SEC} ticks/s, 1 vCPU, {} MiB with \
          {} MiB of mixed content) from alpha to beta and gamma, three hosts in network \
@@ -420,10 +410,7 @@ fn run() -> Result<(), Box<dyn Error>> {
          request to destination running; QEMU: its total-time).\n{}",
         VM_MEMORY / MIB,
         CONTENT / MIB,
-        load.split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" "),
+        ferry_benches::load_average(),
         table.render()
     );
     Ok(())
@@ -432,16 +419,8 @@ fn run() -> Result<(), Box<dyn Error>> {
 fn main() -> ExitCode {
     // This executable is also each namespace's hostd and the VMMs hostd starts.
     ferry_vmm::run_if_vmm();
-    let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("hostd") && args.len() == 4 {
-        hostd::init_logging("warn");
-        return match hostd::daemon::run(Path::new(&args[2]), &args[3]) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(error) => {
-                eprintln!("evacuation bench: hostd: {error:#}");
-                ExitCode::FAILURE
-            }
-        };
+    if let Some(code) = ferry_benches::run_if_hostd("evacuation bench") {
+        return code;
     }
     ferry_benches::report_outcome("evacuation bench", run)
 }

@@ -292,7 +292,6 @@ fn run() -> Result<(), Box<dyn Error>> {
         }
     }
 
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
         "Live migration over loopback of a VM with {} MiB RAM, 1 vCPU, {} MiB mixed content\n\
          Ferry vs {version} (-accel kvm -cpu qemu64,-pni); {runs} run(s) per case, medians; \
@@ -306,10 +305,7 @@ fn run() -> Result<(), Box<dyn Error>> {
          rounds; QEMU dirty-sync-count (passes + final sync).\n{}",
         MEMORY / MIB,
         CONTENT_BYTES / MIB,
-        load.split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" "),
+        ferry_benches::load_average(),
         table.render()
     );
     Ok(())

@@ -12,7 +12,7 @@
 
 use std::error::Error;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Child, ExitCode};
 use std::time::{Duration, Instant};
 
 use ferry_benches::{Table, env_number, median};
@@ -21,22 +21,7 @@ use hostd::client::Client;
 use hostd::config::Cluster;
 
 fn start_hostd(config: &Path, log: &Path) -> Result<Child, Box<dyn Error>> {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)?;
-    Ok(Command::new(std::env::current_exe()?)
-        .arg("hostd")
-        .arg(config)
-        .arg("alpha")
-        .env(
-            "RUST_LOG",
-            std::env::var("FERRY_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()?)
+    ferry_benches::spawn_hostd(None, config, "alpha", log)
 }
 
 fn stop(child: &mut Child, signal: i32) {
@@ -193,22 +178,8 @@ fn run() -> Result<(), Box<dyn Error>> {
 fn main() -> ExitCode {
     // This executable is also the hostd it restarts and the VMMs that hostd starts.
     ferry_vmm::run_if_vmm();
-    let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("hostd") {
-        hostd::init_logging("warn");
-        return match hostd::daemon::run(Path::new(&args[2]), &args[3]) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(error) => {
-                eprintln!("restart bench: hostd: {error:#}");
-                ExitCode::FAILURE
-            }
-        };
+    if let Some(code) = ferry_benches::run_if_hostd("restart bench") {
+        return code;
     }
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("restart bench: {error}");
-            ExitCode::FAILURE
-        }
-    }
+    ferry_benches::report_outcome("restart bench", run)
 }

@@ -273,7 +273,6 @@ fn run() -> Result<(), Box<dyn Error>> {
         }
         growth.push((size, ferry_total, qemu_total));
     }
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
         "Live migration over loopback of idle VMs (counter, {IDLE_TICKS_PER_SEC} ticks/s, 1 vCPU) \
          with half their memory holding mixed content; Ferry vs {version} at its best \
@@ -282,10 +281,7 @@ fn run() -> Result<(), Box<dyn Error>> {
          QEMU its total-time. downtime: Ferry's guest pause (source pause to destination \
          running), QEMU's own downtime figure. wire: Ferry's memory bytes on the wire, QEMU's \
          ram.transferred.\n{}",
-        load.split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" "),
+        ferry_benches::load_average(),
         table.render()
     );
     if let Some(&(base_size, base_ferry, base_qemu)) = growth.first() {

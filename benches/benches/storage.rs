@@ -195,7 +195,6 @@ fn run() -> Result<(), Box<dyn Error>> {
             ),
         ]);
     }
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
         "Compute + storage migration over loopback: {} MiB RAM, 1 vCPU, a {} GiB raw image with {} GiB of mixed data\n\
          Ferry vs {version}; {runs} run(s) per case, medians; load average at the end: {}\n\
@@ -206,10 +205,7 @@ fn run() -> Result<(), Box<dyn Error>> {
         MEMORY / MIB,
         IMAGE >> 30,
         DATA >> 30,
-        load.split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" "),
+        ferry_benches::load_average(),
         table.render()
     );
     Ok(())

@@ -297,17 +297,6 @@ fn repeat(times: usize, bytes: usize, mut run: impl FnMut() -> Sample) -> (Sampl
     (sample, median(&ratios), median(&pumps))
 }
 
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|text| {
-            text.split_whitespace()
-                .take(3)
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .unwrap_or_else(|_| "unknown".into())
-}
-
 fn env_number(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -437,7 +426,7 @@ fn main() {
     );
 
     // Other work on this machine skews every number; say how busy it was.
-    let load_before = load_average();
+    let load_before = ferry_benches::load_average();
     let mut table = Table::new([
         "case",
         "compression",
@@ -506,7 +495,7 @@ fn main() {
     println!("{}", table.render());
     println!(
         "load average (1/5/15 min) before: {load_before}; after: {}",
-        load_average()
+        ferry_benches::load_average()
     );
     println!(
         "vs raw = median over runs of guest bytes/s divided by that of a raw TCP pump run (1 MiB writes into a reused buffer)\n\

@@ -5,8 +5,75 @@ pub mod qemu;
 
 use std::error::Error;
 use std::fmt::Write as _;
-use std::process::ExitCode;
+use std::path::Path;
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::Duration;
+
+/// The first three figures of `/proc/loadavg`, for a table's caption.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg").map_or_else(
+        |_| "unknown".into(),
+        |text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        },
+    )
+}
+
+/// For benches whose own executable also serves as hostd: when started as
+/// `BENCH hostd CONFIG HOST`, runs that hostd and returns its exit code.
+pub fn run_if_hostd(name: &str) -> Option<ExitCode> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() != 4 || args[1] != "hostd" {
+        return None;
+    }
+    hostd::init_logging("warn");
+    Some(match hostd::daemon::run(Path::new(&args[2]), &args[3]) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{name}: hostd: {error:#}");
+            ExitCode::FAILURE
+        }
+    })
+}
+
+/// Starts this executable as hostd `host` of `config` (see [`run_if_hostd`]), inside network
+/// namespace `netns` if one is given, appending its output to `log`; `FERRY_BENCH_LOG` sets
+/// its log level (default `warn`).
+pub fn spawn_hostd(
+    netns: Option<&str>,
+    config: &Path,
+    host: &str,
+    log: &Path,
+) -> Result<Child, Box<dyn Error>> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let exe = std::env::current_exe()?;
+    let mut command = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
+    Ok(command
+        .arg("hostd")
+        .arg(config)
+        .arg(host)
+        .env(
+            "RUST_LOG",
+            std::env::var("FERRY_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?)
+}
 
 /// A benchmark's `main` body: runs `run` and, when it fails, prints the error and its causes
 /// after `name`. (Call `ferry_vmm::run_if_vmm()` first where the bench starts VMMs.)

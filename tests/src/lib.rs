@@ -184,6 +184,18 @@ fn unique() -> u32 {
     std::process::id() % 10_000 * 100 + UNIQUE.fetch_add(1, Ordering::SeqCst)
 }
 
+/// In namespace `ns`: `addr/24` on `interface`, which is brought up, and `lo` up.
+fn configure_host_end(ns: &str, interface: &str, addr: Ipv4Addr) {
+    let exec = |args: &[&str]| {
+        let mut full = vec!["netns", "exec", ns, "ip"];
+        full.extend_from_slice(args);
+        ip(&full);
+    };
+    exec(&["addr", "add", &format!("{addr}/24"), "dev", interface]);
+    exec(&["link", "set", interface, "up"]);
+    exec(&["link", "set", "lo", "up"]);
+}
+
 impl Netns {
     /// Creates `ferryN-a`/`ferryN-b` with 10.77.X.1/.2 on a veth pair.
     pub fn create() -> Netns {
@@ -213,20 +225,7 @@ impl Netns {
             &names[1],
         ]);
         for i in 0..2 {
-            let exec = |args: &[&str]| {
-                let mut full = vec!["netns", "exec", names[i].as_str(), "ip"];
-                full.extend_from_slice(args);
-                ip(&full);
-            };
-            exec(&[
-                "addr",
-                "add",
-                &format!("{}/24", addrs[i]),
-                "dev",
-                &interfaces[i],
-            ]);
-            exec(&["link", "set", &interfaces[i], "up"]);
-            exec(&["link", "set", "lo", "up"]);
+            configure_host_end(&names[i], &interfaces[i], addrs[i]);
         }
         Netns {
             names,
@@ -281,18 +280,7 @@ impl Netns {
             ]);
             exec(&switch, &["link", "set", &port, "master", "br0"]);
             exec(&switch, &["link", "set", &port, "up"]);
-            exec(
-                &names[i],
-                &[
-                    "addr",
-                    "add",
-                    &format!("{}/24", addrs[i]),
-                    "dev",
-                    &interfaces[i],
-                ],
-            );
-            exec(&names[i], &["link", "set", &interfaces[i], "up"]);
-            exec(&names[i], &["link", "set", "lo", "up"]);
+            configure_host_end(&names[i], &interfaces[i], addrs[i]);
         }
         Netns {
             names,
@@ -354,18 +342,7 @@ impl Netns {
                 "netns",
                 &router,
             ]);
-            exec(
-                &names[i],
-                &[
-                    "addr",
-                    "add",
-                    &format!("{}/24", addrs[i]),
-                    "dev",
-                    &interfaces[i],
-                ],
-            );
-            exec(&names[i], &["link", "set", &interfaces[i], "up"]);
-            exec(&names[i], &["link", "set", "lo", "up"]);
+            configure_host_end(&names[i], &interfaces[i], addrs[i]);
             exec(
                 &names[i],
                 &["route", "add", "default", "via", &gateways[i].to_string()],
