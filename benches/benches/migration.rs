@@ -1,8 +1,11 @@
 //! Whole live migrations, Ferry and QEMU side by side in one run.
 //!
 //! The VM: 1 GiB of RAM with 512 MiB of mixed content (40% zero, 30% text, 20% random, 10%
-//! sparse pages) preloaded, running (a) the idle `counter` guest (10 ticks/s) or (b) the
-//! `dirty` guest rewriting a 64 MiB working set at 20,000 pages/s (78 MiB/s).
+//! sparse pages) preloaded, running (a) the idle `counter` guest (10 ticks/s), (b) the
+//! `dirty` guest rewriting a 64 MiB working set at 20,000 pages/s (78 MiB/s), or (c) the
+//! `dirty` guest rewriting a 256 MiB working set as fast as its vCPU goes ("busy"). QEMU's
+//! defaults (a 128 MiB/s cap, no auto-converge) never finish (c), so it runs at QEMU's best
+//! setting only.
 //!
 //! - Ferry: two hostd (each a full daemon: API, control listener, data streams on
 //!   loopback; run as threads of this process), driven through the API like `ferryctl`;
@@ -14,6 +17,7 @@
 //! Run: `cargo bench -p ferry-benches --bench migration`
 //!
 //! - `FERRY_BENCH_RUNS`: migrations per case (default 3); the table shows medians.
+//! - `FERRY_BENCH_WORKLOADS`: which of `idle,dirty,busy` to run (default all three).
 //! - `FERRY_BENCH_QEMU`: the QEMU binary (default `qemu-system-x86_64`); `FERRY_BENCH_NO_QEMU=1`
 //!   skips QEMU.
 //! - `FERRY_BENCH_QEMU_CHANNELS`: multifd channels of QEMU's best preset (default 2).
@@ -42,6 +46,7 @@ const CONTENT_AT: u64 = 4 * MIB;
 const IDLE_TICKS_PER_SEC: u32 = 10;
 const DIRTY_WORKING_SET: u64 = 64 * MIB;
 const DIRTY_PAGES_PER_SEC: u64 = 20_000;
+const BUSY_WORKING_SET: u64 = 256 * MIB;
 
 /// How Ferry migrates in one row of the table.
 #[derive(Debug, Clone, Copy)]
@@ -196,7 +201,33 @@ fn run() -> Result<(), Box<dyn Error>> {
                 passes: 0,
             },
         ),
+        (
+            format!("busy: dirty {} MiB at native speed", BUSY_WORKING_SET / MIB),
+            TestGuest::Dirty {
+                start: None,
+                working_set: BUSY_WORKING_SET,
+                pages_per_sec: None,
+                passes: 0,
+            },
+        ),
     ];
+    let chosen =
+        std::env::var("FERRY_BENCH_WORKLOADS").unwrap_or_else(|_| "idle,dirty,busy".into());
+    let chosen: Vec<&str> = chosen.split(',').map(str::trim).collect();
+    if let Some(unknown) = chosen
+        .iter()
+        .find(|w| !["idle", "dirty", "busy"].contains(w))
+    {
+        return Err(
+            format!("FERRY_BENCH_WORKLOADS: '{unknown}' is not idle, dirty or busy").into(),
+        );
+    }
+    let workloads: Vec<_> = workloads
+        .into_iter()
+        .zip(["idle", "dirty", "busy"])
+        .filter(|(_, key)| chosen.contains(key))
+        .map(|(workload, _)| workload)
+        .collect();
     let presets = [
         Preset::Defaults,
         Preset::Best {
@@ -262,7 +293,17 @@ fn run() -> Result<(), Box<dyn Error>> {
         );
         spec.qemu = baseline.binary.clone();
         spec.memory_mib = MEMORY / MIB;
+        let busy = matches!(
+            guest,
+            TestGuest::Dirty {
+                pages_per_sec: None,
+                ..
+            }
+        );
         for preset in presets {
+            if busy && preset == Preset::Defaults {
+                continue;
+            }
             let mut reports: Vec<QemuMigrationReport> = Vec::new();
             for run in 1..=runs {
                 eprintln!(
