@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::datastore::{Datastore, DatastoreInfo, DiskRef, DiskRequest, VmDisk};
 use crate::evacuation::{Candidate, Evacuation, EvacuationReport, MigrationEnded, StopEvacuation};
-use crate::journal::{Journal, MaintenanceRecord, Phase, Role, VmRecord};
+use crate::journal::{EvacuationRecord, Journal, MaintenanceRecord, Phase, Role, VmRecord};
 use crate::lifecycle::{Event, Lifecycle};
 use crate::metrics::{self, HostGauges, HostMetrics};
 use crate::migration::protocol::Hello;
@@ -475,6 +475,7 @@ impl Actor for HostActor {
                             reattached_ms = began.elapsed().as_secs_f64() * 1e3,
                             "VMs found again"
                         );
+                        act.resume_evacuation(ctx, 0);
                     }
                     Ok(Err(error)) => {
                         tracing::error!(%error, "reading the journal at start failed")
@@ -2086,10 +2087,8 @@ impl Handler<EnterMaintenance> for HostActor {
                 "streams and downtime must be at least 1",
             ))));
         }
-        let mut options = msg.options;
-        match msg.total_bandwidth.map(SharedCap::new).transpose() {
-            Ok(cap) => options.shared_cap = cap,
-            Err(e) => return Box::pin(fut::ready(Err(HostError::new(ErrorKind::BadRequest, e)))),
+        if let Some(Err(e)) = msg.total_bandwidth.map(SharedCap::new) {
+            return Box::pin(fut::ready(Err(HostError::new(ErrorKind::BadRequest, e))));
         }
         if self.maintenance.is_none()
             && let Err(e) = self.set_maintenance(Some(MaintenanceRecord {
@@ -2101,29 +2100,101 @@ impl Handler<EnterMaintenance> for HostActor {
         if !msg.evacuate {
             return Box::pin(fut::ready(Ok(self.maintenance_status())));
         }
+        let record = EvacuationRecord {
+            since_unix_ms: unix_ms(),
+            options: msg.options,
+            datastore: msg.datastore,
+            total_bandwidth: msg.total_bandwidth,
+        };
+        // Durable before it starts, so that a restarted hostd carries it on.
+        if let Err(e) = self.journal.set_evacuation(Some(&record)) {
+            return Box::pin(fut::ready(Err(HostError::new(
+                ErrorKind::Internal,
+                format!("recording the evacuation: {}", ferry_transport::report(&e)),
+            ))));
+        }
         Box::pin(
-            self.candidates()
-                .into_actor(self)
-                .map(move |candidates, act, ctx| {
-                    if act.maintenance.is_none() {
-                        return Err(HostError::new(
-                            ErrorKind::Conflict,
-                            "maintenance mode ended before the evacuation began",
-                        ));
-                    }
-                    let evacuation = Evacuation::new(
-                        ctx.address(),
-                        Arc::clone(&act.settings),
-                        candidates,
-                        (msg.datastore, options),
-                    );
-                    act.evacuation.1 = Some(evacuation.report().clone());
-                    act.evacuation.0 = Some(evacuation.start());
-                    Ok(act.maintenance_status())
-                }),
+            self.start_evacuation(record)
+                .map(|started, act, _| started.map(|()| act.maintenance_status())),
         )
     }
 }
+
+impl HostActor {
+    /// Places the VMs here and starts the evacuation of `record` (already in the journal).
+    fn start_evacuation(
+        &mut self,
+        record: EvacuationRecord,
+    ) -> impl ActorFuture<Self, Output = Result<(), HostError>> + use<> {
+        self.candidates()
+            .into_actor(self)
+            .map(move |candidates, act, ctx| {
+                if act.maintenance.is_none() {
+                    return Err(HostError::new(
+                        ErrorKind::Conflict,
+                        "maintenance mode ended before the evacuation began",
+                    ));
+                }
+                let mut options = record.options;
+                options.shared_cap = record
+                    .total_bandwidth
+                    .and_then(|rate| SharedCap::new(rate).ok());
+                let evacuation = Evacuation::new(
+                    ctx.address(),
+                    Arc::clone(&act.settings),
+                    candidates,
+                    (record.datastore, options),
+                );
+                act.evacuation.1 = Some(evacuation.report().clone());
+                act.evacuation.0 = Some(evacuation.start());
+                Ok(())
+            })
+    }
+
+    /// At start: carries on the evacuation the previous hostd left unfinished, once the
+    /// migrations it left open are settled (a VM whose migration is still being recovered
+    /// would otherwise count as "already migrating" and stay).
+    fn resume_evacuation(&mut self, ctx: &mut Context<Self>, waited: u32) {
+        if self.maintenance.is_none() {
+            return;
+        }
+        let record = match self.journal.evacuation() {
+            Ok(Some(record)) => record,
+            Ok(None) => return,
+            Err(error) => {
+                tracing::error!(%error, "reading the unfinished evacuation failed; run maintenance enter again");
+                return;
+            }
+        };
+        if self.active_migrations() > 0 && waited < RESUME_WAITS {
+            ctx.run_later(RESUME_PAUSE, move |act, ctx| {
+                act.resume_evacuation(ctx, waited + 1);
+            });
+            return;
+        }
+        tracing::info!(
+            host = %self.settings.name,
+            since_unix_ms = record.since_unix_ms,
+            "resuming the evacuation that the last hostd left unfinished"
+        );
+        ctx.spawn(self.start_evacuation(record).map(|started, _, _| {
+            if let Err(error) = started {
+                tracing::warn!(%error, "the evacuation was not resumed");
+            }
+        }));
+    }
+
+    fn forget_evacuation(&self) {
+        if let Err(error) = self.journal.set_evacuation(None) {
+            tracing::error!(%error, "removing the finished evacuation from the journal failed");
+        }
+    }
+}
+
+/// How often, and how many times, a restarted hostd looks whether the migrations it found
+/// open are settled before it resumes an evacuation (then it resumes anyway).
+const RESUME_PAUSE: std::time::Duration = std::time::Duration::from_millis(500);
+const RESUME_WAITS: u32 = 120;
 
 /// Ends maintenance mode; an evacuation in progress starts no more migrations (those
 /// running finish).
@@ -2139,6 +2210,7 @@ impl Handler<ExitMaintenance> for HostActor {
             evacuation.do_send(StopEvacuation);
         }
         self.set_maintenance(None)?;
+        self.forget_evacuation();
         Ok(self.maintenance_status())
     }
 }
@@ -2167,6 +2239,7 @@ impl Handler<EvacuationUpdate> for HostActor {
     fn handle(&mut self, EvacuationUpdate(report): EvacuationUpdate, _: &mut Self::Context) {
         if report.is_finished() {
             self.evacuation.0 = None;
+            self.forget_evacuation();
         }
         self.evacuation.1 = Some(report);
     }

@@ -40,6 +40,7 @@ const META_ID: &str = "id";
 const META_FORMAT: &str = "format";
 /// The host's maintenance mode, while it is on.
 const META_MAINTENANCE: &str = "maintenance";
+const META_EVACUATION: &str = "evacuation";
 /// Version of the store's layout (tables and keys); records themselves are JSON.
 const FORMAT: u32 = 1;
 /// Finished migration records are dropped this long after their last change.
@@ -177,6 +178,20 @@ pub fn settle(record: &MigrationRecord, vmm_alive: bool) -> Option<Phase> {
 pub struct MaintenanceRecord {
     /// Since when, milliseconds since the Unix epoch.
     pub since_unix_ms: u64,
+}
+
+/// An evacuation the operator asked for and that has not finished: what a restarted hostd
+/// needs to carry it on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvacuationRecord {
+    /// When it was asked for, milliseconds since the Unix epoch.
+    pub since_unix_ms: u64,
+    /// Options for every migration.
+    pub options: crate::migration::MigrationOptions,
+    /// Where disks that no destination shares move to.
+    pub datastore: Option<String>,
+    /// The cap all of its migrations share, bytes per second.
+    pub total_bandwidth: Option<u64>,
 }
 
 /// A VM this host holds, as hostd knows it.
@@ -437,17 +452,36 @@ impl Journal {
 
     /// Records durably that the host is in maintenance (`Some`) or not (`None`).
     pub fn set_maintenance(&self, mode: Option<&MaintenanceRecord>) -> Result<(), JournalError> {
-        let bytes = mode.map(|m| self.encode(m)).transpose()?;
+        self.set_meta(META_MAINTENANCE, mode)
+    }
+
+    /// The maintenance mode recorded, if the host is in it.
+    pub fn maintenance(&self) -> Result<Option<MaintenanceRecord>, JournalError> {
+        self.meta(META_MAINTENANCE)
+    }
+
+    /// Records durably the evacuation under way (`Some`), or that none is (`None`).
+    pub fn set_evacuation(&self, record: Option<&EvacuationRecord>) -> Result<(), JournalError> {
+        self.set_meta(META_EVACUATION, record)
+    }
+
+    /// The evacuation recorded as under way, if any.
+    pub fn evacuation(&self) -> Result<Option<EvacuationRecord>, JournalError> {
+        self.meta(META_EVACUATION)
+    }
+
+    fn set_meta<T: Serialize>(&self, key: &str, value: Option<&T>) -> Result<(), JournalError> {
+        let bytes = value.map(|v| self.encode(v)).transpose()?;
         let txn = self.db.begin_write().map_err(self.store_error("begin"))?;
         {
             let mut meta = txn.open_table(META).map_err(self.store_error("open"))?;
             match &bytes {
                 Some(bytes) => meta
-                    .insert(META_MAINTENANCE, bytes.as_slice())
+                    .insert(key, bytes.as_slice())
                     .map(drop)
                     .map_err(self.store_error("write"))?,
                 None => meta
-                    .remove(META_MAINTENANCE)
+                    .remove(key)
                     .map(drop)
                     .map_err(self.store_error("remove"))?,
             }
@@ -455,18 +489,13 @@ impl Journal {
         txn.commit().map_err(self.store_error("commit"))
     }
 
-    /// The maintenance mode recorded, if the host is in it.
-    pub fn maintenance(&self) -> Result<Option<MaintenanceRecord>, JournalError> {
+    fn meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, JournalError> {
         let txn = self.db.begin_read().map_err(self.store_error("begin"))?;
         let meta = txn.open_table(META).map_err(self.store_error("open"))?;
-        let Some(value) = meta
-            .get(META_MAINTENANCE)
-            .map_err(self.store_error("read"))?
-        else {
+        let Some(value) = meta.get(key).map_err(self.store_error("read"))? else {
             return Ok(None);
         };
-        self.decode(META_MAINTENANCE.into(), value.value())
-            .map(Some)
+        self.decode(key.into(), value.value()).map(Some)
     }
 
     /// Writes (or replaces) the record of a VM, durably.
@@ -549,6 +578,19 @@ mod tests {
         }
         let journal = Journal::open(dir.path()).unwrap();
         assert_eq!(journal.maintenance().unwrap(), Some(mode));
+        let evacuation = EvacuationRecord {
+            since_unix_ms: 43,
+            options: crate::migration::MigrationOptions::default(),
+            datastore: Some("local".into()),
+            total_bandwidth: Some(100_000_000),
+        };
+        assert_eq!(journal.evacuation().unwrap(), None);
+        journal.set_evacuation(Some(&evacuation)).unwrap();
+        drop(journal);
+        let journal = Journal::open(dir.path()).unwrap();
+        assert_eq!(journal.evacuation().unwrap(), Some(evacuation));
+        journal.set_evacuation(None).unwrap();
+        assert_eq!(journal.evacuation().unwrap(), None);
         journal.set_maintenance(None).unwrap();
         drop(journal);
         assert_eq!(

@@ -300,3 +300,71 @@ fn an_evacuations_migrations_share_its_total_bandwidth() {
         assert_consecutive_from_one(&cluster.ticks(name));
     }
 }
+
+/// A hostd killed in the middle of an evacuation carries it on when it starts again: the
+/// VMs it had not moved leave after the restart, the one in flight is settled first, and
+/// every VM ends on beta, once, with its ticks consecutive.
+#[test]
+fn an_evacuation_carries_on_after_its_hostd_restarts() {
+    let mut cluster = cluster(vec![
+        HostSpec::new("alpha"),
+        HostSpec::new("beta").max_concurrent(1),
+    ]);
+    let names = ["r1", "r2", "r3"];
+    for (seed, name) in names.iter().enumerate() {
+        let random = cluster.dir().join(format!("{name}.bin"));
+        content::write_file(&random, Content::Random, 16 << 20, seed as u64).expect("content");
+        let preload = format!("{}@32M", random.display());
+        create(&cluster, name, "counter", &["--preload", &preload]);
+    }
+    cluster.wait_for("ticks", Duration::from_secs(60), |c| {
+        names.iter().all(|vm| c.ticks(vm).len() >= 2)
+    });
+    // 16 MiB at 8 MB/s: every migration lasts seconds, whatever the machine.
+    let mut follower = cluster.ferryctl_spawn(&[
+        "host",
+        "maintenance",
+        "enter",
+        "alpha",
+        "--max-bandwidth",
+        "8M",
+    ]);
+    cluster.wait_for("the first VM on beta", Duration::from_secs(60), |c| {
+        !c.vms_on("beta").is_empty()
+    });
+    cluster.kill("alpha");
+    let _ = follower.kill();
+    let _ = follower.wait();
+    cluster.restart("alpha");
+    cluster.wait_for("every VM on beta", Duration::from_secs(180), |c| {
+        c.vms_on("alpha").is_empty() && c.vms_on("beta").len() == names.len()
+    });
+    assert!(
+        cluster
+            .log("alpha")
+            .contains("resuming the evacuation that the last hostd left unfinished"),
+        "{}",
+        cluster.log("alpha")
+    );
+    assert!(!maintenance_of(&cluster, "alpha").is_null());
+    let status = cluster.ferryctl_ok(&["host", "show", "alpha"]).json();
+    assert_eq!(
+        status["vms"].as_array().map(Vec::len),
+        Some(0),
+        "{status:#}"
+    );
+    for name in names {
+        assert_consecutive_from_one(&cluster.ticks(name));
+    }
+    // Finished (the host actor forgets it in the journal as it records it finished), the
+    // evacuation is gone: another restart resumes nothing.
+    cluster.wait_for(
+        "the resumed evacuation to finish",
+        Duration::from_secs(30),
+        |c| c.ferryctl_ok(&["host", "show", "alpha"]).json()["evacuation"]["state"] == "finished",
+    );
+    cluster.kill("alpha");
+    cluster.restart("alpha");
+    let log = cluster.log("alpha");
+    assert_eq!(log.matches("resuming the evacuation").count(), 1, "{log}");
+}
