@@ -181,6 +181,9 @@ pub struct HostSettings {
     /// This host's certificate in the cluster (`None`: it has none, and speaks plain TCP
     /// to its peers).
     pub tls: Option<ferry_transport::tls::HostTls>,
+    /// The gate this host's outgoing migrations share, so that a switch-over goes first
+    /// (see [`ferry_transport::data::SwitchOverGate`]).
+    pub switch_over_gate: std::sync::Arc<ferry_transport::data::SwitchOverGate>,
 }
 
 impl HostSettings {

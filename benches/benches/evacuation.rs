@@ -258,10 +258,11 @@ fn run() -> Result<(), Box<dyn Error>> {
                 .map(|v| {
                     let m = v.migration.as_ref();
                     format!(
-                        "{}→{} {:.0} ms",
+                        "{}→{} {:.0} ms (pause {:.1})",
                         v.name,
                         v.to.as_deref().unwrap_or("?"),
-                        m.map_or(f64::NAN, |m| m.total_ms)
+                        m.map_or(f64::NAN, |m| m.total_ms),
+                        m.and_then(|m| m.downtime_ms).unwrap_or(f64::NAN)
                     )
                 })
                 .collect();

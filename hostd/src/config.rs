@@ -313,6 +313,7 @@ impl Cluster {
             _ => None,
         };
         Ok(HostSettings {
+            switch_over_gate: ferry_transport::data::SwitchOverGate::new(),
             name: host.name.clone(),
             datacenter: host.datacenter.clone(),
             control_addr: host.control,

@@ -15,7 +15,7 @@ use ferry_runtime::DirtySet;
 use ferry_transport::control::{
     ClientTls, ControlChannel, ControlError, ControlSender, KeepaliveTask,
 };
-use ferry_transport::data::{SendError, SenderConfig, SessionId};
+use ferry_transport::data::{GateHold, GateRef, SendError, SenderConfig, SessionId};
 use ferry_transport::memory::GuestRegions;
 use ferry_transport::negotiate::{
     Capabilities, NegotiateError, Plan, Preference, Transport, choose_for,
@@ -93,6 +93,9 @@ pub struct SourceMigration {
     round_started: Instant,
     throttle: u8,
     paused_at: Option<Instant>,
+    /// This migration's hold on the host's switch-over gate, from the pause until the
+    /// switch-over ends one way or another.
+    switching: Option<GateHold>,
     commit_sent_at: Option<Instant>,
     cancel_requested: bool,
     /// The outcome is decided; nothing but the final report remains.
@@ -202,6 +205,7 @@ impl SourceMigration {
             round_started: Instant::now(),
             throttle: 0,
             paused_at: None,
+            switching: None,
             commit_sent_at: None,
             cancel_requested: false,
             done: false,
@@ -401,6 +405,7 @@ impl SourceMigration {
         error: String,
         from_destination: bool,
     ) {
+        self.switching = None;
         if self.done {
             return;
         }
@@ -628,6 +633,7 @@ impl SourceMigration {
         let mut config = SenderConfig::new(session_of(self.id), placement);
         config.max_bandwidth = self.options.max_bandwidth;
         config.shared_cap = self.options.shared_cap.clone();
+        config.gate = Some(GateRef(Arc::clone(&self.settings.switch_over_gate)));
         if plan.encrypted {
             let Some(identity) = self.settings.tls.clone() else {
                 return self.fail(
@@ -930,6 +936,8 @@ impl SourceMigration {
     /// answers that it discarded its copy, and the VM resumes here.
     fn stop_and_copy(&mut self, ctx: &mut Context<Self>, pending: DirtySet) {
         self.stage(Stage::StopAndCopy);
+        // Until the switch-over ends, this host's other migrations hold their copy back.
+        self.switching = Some(self.settings.switch_over_gate.hold(session_of(self.id)));
         let vm = self.vm.clone();
         let verify = self.options.verify;
         let moves_storage = self.moves_storage();
@@ -1064,6 +1072,7 @@ impl SourceMigration {
 
     /// The destination runs the VM: release it here.
     fn complete(&mut self, ctx: &mut Context<Self>, resumed_after_commit_ms: Option<f64>) {
+        self.switching = None;
         if self.done {
             return;
         }
@@ -1130,6 +1139,7 @@ impl SourceMigration {
     /// it): this copy is older than what the guest did there. It stays paused, marked stale;
     /// only the operator can run it.
     fn lost(&mut self, ctx: &mut Context<Self>, why: String, resumed_after_commit_ms: Option<f64>) {
+        self.switching = None;
         if self.done {
             return;
         }
@@ -1175,6 +1185,7 @@ impl SourceMigration {
     /// The commit went out but its confirmation did not come back: ask the destination
     /// until it says whether it runs the VM. Meanwhile the VM stays paused here.
     fn in_doubt(&mut self, ctx: &mut Context<Self>, error: String) {
+        self.switching = None;
         if self.report.stage == Some(Stage::InDoubt) {
             return;
         }

@@ -19,6 +19,7 @@
 //! are bounded by [`Timeouts`]; nothing waits forever.
 
 mod batch;
+mod gate;
 mod pace;
 mod policy;
 mod receiver;
@@ -34,10 +35,11 @@ pub use batch::{
     ApplyPagesError, MAX_PAGES_PER_FRAME, PagesDecoder, PagesError, PagesFrame, max_batch_payload,
     sample_frames,
 };
+pub use gate::{GateHold, SwitchOverGate};
 pub use pace::{MIN_BANDWIDTH, SharedCap};
 pub use policy::CompressionPolicy;
 pub use receiver::{DataListener, DataReceiver, Prefault, ReceiveError, ReceiverConfig};
-pub use sender::{DataSender, SendError, SenderConfig};
+pub use sender::{DataSender, GateRef, SendError, SenderConfig};
 pub use stream::StreamError;
 
 /// Time limits that turn a dead or stalled peer into an error instead of a hang.

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender, bounded};
 
 use super::batch::{BatchEncoder, MAX_PAGES_PER_FRAME};
+use super::gate::{self, SwitchOverGate};
 use super::pace::{MIN_BANDWIDTH, Pacer, SharedCap};
 use super::policy::{CompressionPolicy, Decider};
 use super::stream::{self, FrameReader, StreamError};
@@ -57,6 +58,9 @@ pub struct SenderConfig {
     /// A cap this sender shares with others (see [`SharedCap`]); kept as well as
     /// `max_bandwidth`, so the sender goes at the lower of the two.
     pub shared_cap: Option<SharedCap>,
+    /// The gate this host's senders share: while another sender holds it for its
+    /// switch-over, each frame waits (bounded) before it goes.
+    pub gate: Option<GateRef>,
     /// Page ranges counted on their own as well (each disk of a storage migration, say):
     /// [`TransferStats::accounts`] has one entry per range. No frame mixes pages of two
     /// accounts, or of an account and outside any, so the figures are exact. At most
@@ -66,6 +70,18 @@ pub struct SenderConfig {
     /// certificate the receiver must show); `None`: plain TCP.
     pub tls: Option<(HostTls, String)>,
 }
+
+/// A [`SwitchOverGate`] in a [`SenderConfig`]; equal only to itself.
+#[derive(Clone, Debug)]
+pub struct GateRef(pub Arc<SwitchOverGate>);
+
+impl PartialEq for GateRef {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for GateRef {}
 
 /// Most accounts a sender keeps.
 pub const MAX_ACCOUNTS: usize = 64;
@@ -82,6 +98,7 @@ impl SenderConfig {
             timeouts: Timeouts::default(),
             max_bandwidth: None,
             shared_cap: None,
+            gate: None,
             accounts: Vec::new(),
             tls: None,
         }
@@ -389,6 +406,11 @@ impl<S: PageSource + ?Sized + 'static> DataSender<S> {
                 encoder: BatchEncoder::new(sender.config.pages_per_frame, version),
                 decider: Decider::new(policy),
                 pacers: pacers.clone(),
+                gate: sender
+                    .config
+                    .gate
+                    .clone()
+                    .map(|g| (g.0, sender.config.session)),
                 timeouts,
                 version,
             };
@@ -724,6 +746,8 @@ struct Worker<S: PageSource + ?Sized> {
     /// The bandwidth caps: the sender's own, shared by every worker of the sender, and a
     /// cap shared with other senders; a frame waits for each.
     pacers: Vec<Arc<Pacer>>,
+    /// The host's switch-over gate, and this sender's session (which passes it).
+    gate: Option<(Arc<SwitchOverGate>, SessionId)>,
     timeouts: Timeouts,
     version: u16,
 }
@@ -780,6 +804,9 @@ impl<S: PageSource + ?Sized> Worker<S> {
         account: Option<usize>,
     ) -> Result<(), StreamError> {
         let stream = self.stream;
+        if let Some((gate, session)) = &self.gate {
+            gate.wait_turn(*session, gate::MAX_WAIT);
+        }
         let started = Instant::now();
         let compress = self.decider.compress_next();
         let (frame, report) = self
