@@ -28,7 +28,7 @@ use std::process::{Child, ExitCode};
 use std::time::Duration;
 
 use ferry_actors::evacuation::EvacuationReport;
-use ferry_benches::qemu::{self, Preset, QemuSpec};
+use ferry_benches::qemu::{self, Preset};
 use ferry_benches::{Table, env_number, median};
 use ferry_runtime::content::{self, Content};
 use ferry_runtime::guest::multiboot_workload;
@@ -329,14 +329,12 @@ fn run() -> Result<(), Box<dyn Error>> {
         let kernel = multiboot_workload::build(&guest, VM_MEMORY, tsc_khz)?;
         let kernel_path = dir.path().join("counter.elf");
         std::fs::write(&kernel_path, &kernel.elf)?;
-        let mut spec = QemuSpec::new(
-            &kernel_path,
-            &module,
-            &format!("tsc_khz={tsc_khz}"),
+        let mut spec = baseline.spec(
+            (&kernel_path, &module),
+            VM_MEMORY,
+            tsc_khz,
             &dir.path().join("qemu"),
         );
-        spec.qemu = baseline.binary.clone();
-        spec.memory_mib = VM_MEMORY / MIB;
         spec.settle = Duration::from_millis(500);
         let preset = Preset::Best {
             multifd_channels: baseline.channels,

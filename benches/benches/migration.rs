@@ -28,7 +28,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use ferry_actors::migration::MigrationReport;
-use ferry_benches::qemu::{self, Preset, QemuMigrationReport, QemuSpec};
+use ferry_benches::qemu::{self, Preset, QemuMigrationReport};
 use ferry_benches::{Table, env_number, median};
 use ferry_runtime::content::{self, Content};
 use ferry_runtime::guest::multiboot_workload;
@@ -285,14 +285,12 @@ fn run() -> Result<(), Box<dyn Error>> {
         let kernel = multiboot_workload::build(guest, MEMORY, tsc_khz)?;
         let kernel_path = dir.path().join(format!("{}.elf", guest.name()));
         std::fs::write(&kernel_path, &kernel.elf)?;
-        let mut spec = QemuSpec::new(
-            &kernel_path,
-            &module,
-            &format!("tsc_khz={tsc_khz}"),
+        let spec = baseline.spec(
+            (&kernel_path, &module),
+            MEMORY,
+            tsc_khz,
             &dir.path().join("qemu"),
         );
-        spec.qemu = baseline.binary.clone();
-        spec.memory_mib = MEMORY / MIB;
         let busy = matches!(
             guest,
             TestGuest::Dirty {

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use ferry_benches::qemu::{self, Preset, QemuSpec};
+use ferry_benches::qemu::{self, Preset};
 use ferry_benches::{Table, env_number, median};
 use ferry_runtime::content::{self, Content};
 use ferry_runtime::guest::multiboot_workload;
@@ -199,14 +199,12 @@ fn run() -> Result<(), Box<dyn Error>> {
             let kernel_path = dir.path().join(format!("counter-{}g.elf", size / GIB));
             std::fs::write(&kernel_path, &kernel.elf)?;
             let (module, _) = &layout.parts[0];
-            let mut spec = QemuSpec::new(
-                &kernel_path,
-                module,
-                &format!("tsc_khz={tsc_khz}"),
+            let mut spec = baseline.spec(
+                (&kernel_path, module),
+                size,
+                tsc_khz,
                 &dir.path().join("qemu"),
             );
-            spec.qemu = baseline.binary.clone();
-            spec.memory_mib = size / MIB;
             spec.loads = layout.parts[1..].to_vec();
             spec.timeout = Duration::from_secs(300);
             let preset = Preset::Best {

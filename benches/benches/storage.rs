@@ -23,7 +23,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use ferry_actors::migration::MigrationReport;
-use ferry_benches::qemu::{self, Preset, QemuSpec};
+use ferry_benches::qemu::{self, Preset};
 use ferry_benches::{Table, env_number, median};
 use ferry_runtime::content::{self, Content};
 use ferry_runtime::guest::multiboot_workload;
@@ -164,14 +164,12 @@ fn run() -> Result<(), Box<dyn Error>> {
         let source_image = dir.path().join("qemu-source.raw");
         write_image(&source_image)?;
         let destination_image = dir.path().join("qemu-destination.raw");
-        let mut spec = QemuSpec::new(
-            &kernel_path,
-            &module,
-            &format!("tsc_khz={tsc_khz}"),
+        let mut spec = baseline.spec(
+            (&kernel_path, &module),
+            MEMORY,
+            tsc_khz,
             &dir.path().join("qemu"),
         );
-        spec.qemu = baseline.binary.clone();
-        spec.memory_mib = MEMORY / MIB;
         spec.disks = Some((source_image, destination_image.clone()));
         let mut reports = Vec::new();
         for run in 1..=runs {

@@ -77,6 +77,22 @@ impl Baseline {
             channels,
         })
     }
+
+    /// A VM for this baseline's binary: `kernel` (the workload, written to a file) with
+    /// `module`, `memory` bytes of RAM, the host's TSC rate on its command line, and its
+    /// sockets and logs under `work_dir`.
+    pub fn spec(
+        &self,
+        (kernel, module): (&Path, &Path),
+        memory: u64,
+        tsc_khz: u64,
+        work_dir: &Path,
+    ) -> QemuSpec {
+        let mut spec = QemuSpec::new(kernel, module, &format!("tsc_khz={tsc_khz}"), work_dir);
+        spec.qemu = self.binary.clone();
+        spec.memory_mib = memory >> 20;
+        spec
+    }
 }
 
 /// The guest TSC rate in kHz, as a Ferry VM sees it: QEMU's guest runs at the host's rate
