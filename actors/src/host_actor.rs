@@ -475,7 +475,7 @@ impl Actor for HostActor {
                             reattached_ms = began.elapsed().as_secs_f64() * 1e3,
                             "VMs found again"
                         );
-                        act.resume_evacuation(ctx, 0);
+                        act.resume_evacuation(ctx);
                     }
                     Ok(Err(error)) => {
                         tracing::error!(%error, "reading the journal at start failed")
@@ -2154,21 +2154,29 @@ impl HostActor {
     /// At start: carries on the evacuation the previous hostd left unfinished, once the
     /// migrations it left open are settled (a VM whose migration is still being recovered
     /// would otherwise count as "already migrating" and stay).
-    fn resume_evacuation(&mut self, ctx: &mut Context<Self>, waited: u32) {
+    fn resume_evacuation(&mut self, ctx: &mut Context<Self>) {
         if self.maintenance.is_none() {
             return;
         }
-        let record = match self.journal.evacuation() {
-            Ok(Some(record)) => record,
-            Ok(None) => return,
+        match self.journal.evacuation() {
+            Ok(Some(record)) => self.resume_when_settled(record, ctx, 0),
+            Ok(None) => {}
             Err(error) => {
                 tracing::error!(%error, "reading the unfinished evacuation failed; run maintenance enter again");
-                return;
             }
-        };
+        }
+    }
+
+    /// Starts `record` once no migration is open, or after [`RESUME_WAITS`] looks.
+    fn resume_when_settled(
+        &mut self,
+        record: EvacuationRecord,
+        ctx: &mut Context<Self>,
+        waited: u32,
+    ) {
         if self.active_migrations() > 0 && waited < RESUME_WAITS {
             ctx.run_later(RESUME_PAUSE, move |act, ctx| {
-                act.resume_evacuation(ctx, waited + 1);
+                act.resume_when_settled(record, ctx, waited + 1);
             });
             return;
         }
