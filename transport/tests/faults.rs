@@ -332,10 +332,12 @@ fn sender_dropped_mid_transfer_fails_the_receiver() {
             .wait()
             .expect_err("a dropped sender is not a success");
         let text = report(&err);
+        // The drop closes the streams wherever they are, possibly in the middle of a frame.
         assert!(
             text.contains("stopped before finishing")
                 || text.contains("closed the connection")
-                || text.contains("reset by peer"),
+                || text.contains("reset by peer")
+                || text.contains("frame truncated"),
             "{text}"
         );
     });
