@@ -414,6 +414,11 @@ impl Evacuation {
                     act.in_flight.remove(&index);
                     if completed {
                         act.report.vms[index].outcome = VmOutcome::Moved;
+                    } else if stage == Some(Stage::Refused) {
+                        // Nothing moved (a limit reached, or the destination still holding a
+                        // copy an interrupted migration left): try again like a refused start.
+                        let why = error.unwrap_or_else(|| "the destination refused".into());
+                        act.refused(index, why, ctx);
                     } else {
                         let why = error.unwrap_or_else(|| {
                             format!("the migration ended {}", stage_name(stage))
