@@ -12,6 +12,7 @@ use std::sync::mpsc::Receiver;
 
 use actix::prelude::*;
 use ferry_runtime::cpu::{CpuFeatures, check_compatible};
+use ferry_runtime::devices::NicSpec;
 use ferry_runtime::vm::RunState;
 use ferry_runtime::{Boot, DirtyLogMode, Preload, VmIdentity};
 use ferry_transport::data::SharedCap;
@@ -786,8 +787,23 @@ impl Handler<CreateVm> for HostActor {
                 migration: None,
             },
         );
+        let identity = VmIdentity::new(&spec.name);
+        // A network with a bridge here gives the VM a NIC on it.
+        let nics = network
+            .iter()
+            .filter_map(|net| {
+                let bridge = self.settings.networks.get(net)?.bridge.clone()?;
+                Some(NicSpec {
+                    network: net.clone(),
+                    bridge,
+                    mac: identity.mac,
+                    ip: spec.ip,
+                    attach: true,
+                })
+            })
+            .collect();
         let create = CreateSpec {
-            identity: VmIdentity::new(&spec.name),
+            identity,
             vcpus: spec.vcpus,
             memory: spec.memory,
             boot: spec.boot.clone(),
@@ -800,6 +816,7 @@ impl Handler<CreateVm> for HostActor {
                 hidden
             },
             disks: disks.specs,
+            nics,
             start: spec.start,
         };
         let host = self.settings.name.clone();
@@ -1414,6 +1431,10 @@ impl Handler<PrepareIncoming> for HostActor {
             Ok(arriving) => arriving,
             Err(message) => return Box::pin(fut::ready(Err(message))),
         };
+        let nics = match self.arriving_nics(&hello) {
+            Ok(nics) => nics,
+            Err(message) => return Box::pin(fut::ready(Err(message))),
+        };
         let id = hello.id;
         let name = hello.identity.name.clone();
         self.vms.insert(
@@ -1489,6 +1510,7 @@ impl Handler<PrepareIncoming> for HostActor {
                     dirty_log: DirtyLogMode::Bitmap,
                     console_log: Some(console),
                     disks,
+                    nics,
                 };
                 match vmm.create_empty(empty) {
                     Ok(_) => Ok((child, vmm, created)),
@@ -1640,6 +1662,35 @@ impl HostActor {
     /// An arriving VM's disks on this host: every one on a datastore this host shares with
     /// the source (same identity), with its image there, of the same size. Compute-only
     /// migration moves no disk, so anything else is refused at verify.
+    /// The arriving VM's NICs as this host builds them: each on this host's bridge for its
+    /// network, kept off it until the state is in. Refused if a network has no bridge here.
+    fn arriving_nics(&self, hello: &Hello) -> Result<Vec<NicSpec>, String> {
+        hello
+            .nics
+            .iter()
+            .map(|network| {
+                let bridge = self
+                    .settings
+                    .networks
+                    .get(network)
+                    .and_then(|port| port.bridge.clone())
+                    .ok_or_else(|| {
+                        format!(
+                            "the VM has a NIC on network '{network}', which has no bridge on host '{}'",
+                            self.settings.name
+                        )
+                    })?;
+                Ok(NicSpec {
+                    network: network.clone(),
+                    bridge,
+                    mac: hello.identity.mac,
+                    ip: hello.ip,
+                    attach: false,
+                })
+            })
+            .collect()
+    }
+
     fn arriving_disks(&self, hello: &Hello) -> Result<ArrivingDisks, String> {
         if hello.moves_storage() {
             return self.disks_moving_to(hello);
@@ -1791,6 +1842,7 @@ impl HostActor {
                 ));
             }
         }
+        self.arriving_nics(hello)?;
         self.arriving_disks(hello)?;
         // The arriving migration has published its own report by now: it does not count
         // against the limit it is being checked for.

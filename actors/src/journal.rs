@@ -679,6 +679,7 @@ mod tests {
                 },
                 None,
             )],
+            nics: Vec::new(),
         };
         let record = VmRecord { info, stale: false };
         journal.put_vm(&record).unwrap();

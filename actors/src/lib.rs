@@ -7,7 +7,7 @@
 //! - Migration actors, one on each host per migration ([`migration`]), driving the stages
 //!   through messages over the control channel and the bulk copy over the data streams.
 
-pub mod announce;
+pub use ferry_runtime::devices::virtio::net::announce;
 pub mod control_server;
 pub mod datastore;
 pub mod evacuation;

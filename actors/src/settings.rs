@@ -8,6 +8,15 @@ use std::time::Duration;
 
 use crate::migration::MigrationOptions;
 
+/// How this host is attached to one of the cluster's networks.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NetworkPort {
+    /// The interface announcements go out on for VMs without a NIC (none: none are sent).
+    pub interface: Option<String>,
+    /// The Linux bridge the VMs' TAPs join: VMs on this network get a virtio-net NIC.
+    pub bridge: Option<String>,
+}
+
 /// Another host of the cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Peer {
@@ -44,6 +53,9 @@ pub enum Fault {
     FailPrepare,
     /// Destination: reject the arrived VM state.
     RejectState,
+    /// Destination: load the arrived state (disks locked, NICs on their bridges), then fail
+    /// instead of saying it is ready: the latest a destination can fail before the commit.
+    FailAfterLoad,
     /// Destination: wait [`SLOW_STATE_LOAD`] before loading the arrived state (the source
     /// holds the guest paused meanwhile).
     SlowStateLoad,
@@ -53,7 +65,7 @@ pub enum Fault {
 pub const SLOW_STATE_LOAD: Duration = Duration::from_secs(5);
 
 impl Fault {
-    const ALL: [(&'static str, Fault); 9] = [
+    const ALL: [(&'static str, Fault); 10] = [
         ("slow-state-load", Fault::SlowStateLoad),
         ("drop-control-on-state", Fault::DropControlOnState),
         ("drop-control-on-commit", Fault::DropControlOnCommit),
@@ -69,6 +81,7 @@ impl Fault {
         ("corrupt-arriving-disk", Fault::CorruptArrivingDisk),
         ("fail-prepare", Fault::FailPrepare),
         ("reject-state", Fault::RejectState),
+        ("fail-after-load", Fault::FailAfterLoad),
     ];
 
     /// Parses a `FERRY_FAULT` value.
@@ -155,8 +168,8 @@ pub struct HostSettings {
     pub copy_cpus: Vec<usize>,
     /// Memory available to VMs, bytes.
     pub memory: u64,
-    /// Networks present here, with the interface announcements go out on.
-    pub networks: BTreeMap<String, Option<String>>,
+    /// Networks present here, with how this host is attached to each.
+    pub networks: BTreeMap<String, NetworkPort>,
     /// Datastores reachable from here: name → root directory on this host.
     pub datastores: BTreeMap<String, PathBuf>,
     /// CPU features withheld from VMs created here and not offered to arriving VMs.

@@ -82,6 +82,9 @@ pub struct VmInfo {
     /// Disks, in slot order.
     #[serde(default)]
     pub disks: Vec<VmDisk>,
+    /// NICs, in slot order: network, bridge, this host's TAP, frames moved.
+    #[serde(default)]
+    pub nics: Vec<ferry_runtime::devices::NicInfo>,
 }
 
 /// Host-side facts about a VM that are not part of the runtime VM.
@@ -239,6 +242,7 @@ impl VmActor {
                 .enumerate()
                 .map(|(i, d)| VmDisk::describe(d, info.disks.get(i)))
                 .collect(),
+            nics: info.nics.clone(),
         }
     }
 
@@ -278,6 +282,7 @@ impl VmActor {
                     .iter()
                     .map(|d| VmDisk::describe(d, None))
                     .collect(),
+                nics: Vec::new(),
             }),
         };
         info.state = self.lifecycle;
@@ -487,6 +492,8 @@ pub struct OutgoingVm {
     pub attachments: VmAttachments,
     /// The disks as the VMM has them.
     pub disks: Vec<ferry_runtime::DiskInfo>,
+    /// The NICs as the VMM has them.
+    pub nics: Vec<ferry_runtime::devices::NicInfo>,
 }
 
 /// The CPU features of the VM's CPUID (what a host must offer to take it).
@@ -524,6 +531,7 @@ impl Handler<BeginMigrateOut> for VmActor {
             was_running,
             attachments: self.attachments.clone(),
             disks: info.disks,
+            nics: info.nics,
         };
         self.transition(Event::MigrateOutBegin)?;
         Ok(outgoing)

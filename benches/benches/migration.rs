@@ -115,7 +115,7 @@ fn ferry_runs(
             options.working_set_start = Some(CONTENT_AT + CONTENT_BYTES);
             working_set = Some(format!("{}M", size / MIB));
         }
-        TestGuest::Verify { .. } | TestGuest::Disk { .. } => {
+        TestGuest::Verify { .. } | TestGuest::Disk { .. } | TestGuest::Net { .. } => {
             return Err(format!("{} is not a memory benchmark workload", guest.name()).into());
         }
     }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_actors::migration::MigrationOptions;
-use ferry_actors::settings::{Fault, HostSettings, MigrationLimits, Peer};
+use ferry_actors::settings::{Fault, HostSettings, MigrationLimits, NetworkPort, Peer};
 use ferry_runtime::units::parse_size;
 use serde::Deserialize;
 
@@ -81,9 +81,12 @@ struct Named {
 #[serde(deny_unknown_fields)]
 struct NetworkAttachment {
     name: String,
-    /// Interface announcements go out on (e.g. a bridge); none means none are sent.
+    /// Interface announcements go out on for VMs without a NIC; none means none are sent.
     #[serde(default)]
     interface: Option<String>,
+    /// The Linux bridge VMs' TAPs join: VMs on this network get a virtio-net NIC.
+    #[serde(default)]
+    bridge: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -164,8 +167,8 @@ pub struct HostConfig {
     pub cpus: Vec<usize>,
     /// VM memory, bytes.
     pub memory: u64,
-    /// Networks and their interfaces.
-    pub networks: BTreeMap<String, Option<String>>,
+    /// Networks and how this host is attached to them.
+    pub networks: BTreeMap<String, NetworkPort>,
     /// Datastores: name → root directory on this host.
     pub datastores: BTreeMap<String, PathBuf>,
     /// Hidden CPU features.
@@ -545,7 +548,21 @@ fn validate(file: &Path, raw: ClusterFile) -> Result<Cluster, ConfigError> {
                     format!("network '{}' is not defined under [[networks]]", net.name),
                 ));
             }
-            attached.insert(net.name, net.interface);
+            if let Some(bridge) = &net.bridge
+                && (bridge.is_empty() || bridge.len() > 15 || bridge.contains(['/', ' ', '\0']))
+            {
+                return Err(invalid(
+                    key(&format!("networks[{j}].bridge")),
+                    format!("'{bridge}' is not an interface name (1 to 15 bytes, no '/' or space)"),
+                ));
+            }
+            attached.insert(
+                net.name,
+                NetworkPort {
+                    interface: net.interface,
+                    bridge: net.bridge,
+                },
+            );
         }
         let mut stores = BTreeMap::new();
         for (j, ds) in h.datastores.into_iter().enumerate() {
@@ -708,7 +725,13 @@ memory = "1G"
         assert_eq!(cluster.migration.defaults.downtime_ms, 200);
         let alpha = cluster.host("alpha").unwrap();
         assert_eq!(alpha.memory, 2 << 30);
-        assert_eq!(alpha.networks.get("vmnet"), Some(&Some("lo".to_string())));
+        assert_eq!(
+            alpha
+                .networks
+                .get("vmnet")
+                .and_then(|n| n.interface.as_deref()),
+            Some("lo")
+        );
         let settings = cluster.host_settings("beta", None).unwrap();
         assert_eq!(settings.peers.len(), 1);
         assert_eq!(

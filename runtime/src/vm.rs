@@ -16,8 +16,8 @@ use crate::boot::kernel::{BootError, BootModule, load_kernel};
 use crate::boot::tables::{EntryMode, entry_regs, entry_sregs, write_system_tables};
 use crate::cpu::{CpuFeatures, IncompatibleCpu, check_compatible, hide_features};
 use crate::devices::{
-    Console, DeviceStateError, Devices, Disk, DiskError, DiskInfo, DiskSpec, SerialError,
-    TestDevice,
+    Console, DeviceStateError, Devices, Disk, DiskError, DiskInfo, DiskSpec, Nic, NicError,
+    NicInfo, NicSpec, SerialError, TestDevice,
 };
 use crate::dirty::DirtySet;
 use crate::dirty_log::{DirtyLog, DirtyLogError, DirtyLogMode};
@@ -89,6 +89,9 @@ pub enum VmError {
     /// A disk.
     #[error(transparent)]
     Disk(#[from] DiskError),
+    /// A NIC.
+    #[error(transparent)]
+    Nic(#[from] NicError),
     /// Dirty tracking.
     #[error(transparent)]
     DirtyLog(#[from] DirtyLogError),
@@ -216,7 +219,7 @@ pub struct GuestOptions {
     pub working_set: Option<u64>,
     /// `dirty`: first byte of the working set.
     pub working_set_start: Option<u64>,
-    /// `dirty`: pages per second (None: unlimited).
+    /// `dirty`: pages per second (None: unlimited); `net`: numbered frames per second.
     pub rate: Option<u64>,
     /// `dirty`: passes before exiting (0 or None: forever).
     pub passes: Option<u64>,
@@ -231,7 +234,7 @@ pub struct GuestOptions {
 }
 
 impl Boot {
-    /// What `--guest NAME` means: a built-in guest (`counter`, `dirty`, `verify`, `disk`) with
+    /// What `--guest NAME` means: a built-in guest (`counter`, `dirty`, `verify`, `disk`, `net`) with
     /// `options` applied, or else the path of an ELF kernel.
     pub fn from_guest(name: &str, memory: u64, options: &GuestOptions) -> Result<Boot, String> {
         if let Some(mut guest) = TestGuest::with_defaults(name, memory) {
@@ -271,13 +274,18 @@ impl Boot {
                         *writes_per_sec = (rate != 0).then_some(rate);
                     }
                 }
+                TestGuest::Net { frames_per_sec } => {
+                    if let Some(rate) = options.rate {
+                        *frames_per_sec = rate;
+                    }
+                }
             }
             return Ok(Boot::Guest(guest));
         }
         let image = PathBuf::from(name);
         if !image.is_file() {
             return Err(format!(
-                "guest '{name}' is neither a built-in guest (counter, dirty, verify, disk) nor a kernel file"
+                "guest '{name}' is neither a built-in guest (counter, dirty, verify, disk, net) nor a kernel file"
             ));
         }
         Ok(Boot::Kernel {
@@ -336,6 +344,8 @@ pub struct VmConfig {
     pub hidden_cpu_features: Vec<String>,
     /// Disks, in virtio slot order.
     pub disks: Vec<DiskSpec>,
+    /// NICs, in the virtio slots after the disks.
+    pub nics: Vec<NicSpec>,
 }
 
 impl VmConfig {
@@ -349,6 +359,7 @@ impl VmConfig {
             console_log: None,
             hidden_cpu_features: Vec::new(),
             disks: Vec::new(),
+            nics: Vec::new(),
         }
     }
 }
@@ -410,12 +421,14 @@ impl Vm {
             dirty_log,
             console_log,
             &[],
+            &[],
         )
     }
 
     /// Builds an empty, paused VM of a given identity and shape (what a migration
     /// destination prepares before any memory arrives), with `disks` opened (their locks
-    /// taken only if their specs say so).
+    /// taken only if their specs say so) and `nics` created (on their bridges only if their
+    /// specs say so).
     pub fn create_empty(
         identity: &VmIdentity,
         shape: &VmShape,
@@ -423,6 +436,7 @@ impl Vm {
         dirty_log: DirtyLogMode,
         console_log: Option<PathBuf>,
         disks: &[DiskSpec],
+        nics: &[NicSpec],
     ) -> Result<Vm, VmError> {
         let config = VmConfig {
             identity: identity.clone(),
@@ -432,6 +446,7 @@ impl Vm {
             console_log,
             hidden_cpu_features: Vec::new(),
             disks: disks.to_vec(),
+            nics: nics.to_vec(),
         };
         let mut vm = Self::build(&config, Some(&shape.cpuid), boot.to_string())?;
         vm.run_state = RunState::Paused;
@@ -477,9 +492,9 @@ impl Vm {
             })?,
             None => Console::new(),
         };
-        if config.disks.len() > layout::MAX_VIRTIO_DEVICES {
+        if config.disks.len() + config.nics.len() > layout::MAX_VIRTIO_DEVICES {
             return Err(DiskError::TooMany {
-                count: config.disks.len(),
+                count: config.disks.len() + config.nics.len(),
                 max: layout::MAX_VIRTIO_DEVICES,
             }
             .into());
@@ -490,7 +505,15 @@ impl Vm {
             .enumerate()
             .map(|(index, spec)| Disk::open(index, spec, &vm_fd, Arc::clone(&ram)))
             .collect::<Result<Vec<_>, _>>()?;
-        let devices = Arc::new(Devices::with_disks(console, disks)?);
+        let nics = config
+            .nics
+            .iter()
+            .enumerate()
+            .map(|(index, spec)| {
+                Nic::open(index, disks.len() + index, spec, &vm_fd, Arc::clone(&ram))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let devices = Arc::new(Devices::with_virtio(console, disks, nics)?);
         vm_fd
             .register_irqfd(devices.serial().irq_eventfd(), layout::SERIAL_IRQ)
             .map_err(kvm_err("KVM_IRQFD (serial)"))?;
@@ -574,12 +597,15 @@ impl Vm {
         match boot {
             Boot::Guest(guest) => {
                 let first_disk = self.devices.disks().first().map(|d| d.info().size);
+                let first_nic = (!self.devices.nics().is_empty())
+                    .then(|| layout::virtio_mmio_base(self.devices.disks().len()));
                 let params = guest_params(
                     guest,
                     self.shape.vcpus,
                     self.shape.memory,
                     u64::from(self.tsc_khz),
                     first_disk,
+                    first_nic,
                 )?;
                 self.ram.write(layout::PARAMS, &params.to_bytes())?;
                 let entry = match guest {
@@ -587,6 +613,7 @@ impl Vm {
                     TestGuest::Dirty { .. } => code.dirty,
                     TestGuest::Verify { .. } => code.verify,
                     TestGuest::Disk { .. } => code.disk,
+                    TestGuest::Net { .. } => code.net,
                 };
                 for vcpu in &self.vcpus {
                     let stack = layout::STACKS + u64::from(vcpu.index + 1) * layout::STACK_SIZE;
@@ -886,6 +913,19 @@ impl Vm {
     /// The disks, as the operator sees them.
     pub fn disks(&self) -> Vec<DiskInfo> {
         self.devices.disks().iter().map(Disk::info).collect()
+    }
+
+    /// The NICs, as the operator sees them.
+    pub fn nics(&self) -> Vec<NicInfo> {
+        self.devices.nics().iter().map(Nic::info).collect()
+    }
+
+    /// Puts every NIC's TAP on its bridge (a migration's destination, before the commit).
+    pub fn attach_nics(&self) -> Result<(), VmError> {
+        for nic in self.devices.nics() {
+            nic.attach()?;
+        }
+        Ok(())
     }
 
     /// Flushes every disk and gives up its image lock, for another host to take: the VM

@@ -174,6 +174,7 @@ fn move_vm(source: &mut Vm, path: &Path) -> Vm {
         ferry_runtime::DirtyLogMode::Bitmap,
         None,
         &spec,
+        &[],
     )
     .unwrap();
     // While the source holds the lock of a shared image, the target cannot take it.
@@ -380,6 +381,7 @@ fn the_lock_handover_moves_both_locks_together_and_a_failed_one_gives_them_back(
         ferry_runtime::DirtyLogMode::Bitmap,
         None,
         &target_disks,
+        &[],
     )
     .unwrap();
     assert_eq!(

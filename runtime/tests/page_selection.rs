@@ -304,6 +304,7 @@ fn a_guest_filling_its_memory_arrives_whole() {
             ferry_runtime::DirtyLogMode::Bitmap,
             None,
             &[],
+            &[],
         )
         .expect("empty VM");
         let copy = |target: &Vm, set: &DirtySet| {

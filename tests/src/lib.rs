@@ -160,6 +160,66 @@ pub struct Netns {
     pub router: Option<String>,
     /// The namespace holding the bridge every host's link is a port of, when there is one.
     pub switch: Option<String>,
+    /// The network the VMs are on, when there is one ([`Netns::with_vm_network`]).
+    pub vm_network: Option<VmNetwork>,
+}
+
+/// The segment test VMs talk on, apart from the hosts' own link: a bridge [`VM_BRIDGE`] in
+/// each host's namespace, the bridges joined by a veth link as two top-of-rack ports would
+/// be, and a peer namespace on the first host's bridge.
+#[derive(Clone, Debug)]
+pub struct VmNetwork {
+    /// Each host's namespace.
+    pub hosts: Vec<String>,
+    /// Each host's bridge port toward the other host.
+    pub uplinks: Vec<String>,
+    /// The peer's namespace.
+    pub peer_ns: String,
+    /// The peer's interface in it.
+    pub peer_interface: String,
+}
+
+/// The bridge of the VM network in every host's namespace.
+pub const VM_BRIDGE: &str = "br-vmnet";
+
+impl VmNetwork {
+    fn in_host(&self, host: usize, args: &[&str]) -> String {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.hosts[host]]).args(args);
+        String::from_utf8_lossy(&run(&mut cmd).stdout).into_owned()
+    }
+
+    /// The port host `host`'s bridge has learned `mac` on (`aa:bb:..`, lower case), if any.
+    pub fn port_of(&self, host: usize, mac: &str) -> Option<String> {
+        let mac = mac.to_ascii_lowercase();
+        self.in_host(host, &["bridge", "fdb", "show", "br", VM_BRIDGE])
+            .lines()
+            .find(|l| l.starts_with(&mac) && !l.contains("permanent"))
+            .and_then(|l| {
+                let mut words = l.split_whitespace();
+                words.find(|&w| w == "dev")?;
+                words.next().map(str::to_string)
+            })
+    }
+
+    /// The TAPs Ferry made in host `host`'s namespace, with the bridge each is a port of.
+    pub fn taps(&self, host: usize) -> Vec<(String, Option<String>)> {
+        self.in_host(host, &["ip", "-o", "link", "show"])
+            .lines()
+            .filter_map(|l| {
+                let name = l.split(':').nth(1)?.trim().split('@').next()?.to_string();
+                if !name.starts_with("fytap") {
+                    return None;
+                }
+                let master = l
+                    .split_whitespace()
+                    .skip_while(|&w| w != "master")
+                    .nth(1)
+                    .map(str::to_string);
+                Some((name, master))
+            })
+            .collect()
+    }
 }
 
 fn run(cmd: &mut Command) -> Output {
@@ -233,6 +293,7 @@ impl Netns {
             addrs,
             router: None,
             switch: None,
+            vm_network: None,
         }
     }
 
@@ -288,6 +349,7 @@ impl Netns {
             addrs,
             router: None,
             switch: Some(switch),
+            vm_network: None,
         }
     }
 
@@ -383,7 +445,87 @@ impl Netns {
             addrs,
             router: Some(router),
             switch: None,
+            vm_network: None,
         }
+    }
+
+    /// Adds the VM network ([`VmNetwork`]) to two hosts' namespaces.
+    pub fn with_vm_network(mut self) -> Netns {
+        assert_eq!(self.names.len(), 2, "the VM network joins two hosts");
+        let id = unique();
+        let uplinks = vec![format!("fu{id}a"), format!("fu{id}b")];
+        let peer_ns = format!("ferry{id}p");
+        let (peer_host_end, peer_interface) = (format!("fp{id}h"), format!("fp{id}p"));
+        ip(&["netns", "add", &peer_ns]);
+        for ns in &self.names {
+            ip(&["-n", ns, "link", "add", VM_BRIDGE, "type", "bridge"]);
+            ip(&["-n", ns, "link", "set", VM_BRIDGE, "up"]);
+        }
+        ip(&[
+            "link",
+            "add",
+            &uplinks[0],
+            "netns",
+            &self.names[0],
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &uplinks[1],
+            "netns",
+            &self.names[1],
+        ]);
+        ip(&[
+            "link",
+            "add",
+            &peer_host_end,
+            "netns",
+            &self.names[0],
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer_interface,
+            "netns",
+            &peer_ns,
+        ]);
+        for (ns, port) in self
+            .names
+            .iter()
+            .zip(&uplinks)
+            .chain([(&self.names[0], &peer_host_end)])
+        {
+            ip(&["-n", ns, "link", "set", port, "master", VM_BRIDGE]);
+            ip(&["-n", ns, "link", "set", port, "up"]);
+        }
+        ip(&["-n", &peer_ns, "link", "set", &peer_interface, "up"]);
+        ip(&["-n", &peer_ns, "link", "set", "lo", "up"]);
+        // A new port forwards only once the kernel has applied its carrier, which it does for
+        // such links in a batch at most once a second: wait for that, as a real fabric is
+        // settled before any VM moves.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for (ns, port) in self
+            .names
+            .iter()
+            .zip(&uplinks)
+            .chain([(&self.names[0], &peer_host_end)])
+        {
+            loop {
+                let out = run(Command::new("bridge").args(["-n", ns, "link", "show", "dev", port]));
+                if String::from_utf8_lossy(&out.stdout).contains("state forwarding") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{port} in {ns} never forwarded");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.vm_network = Some(VmNetwork {
+            hosts: self.names.clone(),
+            uplinks,
+            peer_ns,
+            peer_interface,
+        });
+        self
     }
 
     /// Cuts (or restores) the link.
@@ -408,6 +550,7 @@ impl Drop for Netns {
             .iter()
             .chain(self.router.as_ref())
             .chain(self.switch.as_ref())
+            .chain(self.vm_network.as_ref().map(|n| &n.peer_ns))
         {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
@@ -665,6 +808,13 @@ impl TestCluster {
         Self::start(hostd, ferryctl, hosts, Some(netns))
     }
 
+    /// Starts two hosts in namespaces joined by a veth pair, with the VM network
+    /// ([`VmNetwork`]): network `vmnet` has bridge [`VM_BRIDGE`] on both, so VMs get a NIC.
+    pub fn with_vm_network(hostd: &Path, ferryctl: &Path, hosts: [HostSpec; 2]) -> TestCluster {
+        let netns = Netns::create().with_vm_network();
+        Self::start(hostd, ferryctl, hosts.to_vec(), Some(netns))
+    }
+
     /// Starts two hosts in two datacenters: namespaces on different subnets, routed through
     /// a third, every routed link limited to `rate`.
     pub fn across_datacenters(
@@ -729,7 +879,7 @@ impl TestCluster {
             let token_file = dir.path().join(format!("{}.token", spec.name));
             std::fs::write(&token_file, &token).expect("write token");
             let entry = format!(
-                "\n[[hosts]]\nname = \"{name}\"\ndatacenter = \"dc{dc}\"\napi = \"{addr}:{api_port}\"\napi_token_file = \"{token_file}\"\n{tls}\ncontrol = \"{addr}:{control_port}\"\ndata = [\"{addr}:0\"]\nmemory = \"{memory}\"\nnetworks = [{{ name = \"vmnet\", interface = \"{interface}\" }}]\nhide_cpu_features = [{hide}]\n{limit}datastores = [{{ name = \"shared\", path = \"{dir}/{shared}\" }}, {{ name = \"{name}-local\", path = \"{dir}/{name}/disks\" }}]\nstate_dir = \"{dir}/{name}\"\n\n[[datastores]]\nname = \"{name}-local\"\n",
+                "\n[[hosts]]\nname = \"{name}\"\ndatacenter = \"dc{dc}\"\napi = \"{addr}:{api_port}\"\napi_token_file = \"{token_file}\"\n{tls}\ncontrol = \"{addr}:{control_port}\"\ndata = [\"{addr}:0\"]\nmemory = \"{memory}\"\nnetworks = [{{ name = \"vmnet\", interface = \"{interface}\"{bridge} }}]\nhide_cpu_features = [{hide}]\n{limit}datastores = [{{ name = \"shared\", path = \"{dir}/{shared}\" }}, {{ name = \"{name}-local\", path = \"{dir}/{name}/disks\" }}]\nstate_dir = \"{dir}/{name}\"\n\n[[datastores]]\nname = \"{name}-local\"\n",
                 name = spec.name,
                 // Hosts on one switch share a datacenter; a pair or a routed pair has one each.
                 dc = match &netns {
@@ -737,6 +887,10 @@ impl TestCluster {
                     _ => 1,
                 },
                 memory = spec.memory,
+                bridge = match netns.as_ref().and_then(|n| n.vm_network.as_ref()) {
+                    Some(_) => format!(", bridge = \"{VM_BRIDGE}\""),
+                    None => String::new(),
+                },
                 shared = spec.shared_dir,
                 dir = dir.path().display(),
                 token_file = token_file.display(),

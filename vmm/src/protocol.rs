@@ -12,6 +12,7 @@ use std::path::PathBuf;
 
 use ferry_runtime::cpu::CpuFeatures;
 use ferry_runtime::devices::test_device::TestDeviceState;
+use ferry_runtime::devices::{NicInfo, NicSpec};
 use ferry_runtime::vm::RunState;
 use ferry_runtime::{
     Boot, DirtyLogMode, DirtySet, DiskInfo, DiskSpec, Preload, VmIdentity, VmShape,
@@ -19,7 +20,7 @@ use ferry_runtime::{
 use serde::{Deserialize, Serialize};
 
 /// Versions of this message set this build speaks, ascending.
-pub const VMM_PROTOCOL_VERSIONS: &[u32] = &[2];
+pub const VMM_PROTOCOL_VERSIONS: &[u32] = &[3];
 
 /// What the VMM should build.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +43,8 @@ pub struct CreateSpec {
     pub hidden_cpu_features: Vec<String>,
     /// Disks, in virtio slot order.
     pub disks: Vec<DiskSpec>,
+    /// NICs, in the virtio slots after the disks.
+    pub nics: Vec<NicSpec>,
     /// Start the vCPUs at once.
     pub start: bool,
 }
@@ -62,6 +65,9 @@ pub struct EmptySpec {
     /// The arriving VM's disks, opened without their locks (taken at `LoadState`, once the
     /// source has let them go).
     pub disks: Vec<DiskSpec>,
+    /// The arriving VM's NICs, their TAPs made but kept off their bridges (joined at
+    /// `LoadState`, once the source is paused).
+    pub nics: Vec<NicSpec>,
 }
 
 /// hostd → VMM.
@@ -108,7 +114,7 @@ pub enum Request {
         hash_disks: bool,
     },
     /// Load an arrived state into the empty VM, comparing memory first if a hash is given,
-    /// and take the disks' locks.
+    /// take the disks' locks and put the NICs' TAPs on their bridges.
     LoadState(Box<IncomingState>),
     /// The guest memory's memfd (sent with the answer as an `SCM_RIGHTS` descriptor).
     Memory,
@@ -179,6 +185,8 @@ pub struct VmmInfo {
     pub tracking: bool,
     /// Disks, in slot order.
     pub disks: Vec<DiskInfo>,
+    /// NICs, in slot order.
+    pub nics: Vec<NicInfo>,
 }
 
 /// The VMM process itself.
@@ -305,6 +313,13 @@ mod tests {
                 read_only: false,
                 id: "vm.raw".into(),
                 lock: true,
+            }],
+            nics: vec![ferry_runtime::devices::NicSpec {
+                network: "vmnet".into(),
+                bridge: "br-vmnet".into(),
+                mac: [0x52, 0x54, 0, 1, 2, 3],
+                ip: None,
+                attach: true,
             }],
             start: true,
         };

@@ -275,6 +275,7 @@ impl Server {
             console_log: spec.console_log.clone(),
             hidden_cpu_features: spec.hidden_cpu_features.clone(),
             disks: spec.disks.clone(),
+            nics: spec.nics.clone(),
         };
         let mut vm = Vm::create(&config, &spec.boot, &spec.preloads).map_err(runtime_error)?;
         if spec.start {
@@ -291,6 +292,7 @@ impl Server {
             spec.dirty_log,
             spec.console_log.clone(),
             &spec.disks,
+            &spec.nics,
         )
         .map_err(runtime_error)?;
         self.install(vm)
@@ -348,6 +350,7 @@ fn info(vm: &Vm) -> VmmInfo {
         cpu_features: vm.cpu_features(),
         tracking: vm.dirty_log_enabled(),
         disks: vm.disks(),
+        nics: vm.nics(),
     }
 }
 
@@ -427,6 +430,12 @@ fn load_state(vm: &mut Vm, incoming: &IncomingState) -> Result<Option<bool>, Vmm
     vm.lock_disks().map_err(|e| {
         bad(format!(
             "the destination cannot take the disk locks: {}",
+            chain(&e)
+        ))
+    })?;
+    vm.attach_nics().map_err(|e| {
+        bad(format!(
+            "the destination cannot put the VM's NICs on their bridges: {}",
             chain(&e)
         ))
     })?;

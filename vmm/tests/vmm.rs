@@ -49,6 +49,7 @@ fn counter_spec(name: &str, console: &Path) -> CreateSpec {
         console_log: Some(console.to_path_buf()),
         hidden_cpu_features: vec![],
         disks: vec![],
+        nics: vec![],
         start: true,
     }
 }
@@ -177,6 +178,7 @@ fn an_empty_vm_takes_memory_and_state_from_outside() {
             dirty_log: DirtyLogMode::Bitmap,
             console_log: Some(dir.path().join("t.console.log")),
             disks: vec![],
+            nics: vec![],
         })
         .unwrap();
     let target_ram = target.memory().unwrap();

@@ -623,6 +623,11 @@ impl DestinationMigration {
                 load_ms = loading.elapsed().as_secs_f64() * 1e3,
                 "incoming state loaded"
             );
+            if fault == Some(Fault::FailAfterLoad) {
+                return Err(
+                    "the destination failed after loading the state: fault injection".to_string(),
+                );
+            }
             Ok::<_, String>((stats, verified))
         };
         ctx.wait(work.into_actor(self).map(|result, act, ctx| match result {
@@ -658,11 +663,16 @@ impl DestinationMigration {
         let name = self.report.vm.clone();
         let mac = self.hello.identity.mac;
         let ip = self.hello.ip;
+        // A VM with a NIC announces itself through its own TAP when it resumes (the VMM
+        // does it); only a VM without one is announced on the host's interface. Sending
+        // that on a bridge would teach it the MAC on the wrong port.
         let interface = self
             .hello
             .networks
             .first()
-            .and_then(|net| self.settings.networks.get(net).cloned().flatten());
+            .filter(|_| self.hello.nics.is_empty())
+            .and_then(|net| self.settings.networks.get(net))
+            .and_then(|port| port.interface.clone());
         tracing::info!(migration = %id, vm = %name, run, "commit received; taking over the VM");
         let work = async move {
             // Durable before the vCPUs run: after a crash this host still answers "committed

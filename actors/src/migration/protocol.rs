@@ -34,6 +34,9 @@ pub struct Hello {
     pub cpu_features: CpuFeatures,
     /// Networks the VM is attached to.
     pub networks: Vec<String>,
+    /// The network of each of the VM's NICs, in slot order: the destination must have a
+    /// bridge on each.
+    pub nics: Vec<String>,
     /// What the VM booted (for display).
     pub boot: String,
     /// IPv4 address the VM uses, if known (for the gratuitous ARP after switch-over).
@@ -208,6 +211,7 @@ mod tests {
             },
             cpu_features: CpuFeatures::default(),
             networks: vec!["net".into()],
+            nics: vec!["net".into()],
             boot: "counter".into(),
             ip: None,
             disks: vec![MigratingDisk {

@@ -1396,6 +1396,12 @@ impl Actor for SourceMigration {
             shape: self.outgoing.shape.clone(),
             cpu_features: self.outgoing.cpu_features.clone(),
             networks: self.outgoing.attachments.network.iter().cloned().collect(),
+            nics: self
+                .outgoing
+                .nics
+                .iter()
+                .map(|n| n.network.clone())
+                .collect(),
             boot: self.outgoing.boot.clone(),
             ip: self.outgoing.attachments.ip,
             capabilities: capabilities.clone(),

@@ -103,7 +103,7 @@ struct CreateArgs {
     /// Host to create it on.
     #[arg(long)]
     host: String,
-    /// counter, dirty, verify, disk, or the path (on the host) of an ELF kernel.
+    /// counter, dirty, verify, disk, net, or the path (on the host) of an ELF kernel.
     #[arg(long)]
     guest: String,
     /// Memory, e.g. 256M or 1G.
@@ -121,7 +121,8 @@ struct CreateArgs {
     /// Multiboot module PATH or PATH=CMDLINE; repeatable.
     #[arg(long = "module")]
     modules: Vec<String>,
-    /// Network to attach to.
+    /// Network to attach to (a network with a bridge on the host gives the VM a virtio-net
+    /// NIC on it).
     #[arg(long)]
     network: Option<String>,
     /// The VM's IPv4 address (announced by gratuitous ARP after migration).
@@ -133,7 +134,8 @@ struct CreateArgs {
     /// dirty: working set, e.g. 64M.
     #[arg(long)]
     working_set: Option<String>,
-    /// dirty: pages per second (default unlimited).
+    /// dirty: pages per second (default unlimited); net: numbered frames per second
+    /// (default 100).
     #[arg(long)]
     rate: Option<u64>,
     /// dirty: passes before the guest exits (default forever).

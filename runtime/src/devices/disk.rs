@@ -11,21 +11,18 @@
 //! and a restored device serves the unstarted ones when it first runs — nothing lost,
 //! nothing done twice.
 
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::EventFd;
 
+use super::slot::{Next, SlotFds, io_loop};
 use super::virtio::VirtioDevice;
 use super::virtio::block::{Block, BlockCounters, DiskImage, Extent, ImageError};
-use super::virtio::mmio::{
-    MMIO_WINDOW, MmioEffect, MmioTransport, QUEUE_NOTIFY_OFFSET, RestoreError, TransportState,
-};
-use crate::layout;
+use super::virtio::mmio::{MMIO_WINDOW, MmioEffect, MmioTransport, RestoreError, TransportState};
 use crate::memory::GuestRam;
 
 /// A disk as the VM is given it.
@@ -170,24 +167,15 @@ impl Disk {
         vm_fd: &VmFd,
         ram: Arc<GuestRam>,
     ) -> Result<Disk, DiskError> {
-        let setup = |operation: &'static str| {
-            move |source: std::io::Error| DiskError::Setup {
-                index,
-                operation,
-                source,
-            }
-        };
-        let kvm = |operation: &'static str| {
-            move |e: kvm_ioctls::Error| DiskError::Setup {
-                index,
-                operation,
-                source: std::io::Error::from_raw_os_error(e.errno()),
-            }
-        };
         let image = if spec.lock {
             DiskImage::open(&spec.path, spec.read_only)?
         } else {
             DiskImage::open_unlocked(&spec.path, spec.read_only)?
+        };
+        let setup = |(operation, source)| DiskError::Setup {
+            index,
+            operation,
+            source,
         };
         let transport =
             MmioTransport::new(Block::new(image, &spec.id)).map_err(|e| DiskError::Setup {
@@ -195,20 +183,12 @@ impl Disk {
                 operation: "building the virtqueue",
                 source: std::io::Error::other(e.to_string()),
             })?;
-        let base = layout::virtio_mmio_base(index);
-        let notify = EventFd::new(EFD_NONBLOCK).map_err(setup("creating the notify eventfd"))?;
-        let irq = EventFd::new(EFD_NONBLOCK).map_err(setup("creating the irq eventfd"))?;
-        let wake = EventFd::new(EFD_NONBLOCK).map_err(setup("creating the wake eventfd"))?;
-        vm_fd
-            .register_ioevent(
-                &notify,
-                &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
-                NoDatamatch,
-            )
-            .map_err(kvm("KVM_IOEVENTFD"))?;
-        vm_fd
-            .register_irqfd(&irq, layout::VIRTIO_IRQ_BASE + index as u32)
-            .map_err(kvm("KVM_IRQFD"))?;
+        let SlotFds {
+            base,
+            notify,
+            irq,
+            wake,
+        } = SlotFds::register(vm_fd, index).map_err(setup)?;
         let shared = Arc::new(Shared {
             core: Mutex::new(Core {
                 transport,
@@ -220,16 +200,29 @@ impl Disk {
             irq,
             index,
         });
-        let notify = Arc::new(notify);
-        let wake = Arc::new(wake);
         let thread = {
             let shared = Arc::clone(&shared);
             let notify = Arc::clone(&notify);
             let wake = Arc::clone(&wake);
             std::thread::Builder::new()
                 .name(format!("disk{index}"))
-                .spawn(move || io_thread(&shared, &notify, &wake))
-                .map_err(setup("spawning the I/O thread"))?
+                .spawn(move || {
+                    io_loop(&format!("disk{index}"), &notify, &wake, |notified| {
+                        let mut core = shared.lock();
+                        if core.stopping {
+                            return Next::Stop;
+                        }
+                        if notified {
+                            if core.quiesced {
+                                core.pending = true;
+                            } else {
+                                shared.serve(&mut core);
+                            }
+                        }
+                        Next::IDLE
+                    })
+                })
+                .map_err(|e| setup(("spawning the I/O thread", e)))?
         };
         Ok(Disk {
             shared,
@@ -428,46 +421,4 @@ pub fn hash_image(image: &DiskImage) -> std::io::Result<u128> {
         at += n as u64;
     }
     Ok(hasher.digest128())
-}
-
-fn io_thread(shared: &Shared, notify: &EventFd, wake: &EventFd) {
-    let mut fds = [
-        libc::pollfd {
-            fd: notify.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: wake.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    loop {
-        // SAFETY: two valid pollfds for eventfds this thread's owner keeps open until it has
-        // joined the thread.
-        let ret = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if ret < 0 {
-            let error = std::io::Error::last_os_error();
-            if error.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            tracing::error!(disk = shared.index, %error, "disk I/O thread cannot wait; it stops");
-            return;
-        }
-        let _ = wake.read();
-        let notified = notify.read().is_ok();
-        let mut core = shared.lock();
-        if core.stopping {
-            return;
-        }
-        if !notified {
-            continue;
-        }
-        if core.quiesced {
-            core.pending = true;
-        } else {
-            shared.serve(&mut core);
-        }
-    }
 }

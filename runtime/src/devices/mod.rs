@@ -2,7 +2,9 @@
 
 pub mod console;
 pub mod disk;
+pub mod nic;
 pub mod serial;
+pub mod slot;
 pub mod test_device;
 pub mod virtio;
 
@@ -13,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::layout::{SERIAL_PORT, SERIAL_PORT_COUNT};
 pub use console::Console;
 pub use disk::{Disk, DiskError, DiskInfo, DiskSpec, DiskState};
+pub use nic::{Nic, NicError, NicInfo, NicSpec, NicState};
 pub use serial::{SerialDevice, SerialError, SerialSnapshot};
 pub use test_device::{PortEffect, TestDevice, TestDeviceState};
 
@@ -25,6 +28,8 @@ pub struct DevicesState {
     pub test: TestDeviceState,
     /// virtio-blk disks, in slot order.
     pub disks: Vec<DiskState>,
+    /// virtio-net NICs, in slot order (after the disks).
+    pub nics: Vec<NicState>,
 }
 
 /// Restoring device state failed.
@@ -36,6 +41,9 @@ pub enum DeviceStateError {
     /// A disk.
     #[error(transparent)]
     Disk(#[from] DiskError),
+    /// A NIC.
+    #[error(transparent)]
+    Nic(#[from] NicError),
 }
 
 /// The VM's devices.
@@ -45,21 +53,27 @@ pub struct Devices {
     test: TestDevice,
     console: Console,
     disks: Vec<Disk>,
+    nics: Vec<Nic>,
 }
 
 impl Devices {
     /// Devices in reset state, with serial output going to `console`.
     pub fn new(console: Console) -> Result<Self, SerialError> {
-        Self::with_disks(console, Vec::new())
+        Self::with_virtio(console, Vec::new(), Vec::new())
     }
 
-    /// Devices with `disks` in virtio slots 0, 1, ...
-    pub fn with_disks(console: Console, disks: Vec<Disk>) -> Result<Self, SerialError> {
+    /// Devices with `disks` in virtio slots 0, 1, ... and `nics` in the slots after them.
+    pub fn with_virtio(
+        console: Console,
+        disks: Vec<Disk>,
+        nics: Vec<Nic>,
+    ) -> Result<Self, SerialError> {
         Ok(Devices {
             serial: Mutex::new(SerialDevice::new(console.clone())?),
             test: TestDevice::default(),
             console,
             disks,
+            nics,
         })
     }
 
@@ -68,11 +82,19 @@ impl Devices {
         &self.disks
     }
 
+    /// The NICs.
+    pub fn nics(&self) -> &[Nic] {
+        &self.nics
+    }
+
     /// Guest read of device memory at `gpa`; unclaimed addresses read as all ones.
     pub fn mmio_read(&self, gpa: u64, data: &mut [u8]) {
-        match self.disks.iter().find(|d| d.claims(gpa)) {
-            Some(disk) => disk.mmio_read(gpa, data),
-            None => data.fill(0xff),
+        if let Some(disk) = self.disks.iter().find(|d| d.claims(gpa)) {
+            disk.mmio_read(gpa, data);
+        } else if let Some(nic) = self.nics.iter().find(|n| n.claims(gpa)) {
+            nic.mmio_read(gpa, data);
+        } else {
+            data.fill(0xff);
         }
     }
 
@@ -80,6 +102,8 @@ impl Devices {
     pub fn mmio_write(&self, gpa: u64, data: &[u8]) {
         if let Some(disk) = self.disks.iter().find(|d| d.claims(gpa)) {
             disk.mmio_write(gpa, data);
+        } else if let Some(nic) = self.nics.iter().find(|n| n.claims(gpa)) {
+            nic.mmio_write(gpa, data);
         }
     }
 
@@ -89,12 +113,18 @@ impl Devices {
         for disk in &self.disks {
             disk.quiesce();
         }
+        for nic in &self.nics {
+            nic.quiesce();
+        }
     }
 
     /// Lets them work again.
     pub fn resume(&self) {
         for disk in &self.disks {
             disk.resume();
+        }
+        for nic in &self.nics {
+            nic.resume();
         }
     }
 
@@ -146,6 +176,7 @@ impl Devices {
             serial: self.serial().snapshot(),
             test: self.test.state(),
             disks: self.disks.iter().map(Disk::state).collect(),
+            nics: self.nics.iter().map(Nic::state).collect(),
         }
     }
 
@@ -158,8 +189,18 @@ impl Devices {
             }
             .into());
         }
+        if state.nics.len() != self.nics.len() {
+            return Err(NicError::Count {
+                saved: state.nics.len(),
+                present: self.nics.len(),
+            }
+            .into());
+        }
         for (disk, saved) in self.disks.iter().zip(&state.disks) {
             disk.restore(saved)?;
+        }
+        for (nic, saved) in self.nics.iter().zip(&state.nics) {
+            nic.restore(saved)?;
         }
         self.serial().restore(&state.serial)?;
         self.test.restore(&state.test);

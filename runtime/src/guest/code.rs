@@ -42,6 +42,8 @@ pub struct GuestCode {
     pub verify: u64,
     /// `disk` entry.
     pub disk: u64,
+    /// `net` entry.
+    pub net: u64,
     /// Idle loop for vCPUs a guest does not use.
     pub spin: u64,
     /// Prints the NUL-terminated string at RCX on the serial port; clobbers RAX, RCX, RDX.
@@ -64,7 +66,7 @@ pub fn guest_code() -> &'static GuestCode {
 }
 
 /// 64-bit TSC into RAX (clobbers RDX).
-fn read_tsc(a: &mut CodeAssembler) -> Result<(), IcedError> {
+pub(super) fn read_tsc(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.rdtsc()?;
     a.shl(rdx, 32)?;
     a.or(rax, rdx)
@@ -81,7 +83,7 @@ const SLEEP_MARGIN: i32 = 1 << 19;
 /// caller reads the TSC again): far from the deadline, it parks the vCPU through the test
 /// device's sleep port for all but the last `SLEEP_MARGIN` cycles, so an idle guest does not
 /// burn a host core; near it, one `pause`. Clobbers RAX, RDX.
-fn idle(a: &mut CodeAssembler) -> Result<(), IcedError> {
+pub(super) fn idle(a: &mut CodeAssembler) -> Result<(), IcedError> {
     let mut near = a.create_label();
     let mut done = a.create_label();
     a.cmp(rax, SLEEP_MIN)?;
@@ -99,7 +101,7 @@ fn idle(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.set_label(&mut done)
 }
 
-fn out32(a: &mut CodeAssembler, port: u16) -> Result<(), IcedError> {
+pub(super) fn out32(a: &mut CodeAssembler, port: u16) -> Result<(), IcedError> {
     a.mov(dx, port as u32)?;
     a.out(dx, eax)
 }
@@ -126,6 +128,9 @@ fn assemble() -> Result<GuestCode, IcedError> {
     let mut disk_check = a.create_label();
     let mut msg_disk = a.create_label();
     let mut msg_disk_ready = a.create_label();
+    let mut net = a.create_label();
+    let mut msg_net = a.create_label();
+    let mut msg_net_ready = a.create_label();
     let mut stubs: Vec<CodeLabel> = (0..32).map(|_| a.create_label()).collect();
     let mut exception_common = a.create_label();
 
@@ -430,6 +435,17 @@ fn assemble() -> Result<GuestCode, IcedError> {
         },
     )?;
 
+    super::net_code::net_guest(
+        &mut a,
+        super::net_code::NetLabels {
+            entry: &mut net,
+            spin,
+            print_str,
+            msg: msg_net,
+            msg_ready: msg_net_ready,
+        },
+    )?;
+
     // CPL-0 exception stubs: report 0xE000_0000 | vector as the exit status, then halt.
     for (vector, stub) in stubs.iter_mut().enumerate() {
         a.set_label(stub)?;
@@ -459,6 +475,10 @@ fn assemble() -> Result<GuestCode, IcedError> {
     a.db(b"ferry disk guest: setting up virtio-blk\n\0")?;
     a.set_label(&mut msg_disk_ready)?;
     a.db(b"disk: ready, writing\n\0")?;
+    a.set_label(&mut msg_net)?;
+    a.db(b"ferry net guest: setting up virtio-net\n\0")?;
+    a.set_label(&mut msg_net_ready)?;
+    a.db(b"net: ready, talking\n\0")?;
 
     let result = a.assemble_options(
         layout::CODE,
@@ -474,6 +494,7 @@ fn assemble() -> Result<GuestCode, IcedError> {
         dirty: address(&dirty)?,
         verify: address(&verify)?,
         disk: address(&disk)?,
+        net: address(&net)?,
         spin: address(&spin)?,
         print_str: address(&print_str)?,
         print_dec: address(&print_dec)?,
@@ -810,6 +831,7 @@ mod tests {
             code.dirty,
             code.verify,
             code.disk,
+            code.net,
             code.spin,
             code.print_str,
             code.print_dec,

@@ -9,6 +9,8 @@
 //!   whose content is wrong through the test device: it catches a lost or stale page.
 //! - `disk` drives the VM's first virtio-blk disk with its own polling driver, writes and
 //!   reads back blocks with per-block generations, and reports a wrong block ([`disk`]).
+//! - `net` drives the VM's first virtio-net NIC with its own polling driver: it sends
+//!   numbered frames to a peer and answers the peer's numbered echo requests ([`net`]).
 //!
 //! A `verify` page `p` of generation `g` holds 512 words `w[i] = base + i * VERIFY_STEP` with
 //! `base = ((p << 32) ^ g) * VERIFY_MIX ^ seed`. The generation table (one u64 per page) is
@@ -19,6 +21,9 @@ mod code;
 pub mod disk;
 pub mod elf_image;
 pub mod multiboot_workload;
+pub mod net;
+mod net_code;
+pub mod net_peer;
 mod params;
 
 use serde::{Deserialize, Serialize};
@@ -65,6 +70,11 @@ pub enum TestGuest {
         /// Block writes per second; `None` means as fast as the disk goes.
         writes_per_sec: Option<u64>,
     },
+    /// Talks to a peer through the first NIC.
+    Net {
+        /// Numbered frames per second (1..=100000).
+        frames_per_sec: u64,
+    },
 }
 
 impl TestGuest {
@@ -75,6 +85,7 @@ impl TestGuest {
             TestGuest::Dirty { .. } => "dirty",
             TestGuest::Verify { .. } => "verify",
             TestGuest::Disk { .. } => "disk",
+            TestGuest::Net { .. } => "net",
         }
     }
 
@@ -97,6 +108,9 @@ impl TestGuest {
                 seed: 0xd15c_5eed_0000_0001,
                 blocks: None,
                 writes_per_sec: Some(DEFAULT_DISK_WRITES_PER_SEC),
+            }),
+            "net" => Some(TestGuest::Net {
+                frames_per_sec: net::DEFAULT_FRAMES_PER_SEC,
             }),
             _ => None,
         }
@@ -162,13 +176,15 @@ pub fn verify_layout(low_end: u64, pages: Option<u64>) -> Result<VerifyLayout, G
 }
 
 /// Builds the parameter block for `guest` on a VM with `vcpus` vCPUs and `memory` bytes,
-/// given the guest TSC frequency and the size of the VM's first disk, if it has one.
+/// given the guest TSC frequency, the size of the VM's first disk and the register address of
+/// its first NIC, if it has them.
 pub fn guest_params(
     guest: &TestGuest,
     vcpus: u32,
     memory: u64,
     tsc_khz: u64,
     first_disk: Option<u64>,
+    first_nic: Option<u64>,
 ) -> Result<GuestParams, GuestError> {
     if vcpus > layout::MAX_VCPUS {
         return Err(GuestError::TooManyVcpus {
@@ -250,6 +266,9 @@ pub fn guest_params(
             tsc_hz,
             first_disk,
         )?,
+        TestGuest::Net { frames_per_sec } => {
+            net::net_params(&mut params, memory, frames_per_sec, tsc_hz, first_nic)?
+        }
     }
     Ok(params)
 }
@@ -272,6 +291,7 @@ mod tests {
             64 << 20,
             2_000_000,
             None,
+            None,
         )
         .unwrap();
         assert_eq!(p.tick_period_tsc, 200_000_000);
@@ -281,6 +301,7 @@ mod tests {
                 1,
                 64 << 20,
                 1,
+                None,
                 None
             )
             .is_err()
@@ -295,7 +316,7 @@ mod tests {
             pages_per_sec: Some(1000),
             passes: 1,
         };
-        let p = guest_params(&ok, 2, 64 << 20, 1_000_000, None).unwrap();
+        let p = guest_params(&ok, 2, 64 << 20, 1_000_000, None, None).unwrap();
         assert_eq!(p.ws_pages, 256);
         assert_eq!(p.ws_start, DATA_START);
         // 1 GHz, 2 vCPUs sharing 1000 pages/s: each vCPU writes a page every 2 ms.
@@ -327,7 +348,7 @@ mod tests {
             },
         ] {
             assert!(
-                guest_params(&bad, 1, 64 << 20, 1_000_000, None).is_err(),
+                guest_params(&bad, 1, 64 << 20, 1_000_000, None, None).is_err(),
                 "{bad:?}"
             );
         }
@@ -347,7 +368,7 @@ mod tests {
     fn too_many_vcpus_is_refused() {
         let guest = TestGuest::Counter { ticks_per_sec: 1 };
         assert!(matches!(
-            guest_params(&guest, layout::MAX_VCPUS + 1, 64 << 20, 1, None),
+            guest_params(&guest, layout::MAX_VCPUS + 1, 64 << 20, 1, None, None),
             Err(GuestError::TooManyVcpus { .. })
         ));
     }

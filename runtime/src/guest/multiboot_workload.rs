@@ -181,7 +181,10 @@ fn tsc_scaled_fields(guest: &TestGuest, vcpus: u32) -> Vec<TscScaled> {
             mul: u64::from(vcpus),
             div: rate.max(1),
         }],
-        TestGuest::Dirty { .. } | TestGuest::Verify { .. } | TestGuest::Disk { .. } => Vec::new(),
+        TestGuest::Dirty { .. }
+        | TestGuest::Verify { .. }
+        | TestGuest::Disk { .. }
+        | TestGuest::Net { .. } => Vec::new(),
     }
 }
 
@@ -196,7 +199,10 @@ pub fn build(
     memory: u64,
     default_tsc_khz: u64,
 ) -> Result<WorkloadKernel, WorkloadKernelError> {
-    if matches!(guest, TestGuest::Verify { .. } | TestGuest::Disk { .. }) {
+    if matches!(
+        guest,
+        TestGuest::Verify { .. } | TestGuest::Disk { .. } | TestGuest::Net { .. }
+    ) {
         return Err(WorkloadKernelError::UnsupportedGuest(guest.name()));
     }
     let default_tsc_khz = default_tsc_khz.max(1);
@@ -238,7 +244,7 @@ pub fn build(
         },
         ref other => other.clone(),
     };
-    let params = guest_params(&placed_guest, 1, memory, default_tsc_khz, None)?;
+    let params = guest_params(&placed_guest, 1, memory, default_tsc_khz, None, None)?;
     let runs = page_runs(&pieces(&params));
 
     let mut copies = Vec::with_capacity(runs.len());
@@ -590,6 +596,7 @@ fn assemble_entry64(
         TestGuest::Dirty { .. } => code.dirty,
         TestGuest::Verify { .. } => code.verify,
         TestGuest::Disk { .. } => code.disk,
+        TestGuest::Net { .. } => code.net,
     };
     a.mov(rax, LONG_MODE_CR0)?;
     a.mov(cr0, rax)?;
@@ -709,7 +716,7 @@ mod tests {
         ];
         for guest in &guests {
             for tsc_khz in [1_000_000u64, 2_445_434, 3_999_999] {
-                let params = guest_params(guest, 1, 64 * MIB, tsc_khz, None).unwrap();
+                let params = guest_params(guest, 1, 64 * MIB, tsc_khz, None, None).unwrap();
                 let bytes = params.to_bytes();
                 let fields = tsc_scaled_fields(guest, 1);
                 assert_eq!(fields.len(), 1, "{guest:?}");

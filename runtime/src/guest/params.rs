@@ -11,7 +11,7 @@ use vm_memory::ByteValued;
 /// Magic at the start of the block: "FERRYPRM".
 pub const PARAMS_MAGIC: u64 = u64::from_le_bytes(*b"FERRYPRM");
 /// Layout version of [`GuestParams`].
-pub const PARAMS_VERSION: u32 = 2;
+pub const PARAMS_VERSION: u32 = 3;
 
 /// Parameters for the built-in guests. All addresses are guest-physical (the guest runs
 /// identity-mapped).
@@ -48,7 +48,7 @@ pub struct GuestParams {
     pub updates_per_round: u64,
     /// `verify`: page checks per round.
     pub checks_per_round: u64,
-    /// `disk`: guest-physical address of the virtio-blk device's registers.
+    /// `disk`, `net`: guest-physical address of the virtio device's registers.
     pub virtio_base: u64,
     /// `disk`: the driver's area (rings, request header, buffers; see `disk_layout`).
     pub disk_area: u64,
@@ -56,6 +56,10 @@ pub struct GuestParams {
     pub disk_blocks: u64,
     /// `disk`: TSC cycles between two block writes; 0 means unlimited.
     pub tsc_per_write: u64,
+    /// `net`: the driver's area (rings and buffers; see `net::area`).
+    pub net_area: u64,
+    /// `net`: TSC cycles between two numbered frames.
+    pub tsc_per_frame: u64,
 }
 
 // SAFETY: GuestParams is repr(C), made only of integers, and has no padding (checked by the
@@ -100,6 +104,10 @@ pub mod offsets {
     pub const DISK_BLOCKS: i32 = offset_of!(GuestParams, disk_blocks) as i32;
     /// `tsc_per_write`.
     pub const TSC_PER_WRITE: i32 = offset_of!(GuestParams, tsc_per_write) as i32;
+    /// `net_area`.
+    pub const NET_AREA: i32 = offset_of!(GuestParams, net_area) as i32;
+    /// `tsc_per_frame`.
+    pub const TSC_PER_FRAME: i32 = offset_of!(GuestParams, tsc_per_frame) as i32;
 }
 
 impl GuestParams {
@@ -147,14 +155,16 @@ mod tests {
         assert_eq!(offsets::DISK_AREA, 120);
         assert_eq!(offsets::DISK_BLOCKS, 128);
         assert_eq!(offsets::TSC_PER_WRITE, 136);
-        assert_eq!(size_of::<GuestParams>(), 144);
+        assert_eq!(offsets::NET_AREA, 144);
+        assert_eq!(offsets::TSC_PER_FRAME, 152);
+        assert_eq!(size_of::<GuestParams>(), 160);
     }
 
     #[test]
     fn bytes_start_with_magic_and_version() {
         let bytes = GuestParams::new(3).to_bytes();
         assert_eq!(&bytes[..8], b"FERRYPRM");
-        assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), 2);
+        assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), 3);
         assert_eq!(u32::from_le_bytes(bytes[12..16].try_into().unwrap()), 3);
     }
 }

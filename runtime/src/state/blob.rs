@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 /// First bytes of every blob.
 pub const BLOB_MAGIC: [u8; 8] = *b"FERRYVMS";
 /// Format version this build writes and reads.
-pub const BLOB_VERSION: u32 = 1;
+pub const BLOB_VERSION: u32 = 2;
 /// Largest payload accepted (vCPU state is ~10 KiB per vCPU; memory never goes in a blob).
 pub const MAX_BLOB_PAYLOAD: u64 = 64 << 20;
 /// Header length in bytes.

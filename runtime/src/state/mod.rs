@@ -420,6 +420,10 @@ pub mod samples {
                     ..Default::default()
                 },
                 disks: vec![crate::devices::DiskState::default()],
+                nics: vec![crate::devices::NicState {
+                    pending: Some(vec![7; 60]),
+                    ..Default::default()
+                }],
             },
         }
     }

@@ -227,7 +227,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.interrupt_status
     }
 
-    fn driver_ok(&self) -> bool {
+    /// Whether the driver has set DRIVER_OK (and not reset the device since).
+    pub fn driver_ok(&self) -> bool {
         self.status & status::DRIVER_OK != 0
     }
 

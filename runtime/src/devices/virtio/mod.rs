@@ -5,12 +5,11 @@
 //! device (`block`) knows its configuration space, its features and what a request on its
 //! queues means. Queues are rust-vmm's `virtio-queue`, which validates ring addresses and
 //! walks descriptor chains (bounded by the queue size, so a looping chain ends).
-//!
-//! Devices here are not yet wired into a VM: that, with ioeventfd and irqfd, comes with the
-//! `disk` guest (issue 9).
+//! `net` is virtio-net on a TAP. `super::disk` and `super::nic` put them in a VM.
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 
 use virtio_queue::Queue;
 
@@ -59,7 +58,7 @@ pub enum DeviceError {
 
 /// What a virtio device is, to its transport.
 pub trait VirtioDevice: Send {
-    /// The virtio device ID (2: block).
+    /// The virtio device ID (1: network, 2: block).
     fn device_type(&self) -> u32;
     /// Features offered.
     fn features(&self) -> u64;

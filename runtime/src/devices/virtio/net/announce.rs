@@ -1,7 +1,9 @@
 //! Announcing a migrated VM's MAC address on the destination's network, so switches learn its
 //! new port at once: a RARP frame (what QEMU and vMotion send, needs no IP) and, when the VM's
-//! IPv4 address is known, a gratuitous ARP. Frames go out on the host's interface for the
-//! VM's network through an `AF_PACKET` socket.
+//! IPv4 address is known, a gratuitous ARP. A VM with a NIC sends them through its own TAP
+//! ([`super::Net::announce`]), so its bridge learns the MAC on the TAP's port; a VM without one
+//! has them sent on the host's interface for its network through an `AF_PACKET` socket
+//! ([`send`]).
 
 use std::ffi::CString;
 use std::net::Ipv4Addr;
@@ -9,7 +11,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_RARP: u16 = 0x8035;
-const BROADCAST: [u8; 6] = [0xff; 6];
+/// The Ethernet broadcast address.
+pub const BROADCAST: [u8; 6] = [0xff; 6];
 
 /// Errors from sending announcements.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,201 @@
+//! A VM's NIC on real bridges, between real hostd processes: each host in a network namespace
+//! of its own with a bridge, the two bridges joined by a veth link, and a peer in a third
+//! namespace on that segment talking to the `net` guest while it migrates. Needs /dev/kvm and
+//! root.
+
+use std::path::Path;
+use std::time::Duration;
+
+use ferry_runtime::guest::net_peer::{Peer, PeerStats};
+use ferry_tests::{HostSpec, TestCluster, VM_BRIDGE, VmNetwork};
+use serde_json::Value;
+
+/// Echo requests the peer sends a second.
+const REQUESTS_PER_SEC: u64 = 200;
+
+fn cluster(beta: HostSpec) -> (TestCluster, VmNetwork) {
+    let cluster = TestCluster::with_vm_network(
+        Path::new(env!("CARGO_BIN_EXE_hostd")),
+        Path::new(env!("CARGO_BIN_EXE_ferryctl")),
+        [HostSpec::new("alpha"), beta],
+    );
+    let net = cluster
+        .netns()
+        .and_then(|n| n.vm_network.clone())
+        .expect("the VM network");
+    (cluster, net)
+}
+
+fn mac_bytes(mac: &str) -> [u8; 6] {
+    let bytes: Vec<u8> = mac
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).expect("hex"))
+        .collect();
+    bytes.try_into().expect("six bytes")
+}
+
+/// Creates the `net` guest on alpha and starts the peer; returns the VM's MAC and the peer.
+fn talker(cluster: &TestCluster, net: &VmNetwork) -> (String, Peer) {
+    let created = cluster
+        .ferryctl_ok(&[
+            "vm", "create", "talker", "--host", "alpha", "--guest", "net", "--memory", "64M",
+            "--rate", "100", "--json",
+        ])
+        .json();
+    let mac = created["mac"].as_str().expect("mac").to_string();
+    let peer = Peer::start(
+        Some(&net.peer_ns),
+        &net.peer_interface,
+        mac_bytes(&mac),
+        REQUESTS_PER_SEC,
+    )
+    .expect("starting the peer");
+    (mac, peer)
+}
+
+fn nic(cluster: &TestCluster) -> Value {
+    let vm = cluster.vm("talker").expect("the VM");
+    vm["nics"][0].clone()
+}
+
+/// Waits until the conversation has moved on by `frames` both ways since `since`.
+fn talk_on(cluster: &TestCluster, peer: &Peer, since: &PeerStats, frames: u64) -> PeerStats {
+    cluster.wait_for("the conversation to go on", Duration::from_secs(60), |_| {
+        let now = peer.stats();
+        now.data >= since.data + frames && now.replies >= since.replies + frames
+    });
+    peer.stats()
+}
+
+fn assert_in_order(stats: &PeerStats) {
+    assert_eq!(
+        stats.data_reorders, 0,
+        "numbered frames out of order: {stats:?}"
+    );
+    assert_eq!(stats.reply_reorders, 0, "replies out of order: {stats:?}");
+}
+
+/// Waits until host `host` has no TAP of Ferry's left but `keep`.
+fn wait_for_taps(cluster: &TestCluster, net: &VmNetwork, host: usize, keep: Option<&str>) {
+    cluster.wait_for("the TAPs to settle", Duration::from_secs(20), |_| {
+        let taps = net.taps(host);
+        match keep {
+            None => taps.is_empty(),
+            Some(tap) => taps == vec![(tap.to_string(), Some(VM_BRIDGE.to_string()))],
+        }
+    });
+}
+
+#[test]
+fn the_net_guest_keeps_talking_across_two_moves_with_its_mac_on_each_new_port() {
+    let (cluster, net) = cluster(HostSpec::new("beta"));
+    let (mac, peer) = talker(&cluster, &net);
+    let mut stats = talk_on(&cluster, &peer, &PeerStats::default(), 50);
+    let first = nic(&cluster);
+    assert_eq!(first["network"], "vmnet");
+    assert_eq!(first["bridge"], VM_BRIDGE);
+    assert_eq!(first["attached"], true);
+    let tap = first["tap"].as_str().expect("tap").to_string();
+    assert_eq!(net.port_of(0, &mac).as_deref(), Some(tap.as_str()));
+    wait_for_taps(&cluster, &net, 0, Some(&tap));
+
+    for (to, to_host, from_host) in [("beta", 1, 0), ("alpha", 0, 1)] {
+        let before = stats.clone();
+        let result = cluster.ferryctl(&["migrate", "talker", "--to", to, "--json"]);
+        let report = result.json();
+        assert_eq!(report["status"], "completed", "{report:#}");
+        stats = talk_on(&cluster, &peer, &before, 50);
+        assert_in_order(&stats);
+
+        let vm = cluster.vm("talker").expect("the VM");
+        assert_eq!(vm["host"], to);
+        assert_eq!(vm["mac"], mac.as_str(), "the MAC moves unchanged");
+        let arrived = &vm["nics"][0];
+        let tap = arrived["tap"].as_str().expect("tap").to_string();
+        assert_eq!(arrived["attached"], true, "{arrived:#}");
+        assert!(
+            arrived["counters"]["announced"].as_u64() >= Some(1),
+            "{arrived:#}"
+        );
+        assert_eq!(arrived["counters"]["malformed"], 0, "{arrived:#}");
+
+        // The announce went out through the VM's own TAP: the peer saw it, and the
+        // bridges learned the MAC's new port.
+        assert!(
+            stats.announces > before.announces,
+            "no RARP from the VM reached the peer: {stats:?}"
+        );
+        assert_eq!(
+            net.port_of(to_host, &mac).as_deref(),
+            Some(tap.as_str()),
+            "{to}'s bridge has the MAC on the VM's TAP"
+        );
+        assert_eq!(
+            net.port_of(from_host, &mac).as_deref(),
+            Some(net.uplinks[from_host].as_str()),
+            "the old host's bridge has the MAC on its link toward {to}"
+        );
+        wait_for_taps(&cluster, &net, from_host, None);
+        wait_for_taps(&cluster, &net, to_host, Some(&tap));
+
+        // The guest's numbered frames: none lost (the device sends synchronously and the
+        // source's queue of them is empty at the pause). The peer's requests: only those
+        // that reached the source's TAP while the guest was paused, bounded by the rate
+        // over the downtime, with a margin for scheduling on a loaded machine.
+        assert_eq!(stats.data_missing, before.data_missing, "{stats:?}");
+        let lost = stats.replies_missing - before.replies_missing;
+        let downtime_ms = report["downtime_ms"].as_f64().expect("downtime");
+        let bound = (REQUESTS_PER_SEC as f64 * (downtime_ms + 500.0) / 1000.0).ceil() as u64 + 5;
+        eprintln!(
+            "move to {to}: downtime {downtime_ms:.1} ms, {lost} of the peer's requests lost (bound {bound}), announces seen {}",
+            stats.announces - before.announces
+        );
+        assert!(
+            lost <= bound,
+            "{lost} requests lost over a {downtime_ms} ms downtime (bound {bound})"
+        );
+    }
+    let stats = peer.stop();
+    assert_in_order(&stats);
+    let vm = cluster.vm("talker").expect("the VM");
+    assert_eq!(vm["guest_failures"], 0, "{vm:#}");
+}
+
+#[test]
+fn a_migration_that_fails_after_the_destination_joined_its_bridge_leaves_the_talk_on_the_source() {
+    let (cluster, net) = cluster(HostSpec::new("beta").fault("fail-after-load"));
+    let (mac, peer) = talker(&cluster, &net);
+    let before = talk_on(&cluster, &peer, &PeerStats::default(), 50);
+    let tap = nic(&cluster)["tap"].as_str().expect("tap").to_string();
+
+    let result = cluster.ferryctl(&["migrate", "talker", "--to", "beta", "--json"]);
+    assert_eq!(result.code, Some(1), "{result:?}");
+    let report = result.json();
+    assert_eq!(report["status"], "rolled_back", "{report:#}");
+    assert!(
+        report["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("after loading the state")),
+        "{report:#}"
+    );
+
+    let stats = talk_on(&cluster, &peer, &before, 50);
+    assert_in_order(&stats);
+    let vm = cluster.vm("talker").expect("the VM");
+    assert_eq!(vm["host"], "alpha");
+    assert_eq!(vm["state"], "running");
+    assert_eq!(
+        vm["nics"][0]["tap"],
+        tap.as_str(),
+        "the source kept its TAP"
+    );
+    assert_eq!(vm["nics"][0]["attached"], true);
+    assert_eq!(
+        vm["nics"][0]["counters"]["announced"], 0,
+        "nothing moved: nothing to announce"
+    );
+    wait_for_taps(&cluster, &net, 0, Some(&tap));
+    wait_for_taps(&cluster, &net, 1, None);
+    assert_eq!(net.port_of(0, &mac).as_deref(), Some(tap.as_str()));
+    assert_eq!(stats.data_missing, 0, "{stats:?}");
+}

@@ -1,0 +1,113 @@
+//! What every virtio device of a VM shares, whatever it is: its virtio-mmio window in slot
+//! `i`, the ioeventfd KVM signals when the driver writes the queue-notify register (the vCPU
+//! does not even leave the kernel), the irqfd that raises the slot's IOAPIC pin, and the I/O
+//! thread that serves the device off the vCPU threads.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use super::virtio::mmio::QUEUE_NOTIFY_OFFSET;
+use crate::layout;
+
+/// The eventfds of one slot, registered with KVM.
+#[derive(Debug)]
+pub struct SlotFds {
+    /// Guest-physical base of the register window.
+    pub base: u64,
+    /// Signalled by KVM on a queue notification.
+    pub notify: Arc<EventFd>,
+    /// Raises the slot's interrupt line.
+    pub irq: EventFd,
+    /// Wakes the I/O thread (to stop, or to look at its state again).
+    pub wake: Arc<EventFd>,
+}
+
+impl SlotFds {
+    /// Creates the eventfds of slot `slot` and registers them with `vm_fd`. On error: what was
+    /// attempted, and why it failed.
+    pub fn register(vm_fd: &VmFd, slot: usize) -> Result<SlotFds, (&'static str, std::io::Error)> {
+        let eventfd = |operation| EventFd::new(EFD_NONBLOCK).map_err(|e| (operation, e));
+        let kvm = |operation| {
+            move |e: kvm_ioctls::Error| (operation, std::io::Error::from_raw_os_error(e.errno()))
+        };
+        let base = layout::virtio_mmio_base(slot);
+        let notify = eventfd("creating the notify eventfd")?;
+        let irq = eventfd("creating the irq eventfd")?;
+        let wake = eventfd("creating the wake eventfd")?;
+        vm_fd
+            .register_ioevent(
+                &notify,
+                &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
+                NoDatamatch,
+            )
+            .map_err(kvm("KVM_IOEVENTFD"))?;
+        vm_fd
+            .register_irqfd(&irq, layout::VIRTIO_IRQ_BASE + slot as u32)
+            .map_err(kvm("KVM_IRQFD"))?;
+        Ok(SlotFds {
+            base,
+            notify: Arc::new(notify),
+            irq,
+            wake: Arc::new(wake),
+        })
+    }
+}
+
+/// What an I/O thread waits for next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// A notification, a wake-up, `fd` readable (if any), or `timeout` passing (if any).
+    Wait {
+        /// A backend descriptor to wait on for input.
+        fd: Option<RawFd>,
+        /// At most this long.
+        timeout: Option<Duration>,
+    },
+    /// The device is going away.
+    Stop,
+}
+
+impl Next {
+    /// Wait for a notification or a wake-up only.
+    pub const IDLE: Next = Next::Wait {
+        fd: None,
+        timeout: None,
+    };
+}
+
+/// The body of an I/O thread: waits as `step` last asked, then calls it with whether the
+/// driver notified a queue meanwhile, until it says stop. `name` is for the log.
+pub fn io_loop(name: &str, notify: &EventFd, wake: &EventFd, mut step: impl FnMut(bool) -> Next) {
+    let mut next = Next::IDLE;
+    loop {
+        let Next::Wait { fd, timeout } = next else {
+            return;
+        };
+        let mut fds =
+            [notify.as_raw_fd(), wake.as_raw_fd(), fd.unwrap_or(-1)].map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        let count = if fd.is_some() { 3 } else { 2 };
+        let timeout_ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+        // SAFETY: `count` valid pollfds for descriptors the thread's owner keeps open until it
+        // has joined the thread.
+        let ret = unsafe { libc::poll(fds.as_mut_ptr(), count as libc::nfds_t, timeout_ms) };
+        if ret < 0 {
+            let error = std::io::Error::last_os_error();
+            if error.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            tracing::error!(device = name, %error, "device I/O thread cannot wait; it stops");
+            return;
+        }
+        let _ = wake.read();
+        let notified = notify.read().is_ok();
+        next = step(notified);
+    }
+}
