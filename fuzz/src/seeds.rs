@@ -205,7 +205,7 @@ pub fn snapshots() -> Vec<Vec<u8>> {
 
 /// Cluster configurations as shipped.
 pub fn configs() -> Vec<Vec<u8>> {
-    let demo = hostd::demo::demo_config("/tmp/fuzz", [7701, 7711, 7702, 7712]);
+    let demo = hostd::demo::demo_config("/tmp/fuzz", [7701, 7711, 7702, 7712], ["br-a", "br-b"]);
     vec![
         demo.into_bytes(),
         include_bytes!("../../configs/two-hosts.toml").to_vec(),

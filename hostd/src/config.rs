@@ -827,7 +827,7 @@ memory = "1G"
             let cluster = Cluster::load(&dir.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
             assert_eq!(cluster.hosts.len(), 2, "{file}");
         }
-        let demo = crate::demo::demo_config("/tmp/x", [1, 2, 3, 4]);
+        let demo = crate::demo::demo_config("/tmp/x", [1, 2, 3, 4], ["br-a", "br-b"]);
         load(&demo).unwrap();
     }
 

@@ -5,6 +5,10 @@
 //! the shared datastore, with the `disk` guest writing and checking blocks, moved compute
 //! only (the image stays, its lock changes hands) there and back, then with its disk (compute
 //! + storage) to the other host's own datastore.
+//!
+//! Every demo VM has a virtio-net NIC: network `vmnet` has a bridge on each host
+//! ([`crate::demo_net`]). A VM running the `net` guest talks to a peer on that network while
+//! it moves there and back, and the demo shows the peer's counters carrying on.
 
 use std::fs::File;
 use std::net::TcpListener;
@@ -15,11 +19,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use ferry_runtime::GuestOptions;
 use ferry_runtime::content::{self, Content};
+use ferry_runtime::devices::NicInfo;
+use ferry_runtime::guest::net_peer::{Peer, PeerStats};
 use ferry_runtime::units::{format_bytes, parse_size};
 
 use crate::api_types::{CreateVmRequest, MigrateRequest};
 use crate::client::Client;
 use crate::config::Cluster;
+use crate::demo_net::DemoNet;
 use crate::progress::{ProgressView, describe};
 
 /// The demo cluster; `{...}` fields are filled with free loopback ports and a temporary
@@ -62,7 +69,7 @@ tls_key = "{dir}/certs/alpha.key"
 control = "127.0.0.1:{alpha_control}"
 data = ["127.0.0.1:0"]
 memory = "4G"
-networks = [{ name = "vmnet", interface = "lo" }]
+networks = [{ name = "vmnet", bridge = "{alpha_bridge}" }]
 datastores = [{ name = "shared", path = "{dir}/shared" }, { name = "alpha-local", path = "{dir}/alpha/disks" }]
 state_dir = "{dir}/alpha"
 
@@ -76,7 +83,7 @@ tls_key = "{dir}/certs/beta.key"
 control = "127.0.0.1:{beta_control}"
 data = ["127.0.0.1:0"]
 memory = "4G"
-networks = [{ name = "vmnet", interface = "lo" }]
+networks = [{ name = "vmnet", bridge = "{beta_bridge}" }]
 datastores = [{ name = "shared", path = "{dir}/shared" }, { name = "beta-local", path = "{dir}/beta/disks" }]
 state_dir = "{dir}/beta"
 "#;
@@ -84,6 +91,9 @@ state_dir = "{dir}/beta"
 const VM: &str = "demo-vm";
 const TICKS_PER_SEC: u32 = 20;
 const DISK_VM: &str = "demo-disk";
+const NET_VM: &str = "demo-net";
+const NET_FRAMES_PER_SEC: u64 = 100;
+const PEER_REQUESTS_PER_SEC: u64 = 200;
 const DISK_WRITES_PER_SEC: u64 = 500;
 
 /// hostd children, stopped (SIGTERM, then SIGKILL) when dropped, and then whatever VMM
@@ -121,14 +131,14 @@ fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn config_text(dir: &Path) -> Result<String> {
+fn config_text(dir: &Path, bridges: [&str; 2]) -> Result<String> {
     let ports = [free_port()?, free_port()?, free_port()?, free_port()?];
-    Ok(demo_config(&dir.display().to_string(), ports))
+    Ok(demo_config(&dir.display().to_string(), ports, bridges))
 }
 
-/// The demo cluster's configuration with its directory and its four ports (alpha's API and
-/// control, beta's API and control) filled in.
-pub fn demo_config(dir: &str, ports: [u16; 4]) -> String {
+/// The demo cluster's configuration with its directory, its four ports (alpha's API and
+/// control, beta's API and control) and the two hosts' bridges filled in.
+pub fn demo_config(dir: &str, ports: [u16; 4], bridges: [&str; 2]) -> String {
     let keys = [
         "{alpha_api}",
         "{alpha_control}",
@@ -140,6 +150,8 @@ pub fn demo_config(dir: &str, ports: [u16; 4]) -> String {
         .fold(DEMO_CONFIG.replace("{dir}", dir), |text, (key, port)| {
             text.replace(key, &port.to_string())
         })
+        .replace("{alpha_bridge}", bridges[0])
+        .replace("{beta_bridge}", bridges[1])
 }
 
 fn start_daemons(config: &Path, dir: &Path, cluster: &Cluster) -> Result<Daemons> {
@@ -212,6 +224,94 @@ fn migrate(client: &Client, vm: &str, to: &str, datastore: Option<&str>) -> Resu
         bail!("migration to {to} ended {}", report.status);
     }
     Ok(())
+}
+
+fn show_peer(stats: &PeerStats, host: &str, nic: Option<&NicInfo>) {
+    println!(
+        "  peer: {} numbered frames from the guest (last #{}), {} echo replies (last #{}), {} announcements seen; lost: {} frames, {} requests; out of order: {}",
+        stats.data,
+        stats.last_data.unwrap_or(0),
+        stats.replies,
+        stats.last_reply.unwrap_or(0),
+        stats.announces,
+        stats.data_missing,
+        stats.replies_missing,
+        stats.data_reorders + stats.reply_reorders
+    );
+    if let Some(nic) = nic {
+        println!(
+            "  on {host}: TAP {} on bridge {}, {} frames in, {} out",
+            nic.tap, nic.bridge, nic.counters.rx_frames, nic.counters.tx_frames
+        );
+    }
+}
+
+/// A VM running the `net` guest, talking to a peer on network `vmnet`, moved to beta and
+/// back while it talks: the peer's counters go on, in order, with the MAC announced from
+/// each new port.
+fn net_vm(client: &Client, net: &DemoNet) -> Result<bool> {
+    let request = CreateVmRequest {
+        name: NET_VM.into(),
+        guest: "net".into(),
+        vcpus: 1,
+        memory: Some("64M".into()),
+        options: GuestOptions {
+            rate: Some(NET_FRAMES_PER_SEC),
+            ..Default::default()
+        },
+        start: true,
+        ..Default::default()
+    };
+    let created = client.create_vm("alpha", &request)?;
+    let mac: Vec<u8> = created
+        .mac
+        .split(':')
+        .filter_map(|b| u8::from_str_radix(b, 16).ok())
+        .collect();
+    let mac: [u8; 6] = mac
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("MAC {} is not six bytes", created.mac))?;
+    let peer = Peer::start(
+        Some(&net.peer_ns),
+        &net.peer_interface,
+        mac,
+        PEER_REQUESTS_PER_SEC,
+    )?;
+    println!(
+        "\n▶ created {NET_VM} on alpha (MAC {}): its guest sends {NET_FRAMES_PER_SEC} numbered frames a second to a peer on vmnet and answers the peer's {PEER_REQUESTS_PER_SEC} echo requests a second",
+        created.mac
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    show_peer(&peer.stats(), "alpha", created.nics.first());
+    let mut ok = true;
+    for to in ["beta", "alpha"] {
+        let before = peer.stats();
+        migrate(client, NET_VM, to, None)?;
+        std::thread::sleep(Duration::from_secs(2));
+        let after = peer.stats();
+        let (_, info) = client.find_vm(NET_VM)?;
+        show_peer(&after, to, info.nics.first());
+        ok &= after.data > before.data
+            && after.replies > before.replies
+            && after.announces > before.announces
+            && info.mac == created.mac;
+    }
+    let stats = peer.stop();
+    let in_order = stats.data_reorders == 0 && stats.reply_reorders == 0;
+    println!("\n▶ checks ({NET_VM})");
+    println!(
+        "  the conversation across two migrations: {}",
+        if ok && in_order && stats.data_missing == 0 {
+            format!(
+                "went on, in order, MAC unchanged, announced from each new port; {} of {} requests lost in the pauses ✔",
+                stats.replies_missing, stats.requests
+            )
+        } else {
+            "BROKEN ✘".to_string()
+        }
+    );
+    client.operate(NET_VM, "stop")?;
+    Ok(ok && in_order && stats.data_missing == 0)
 }
 
 /// A VM with a disk on the shared datastore, the `disk` guest writing and checking blocks,
@@ -300,7 +400,11 @@ pub fn run(memory: &str, content_size: &str, keep: bool) -> Result<()> {
     let temp = tempfile::Builder::new().prefix("ferry-demo-").tempdir()?;
     let dir: PathBuf = temp.path().to_path_buf();
     let config_path = dir.join("cluster.toml");
-    std::fs::write(&config_path, config_text(&dir)?)?;
+    let net = DemoNet::create()?;
+    std::fs::write(
+        &config_path,
+        config_text(&dir, [&net.bridges[0], &net.bridges[1]])?,
+    )?;
     let cluster = Cluster::load(&config_path)?;
     crate::certs::init(&cluster, &dir.join("certs"))?;
     for host in &cluster.hosts {
@@ -319,6 +423,10 @@ pub fn run(memory: &str, content_size: &str, keep: bool) -> Result<()> {
         "  cluster: {} (two hostd processes on loopback; config {})",
         cluster.name,
         config_path.display()
+    );
+    println!(
+        "  network vmnet: bridge {} on alpha and {} on beta, joined by a veth link; a peer in namespace {} on alpha's",
+        net.bridges[0], net.bridges[1], net.peer_ns
     );
     let mut daemons = start_daemons(&config_path, &dir, &cluster)?;
     let client = Client::new(cluster);
@@ -364,6 +472,12 @@ pub fn run(memory: &str, content_size: &str, keep: bool) -> Result<()> {
         created.mac,
         created.uuid
     );
+    for nic in &created.nics {
+        println!(
+            "  NIC on {}: virtio-net, TAP {} on bridge {}",
+            nic.network, nic.tap, nic.bridge
+        );
+    }
     std::thread::sleep(Duration::from_secs(2));
     let before = ticks(&client.console_history(VM)?);
     println!(
@@ -410,6 +524,7 @@ pub fn run(memory: &str, content_size: &str, keep: bool) -> Result<()> {
         host.name
     );
     client.operate(VM, "stop")?;
+    let net_ok = net_vm(&client, &net)?;
     let disk_ok = disk_vm(&client)?;
     drop(daemons);
     println!(
@@ -420,7 +535,8 @@ pub fn run(memory: &str, content_size: &str, keep: bool) -> Result<()> {
         let kept = temp.keep();
         println!("  kept {}", kept.display());
     }
-    if !(consecutive && starts_at_one && same_identity && disk_ok) {
+    drop(net);
+    if !(consecutive && starts_at_one && same_identity && net_ok && disk_ok) {
         bail!("demo checks failed");
     }
     Ok(())

@@ -11,6 +11,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+pub mod demo_net;
 pub mod evacuation_view;
 pub mod progress;
 pub mod table;
