@@ -103,6 +103,13 @@ pub fn run(config: &Path, name: &str) -> Result<()> {
         tracing::warn!(?versions, "test override: speaking these protocol versions");
         settings.protocol_versions = versions;
     }
+    for (network, port) in &settings.networks {
+        if let Some(bridge) = &port.bridge
+            && !ferry_runtime::devices::virtio::net::tap::bridge_exists(bridge)
+        {
+            tracing::warn!(%network, %bridge, "the network's bridge does not exist on this host: VMs on it cannot start or arrive here until it does");
+        }
+    }
     let host_config = cluster.host(name)?.clone();
     let api_addr = host_config.api;
     // A TCP API refuses to start without its token: config validation demands the file,

@@ -113,6 +113,11 @@ fn the_net_guest_keeps_talking_across_two_moves_with_its_mac_on_each_new_port() 
         let arrived = &vm["nics"][0];
         let tap = arrived["tap"].as_str().expect("tap").to_string();
         assert_eq!(arrived["attached"], true, "{arrived:#}");
+        assert_eq!(
+            arrived["mac"],
+            mac.as_str(),
+            "the NIC's MAC moves unchanged"
+        );
         assert!(
             arrived["counters"]["announced"].as_u64() >= Some(1),
             "{arrived:#}"

@@ -10,7 +10,7 @@
 
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -238,6 +238,13 @@ fn ip(args: &[&str]) {
     run(Command::new("ip").args(args));
 }
 
+/// A veth pair: interface `a.0` in namespace `a.1`, its peer `b.0` in `b.1`.
+fn veth(a: (&str, &str), b: (&str, &str)) {
+    ip(&[
+        "link", "add", a.0, "netns", a.1, "type", "veth", "peer", "name", b.0, "netns", b.1,
+    ]);
+}
+
 static UNIQUE: AtomicU32 = AtomicU32::new(0);
 
 fn unique() -> u32 {
@@ -270,20 +277,7 @@ impl Netns {
         for ns in &names {
             ip(&["netns", "add", ns]);
         }
-        ip(&[
-            "link",
-            "add",
-            &interfaces[0],
-            "netns",
-            &names[0],
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &interfaces[1],
-            "netns",
-            &names[1],
-        ]);
+        veth((&interfaces[0], &names[0]), (&interfaces[1], &names[1]));
         for i in 0..2 {
             configure_host_end(&names[i], &interfaces[i], addrs[i]);
         }
@@ -461,40 +455,18 @@ impl Netns {
             ip(&["-n", ns, "link", "add", VM_BRIDGE, "type", "bridge"]);
             ip(&["-n", ns, "link", "set", VM_BRIDGE, "up"]);
         }
-        ip(&[
-            "link",
-            "add",
-            &uplinks[0],
-            "netns",
-            &self.names[0],
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &uplinks[1],
-            "netns",
-            &self.names[1],
-        ]);
-        ip(&[
-            "link",
-            "add",
-            &peer_host_end,
-            "netns",
-            &self.names[0],
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &peer_interface,
-            "netns",
-            &peer_ns,
-        ]);
-        for (ns, port) in self
+        veth((&uplinks[0], &self.names[0]), (&uplinks[1], &self.names[1]));
+        veth(
+            (&peer_host_end, &self.names[0]),
+            (&peer_interface, &peer_ns),
+        );
+        let ports: Vec<(&String, &String)> = self
             .names
             .iter()
             .zip(&uplinks)
             .chain([(&self.names[0], &peer_host_end)])
-        {
+            .collect();
+        for &(ns, port) in &ports {
             ip(&["-n", ns, "link", "set", port, "master", VM_BRIDGE]);
             ip(&["-n", ns, "link", "set", port, "up"]);
         }
@@ -504,12 +476,7 @@ impl Netns {
         // such links in a batch at most once a second: wait for that, as a real fabric is
         // settled before any VM moves.
         let deadline = Instant::now() + Duration::from_secs(20);
-        for (ns, port) in self
-            .names
-            .iter()
-            .zip(&uplinks)
-            .chain([(&self.names[0], &peer_host_end)])
-        {
+        for &(ns, port) in &ports {
             loop {
                 let out = run(Command::new("bridge").args(["-n", ns, "link", "show", "dev", port]));
                 if String::from_utf8_lossy(&out.stdout).contains("state forwarding") {
@@ -581,61 +548,8 @@ impl Capture {
                 // SAFETY: setns on this thread only, with a valid namespace fd.
                 let joined = unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) };
                 assert_eq!(joined, 0, "setns: {}", std::io::Error::last_os_error());
-                let name = std::ffi::CString::new(interface).expect("interface name");
-                // SAFETY: valid NUL-terminated name.
-                let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-                assert_ne!(index, 0, "interface not found in namespace");
-                let all = (libc::ETH_P_ALL as u16).to_be();
-                // SAFETY: plain socket(2) call, checked below.
-                let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(all)) };
-                assert!(
-                    fd >= 0,
-                    "packet socket: {}",
-                    std::io::Error::last_os_error()
-                );
-                // SAFETY: fd is ours.
-                let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-                // SAFETY: zeroed sockaddr_ll is valid; fields set below.
-                let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-                addr.sll_family = libc::AF_PACKET as u16;
-                addr.sll_protocol = all;
-                addr.sll_ifindex = index as i32;
-                // SAFETY: addr is a valid sockaddr_ll of the given size.
-                let bound = unsafe {
-                    libc::bind(
-                        socket.as_raw_fd(),
-                        (&raw const addr).cast(),
-                        std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                    )
-                };
-                assert_eq!(bound, 0, "bind: {}", std::io::Error::last_os_error());
-                let timeout = libc::timeval {
-                    tv_sec: 0,
-                    tv_usec: 100_000,
-                };
-                // SAFETY: valid option value and size.
-                unsafe {
-                    libc::setsockopt(
-                        socket.as_raw_fd(),
-                        libc::SOL_SOCKET,
-                        libc::SO_RCVTIMEO,
-                        (&raw const timeout).cast(),
-                        std::mem::size_of::<libc::timeval>() as u32,
-                    )
-                };
-                // Room for bursts (root may exceed rmem_max): a frame dropped here is one
-                // the test never sees.
-                let room: libc::c_int = 64 << 20;
-                // SAFETY: valid option value and size.
-                unsafe {
-                    libc::setsockopt(
-                        socket.as_raw_fd(),
-                        libc::SOL_SOCKET,
-                        libc::SO_RCVBUFFORCE,
-                        (&raw const room).cast(),
-                        std::mem::size_of::<libc::c_int>() as u32,
-                    )
-                };
+                let (socket, _, _) = ferry_runtime::guest::net_peer::packet_socket(&interface)
+                    .unwrap_or_else(|e| panic!("packet socket on {interface}: {e}"));
                 let _ = ready_tx.send(());
                 // Whole frames, as large as segmentation offload makes them on a veth.
                 let mut buf = vec![0u8; 65536 + 256];

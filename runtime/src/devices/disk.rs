@@ -13,16 +13,15 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::slot::{Next, SlotFds, io_loop};
+use super::slot::{Next, SlotFds, SlotThread};
 use super::virtio::VirtioDevice;
 use super::virtio::block::{Block, BlockCounters, DiskImage, Extent, ImageError};
-use super::virtio::mmio::{MMIO_WINDOW, MmioEffect, MmioTransport, RestoreError, TransportState};
+use super::virtio::mmio::{MmioEffect, MmioTransport, RestoreError, TransportState};
 use crate::memory::GuestRam;
 
 /// A disk as the VM is given it.
@@ -112,7 +111,6 @@ struct Core {
     transport: MmioTransport<Block>,
     quiesced: bool,
     pending: bool,
-    stopping: bool,
 }
 
 #[derive(Debug)]
@@ -152,10 +150,7 @@ impl Shared {
 #[derive(Debug)]
 pub struct Disk {
     shared: Arc<Shared>,
-    base: u64,
-    notify: Arc<EventFd>,
-    wake: Arc<EventFd>,
-    thread: Option<JoinHandle<()>>,
+    io: SlotThread,
 }
 
 impl Disk {
@@ -194,62 +189,56 @@ impl Disk {
                 transport,
                 quiesced: true,
                 pending: false,
-                stopping: false,
             }),
             ram,
             irq,
             index,
         });
-        let thread = {
+        let io = {
             let shared = Arc::clone(&shared);
-            let notify = Arc::clone(&notify);
-            let wake = Arc::clone(&wake);
-            std::thread::Builder::new()
-                .name(format!("disk{index}"))
-                .spawn(move || {
-                    io_loop(&format!("disk{index}"), &notify, &wake, |notified| {
-                        let mut core = shared.lock();
-                        if core.stopping {
-                            return Next::Stop;
+            SlotThread::spawn(
+                format!("disk{index}"),
+                base,
+                notify,
+                wake,
+                move |notified| {
+                    let mut core = shared.lock();
+                    if notified {
+                        if core.quiesced {
+                            core.pending = true;
+                        } else {
+                            shared.serve(&mut core);
                         }
-                        if notified {
-                            if core.quiesced {
-                                core.pending = true;
-                            } else {
-                                shared.serve(&mut core);
-                            }
-                        }
-                        Next::IDLE
-                    })
-                })
-                .map_err(|e| setup(("spawning the I/O thread", e)))?
+                    }
+                    Next::IDLE
+                },
+            )
+            .map_err(|e| setup(("spawning the I/O thread", e)))?
         };
-        Ok(Disk {
-            shared,
-            base,
-            notify,
-            wake,
-            thread: Some(thread),
-        })
+        Ok(Disk { shared, io })
     }
 
     /// Whether `gpa` is in this disk's register window.
     pub fn claims(&self, gpa: u64) -> bool {
-        (self.base..self.base + MMIO_WINDOW).contains(&gpa)
+        self.io.claims(gpa)
     }
 
     /// A vCPU reads a register.
     pub fn mmio_read(&self, gpa: u64, data: &mut [u8]) {
-        self.shared.lock().transport.read(gpa - self.base, data);
+        self.shared.lock().transport.read(self.io.offset(gpa), data);
     }
 
     /// A vCPU writes a register.
     pub fn mmio_write(&self, gpa: u64, data: &[u8]) {
-        let effect = self.shared.lock().transport.write(gpa - self.base, data);
+        let effect = self
+            .shared
+            .lock()
+            .transport
+            .write(self.io.offset(gpa), data);
         if let MmioEffect::Notify(_) = effect {
             // Only reached if the ioeventfd did not catch the write (it catches all of them
             // once registered); hand it to the I/O thread all the same.
-            let _ = self.notify.write(1);
+            self.io.notify();
         }
     }
 
@@ -395,18 +384,6 @@ pub struct DiskInfo {
     pub locked: bool,
     /// Requests served.
     pub counters: BlockCounters,
-}
-
-impl Drop for Disk {
-    fn drop(&mut self) {
-        self.shared.lock().stopping = true;
-        let _ = self.wake.write(1);
-        if let Some(thread) = self.thread.take()
-            && thread.join().is_err()
-        {
-            tracing::error!(disk = self.shared.index, "disk I/O thread panicked");
-        }
-    }
 }
 
 /// xxh3-128 of an image's content, read in 1 MiB pieces.

@@ -16,16 +16,15 @@
 
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::slot::{Next, SlotFds, io_loop};
+use super::slot::{Next, SlotFds, SlotThread};
 use super::virtio::VirtioDevice;
-use super::virtio::mmio::{MMIO_WINDOW, MmioEffect, MmioTransport, RestoreError, TransportState};
+use super::virtio::mmio::{MmioEffect, MmioTransport, RestoreError, TransportState};
 use super::virtio::net::tap::{Tap, TapError};
 use super::virtio::net::{Net, NetCounters, announce};
 use crate::memory::GuestRam;
@@ -77,8 +76,8 @@ pub struct NicInfo {
     pub tap: String,
     /// Whether the TAP is a port of the bridge.
     pub attached: bool,
-    /// MAC.
-    pub mac: [u8; 6],
+    /// MAC, `52:54:00:..`.
+    pub mac: String,
     /// Frames moved.
     pub counters: NetCounters,
 }
@@ -129,7 +128,6 @@ pub enum NicError {
 struct Core {
     transport: MmioTransport<Net<Tap>>,
     quiesced: bool,
-    stopping: bool,
     /// Restored from a migrated state: announce when first running.
     arrived: bool,
     /// Announcements still to send, at these times.
@@ -194,10 +192,7 @@ impl Shared {
 #[derive(Debug)]
 pub struct Nic {
     shared: Arc<Shared>,
-    base: u64,
-    notify: Arc<EventFd>,
-    wake: Arc<EventFd>,
-    thread: Option<JoinHandle<()>>,
+    io: SlotThread,
 }
 
 impl Nic {
@@ -244,7 +239,6 @@ impl Nic {
             core: Mutex::new(Core {
                 transport,
                 quiesced: true,
-                stopping: false,
                 arrived: false,
                 announce_at: Vec::new(),
             }),
@@ -253,51 +247,46 @@ impl Nic {
             index,
             spec: spec.clone(),
         });
-        let thread = {
+        let io = {
             let shared = Arc::clone(&shared);
-            let notify = Arc::clone(&notify);
-            let wake = Arc::clone(&wake);
-            std::thread::Builder::new()
-                .name(format!("nic{index}"))
-                .spawn(move || {
-                    // A notification that comes while quiesced needs no memory: the first
-                    // serve after the resume looks at every queue anyway.
-                    io_loop(&format!("nic{index}"), &notify, &wake, |_notified| {
-                        let mut core = shared.lock();
-                        if core.stopping {
-                            return Next::Stop;
-                        }
-                        shared.serve(&mut core)
-                    })
-                })
-                .map_err(|e| setup(("spawning the I/O thread", e)))?
+            // A notification that comes while quiesced needs no memory: the first serve after
+            // the resume looks at every queue anyway.
+            SlotThread::spawn(
+                format!("nic{index}"),
+                base,
+                notify,
+                wake,
+                move |_notified| {
+                    let mut core = shared.lock();
+                    shared.serve(&mut core)
+                },
+            )
+            .map_err(|e| setup(("spawning the I/O thread", e)))?
         };
-        Ok(Nic {
-            shared,
-            base,
-            notify,
-            wake,
-            thread: Some(thread),
-        })
+        Ok(Nic { shared, io })
     }
 
     /// Whether `gpa` is in this NIC's register window.
     pub fn claims(&self, gpa: u64) -> bool {
-        (self.base..self.base + MMIO_WINDOW).contains(&gpa)
+        self.io.claims(gpa)
     }
 
     /// A vCPU reads a register.
     pub fn mmio_read(&self, gpa: u64, data: &mut [u8]) {
-        self.shared.lock().transport.read(gpa - self.base, data);
+        self.shared.lock().transport.read(self.io.offset(gpa), data);
     }
 
     /// A vCPU writes a register.
     pub fn mmio_write(&self, gpa: u64, data: &[u8]) {
-        let effect = self.shared.lock().transport.write(gpa - self.base, data);
+        let effect = self
+            .shared
+            .lock()
+            .transport
+            .write(self.io.offset(gpa), data);
         // DRIVER_OK or a reset changes what the I/O thread waits for.
-        let _ = self.wake.write(1);
+        self.io.wake();
         if let MmioEffect::Notify(_) = effect {
-            let _ = self.notify.write(1);
+            self.io.notify();
         }
     }
 
@@ -317,7 +306,7 @@ impl Nic {
         }
         self.shared.serve(&mut core);
         drop(core);
-        let _ = self.wake.write(1);
+        self.io.wake();
     }
 
     /// Joins the bridge (a migration's destination, once the state is in).
@@ -373,20 +362,8 @@ impl Nic {
             bridge: self.shared.spec.bridge.clone(),
             tap: net.backend().name().to_string(),
             attached: net.backend().bridge().is_some(),
-            mac: net.mac(),
+            mac: net.mac().map(|b| format!("{b:02x}")).join(":"),
             counters: net.counters(),
-        }
-    }
-}
-
-impl Drop for Nic {
-    fn drop(&mut self) {
-        self.shared.lock().stopping = true;
-        let _ = self.wake.write(1);
-        if let Some(thread) = self.thread.take()
-            && thread.join().is_err()
-        {
-            tracing::error!(nic = self.shared.index, "NIC I/O thread panicked");
         }
     }
 }

@@ -5,12 +5,14 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::virtio::mmio::QUEUE_NOTIFY_OFFSET;
+use super::virtio::mmio::{MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
 use crate::layout;
 
 /// The eventfds of one slot, registered with KVM.
@@ -79,9 +81,91 @@ impl Next {
     };
 }
 
-/// The body of an I/O thread: waits as `step` last asked, then calls it with whether the
-/// driver notified a queue meanwhile, until it says stop. `name` is for the log.
-pub fn io_loop(name: &str, notify: &EventFd, wake: &EventFd, mut step: impl FnMut(bool) -> Next) {
+/// A slot's I/O thread and the eventfds that drive it; the thread is stopped and joined
+/// when this is dropped.
+#[derive(Debug)]
+pub struct SlotThread {
+    base: u64,
+    notify: Arc<EventFd>,
+    wake: Arc<EventFd>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    name: String,
+}
+
+impl SlotThread {
+    /// Starts thread `name` on `base`'s eventfds: it waits as `step` last asked, then calls
+    /// it with whether the driver notified a queue meanwhile, until `step` or the drop says
+    /// stop.
+    pub fn spawn(
+        name: String,
+        base: u64,
+        notify: Arc<EventFd>,
+        wake: Arc<EventFd>,
+        step: impl FnMut(bool) -> Next + Send + 'static,
+    ) -> std::io::Result<SlotThread> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (notify, wake, stop, name) = (
+                Arc::clone(&notify),
+                Arc::clone(&wake),
+                Arc::clone(&stop),
+                name.clone(),
+            );
+            std::thread::Builder::new()
+                .name(name.clone())
+                .spawn(move || io_loop(&name, &notify, &wake, &stop, step))?
+        };
+        Ok(SlotThread {
+            base,
+            notify,
+            wake,
+            stop,
+            thread: Some(thread),
+            name,
+        })
+    }
+
+    /// Whether `gpa` is in the slot's register window.
+    pub fn claims(&self, gpa: u64) -> bool {
+        (self.base..self.base + MMIO_WINDOW).contains(&gpa)
+    }
+
+    /// `gpa`'s offset in the window.
+    pub fn offset(&self, gpa: u64) -> u64 {
+        gpa - self.base
+    }
+
+    /// Hands the thread a queue notification (one the ioeventfd did not catch).
+    pub fn notify(&self) {
+        let _ = self.notify.write(1);
+    }
+
+    /// Makes the thread look at the device again.
+    pub fn wake(&self) {
+        let _ = self.wake.write(1);
+    }
+}
+
+impl Drop for SlotThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.wake();
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!(device = %self.name, "device I/O thread panicked");
+        }
+    }
+}
+
+fn io_loop(
+    name: &str,
+    notify: &EventFd,
+    wake: &EventFd,
+    stop: &AtomicBool,
+    mut step: impl FnMut(bool) -> Next,
+) {
     let mut next = Next::IDLE;
     loop {
         let Next::Wait { fd, timeout } = next else {
@@ -107,6 +191,9 @@ pub fn io_loop(name: &str, notify: &EventFd, wake: &EventFd, mut step: impl FnMu
             return;
         }
         let _ = wake.read();
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
         let notified = notify.read().is_ok();
         next = step(notified);
     }

@@ -554,6 +554,90 @@ fn next_block(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.mov(rbx, rdx)
 }
 
+/// The register offsets of virtio-mmio (version 2) a driver uses.
+pub(super) mod mmio {
+    pub const DEVICE_FEATURES: i32 = 0x010;
+    pub const DEVICE_FEATURES_SEL: i32 = 0x014;
+    pub const DRIVER_FEATURES: i32 = 0x020;
+    pub const DRIVER_FEATURES_SEL: i32 = 0x024;
+    pub const QUEUE_SEL: i32 = 0x030;
+    pub const QUEUE_NUM_MAX: i32 = 0x034;
+    pub const QUEUE_NUM: i32 = 0x038;
+    pub const QUEUE_READY: i32 = 0x044;
+    pub const QUEUE_NOTIFY: i32 = 0x050;
+    pub const STATUS: i32 = 0x070;
+    pub const QUEUE_DESC: i32 = 0x080;
+    pub const QUEUE_DRIVER: i32 = 0x090;
+    pub const QUEUE_DEVICE: i32 = 0x0a0;
+    pub const CONFIG: i32 = 0x100;
+}
+
+/// The first steps of a virtio 1.x driver (virtio 1.x, 3.1.1) on the virtio-mmio registers
+/// at R8: a version-2 device of type `device_id`, reset, ACKNOWLEDGE and DRIVER, then
+/// VERSION_1 and `features_low` (bits 0..32) accepted and FEATURES_OK read back; anything else
+/// jumps to `no_device`. Clobbers RAX.
+pub(super) fn virtio_negotiate(
+    a: &mut CodeAssembler,
+    device_id: u32,
+    features_low: u32,
+    no_device: CodeLabel,
+) -> Result<(), IcedError> {
+    a.mov(eax, dword_ptr(r8))?;
+    a.cmp(eax, 0x7472_6976)?;
+    a.jne(no_device)?;
+    a.mov(eax, dword_ptr(r8 + 0x004))?;
+    a.cmp(eax, 2)?;
+    a.jne(no_device)?;
+    a.mov(eax, dword_ptr(r8 + 0x008))?;
+    a.cmp(eax, device_id)?;
+    a.jne(no_device)?;
+    a.mov(dword_ptr(r8 + mmio::STATUS), 0)?;
+    a.mov(dword_ptr(r8 + mmio::STATUS), 1)?;
+    a.mov(dword_ptr(r8 + mmio::STATUS), 3)?;
+    a.mov(dword_ptr(r8 + mmio::DEVICE_FEATURES_SEL), 1)?;
+    a.mov(eax, dword_ptr(r8 + mmio::DEVICE_FEATURES))?;
+    a.test(eax, 1)?;
+    a.jz(no_device)?;
+    a.mov(dword_ptr(r8 + mmio::DRIVER_FEATURES_SEL), 0)?;
+    a.mov(dword_ptr(r8 + mmio::DRIVER_FEATURES), features_low)?;
+    a.mov(dword_ptr(r8 + mmio::DRIVER_FEATURES_SEL), 1)?;
+    a.mov(dword_ptr(r8 + mmio::DRIVER_FEATURES), 1)?;
+    a.mov(dword_ptr(r8 + mmio::STATUS), 0xb)?;
+    a.mov(eax, dword_ptr(r8 + mmio::STATUS))?;
+    a.test(eax, 8)?;
+    a.jz(no_device)
+}
+
+/// Sets up queue `queue` of the device at R8 with `size` entries, its descriptor table,
+/// available and used rings at `rings` offsets from `base`, both rings empty, and marks it
+/// ready; a device offering fewer entries jumps to `no_device`. Clobbers RAX.
+pub(super) fn virtio_queue(
+    a: &mut CodeAssembler,
+    queue: u32,
+    size: u32,
+    base: AsmRegister64,
+    rings: [u64; 3],
+    no_device: CodeLabel,
+) -> Result<(), IcedError> {
+    a.mov(dword_ptr(r8 + mmio::QUEUE_SEL), queue)?;
+    a.mov(eax, dword_ptr(r8 + mmio::QUEUE_NUM_MAX))?;
+    a.cmp(eax, size)?;
+    a.jb(no_device)?;
+    a.mov(dword_ptr(r8 + mmio::QUEUE_NUM), size)?;
+    for (register, offset) in [mmio::QUEUE_DESC, mmio::QUEUE_DRIVER, mmio::QUEUE_DEVICE]
+        .into_iter()
+        .zip(rings)
+    {
+        a.lea(rax, ptr(base + offset as i32))?;
+        a.mov(dword_ptr(r8 + register), eax)?;
+        a.shr(rax, 32)?;
+        a.mov(dword_ptr(r8 + (register + 4)), eax)?;
+    }
+    a.mov(dword_ptr(base + rings[1] as i32), 0)?;
+    a.mov(dword_ptr(base + rings[2] as i32), 0)?;
+    a.mov(dword_ptr(r8 + mmio::QUEUE_READY), 1)
+}
+
 /// The `disk` guest (see `super::disk`): a polling virtio-mmio virtio-blk driver at CPL 3.
 /// Registers: R8 device registers, R9 blocks, R10 generation table, R11 salted seed, R12 LCG
 /// state, R13 writes completed, R14 TSC cycles per write (0: unpaced), R15 next write's
@@ -561,7 +645,6 @@ fn next_block(a: &mut CodeAssembler) -> Result<(), IcedError> {
 fn disk_guest(a: &mut CodeAssembler, l: DiskLabels<'_>) -> Result<(), IcedError> {
     use super::disk::{DISK_IO_ERROR, DISK_NO_DEVICE, DISK_QUEUE_SIZE, area};
     // virtio 1.x constants the driver needs (the device side has them from virtio-bindings).
-    const STATUS_REG: i32 = 0x70;
     const T_IN: u32 = 0;
     const T_OUT: u32 = 1;
     const T_FLUSH: u32 = 4;
@@ -589,47 +672,16 @@ fn disk_guest(a: &mut CodeAssembler, l: DiskLabels<'_>) -> Result<(), IcedError>
     a.shl(rbp, 6)?;
     a.lea(rcx, ptr(l.msg))?;
     a.call(l.print_str)?;
-    // A virtio-mmio version-2 block device?
-    a.mov(eax, dword_ptr(r8))?;
-    a.cmp(eax, 0x7472_6976)?;
-    a.jne(no_device)?;
-    a.mov(eax, dword_ptr(r8 + 0x004))?;
-    a.cmp(eax, 2)?;
-    a.jne(no_device)?;
-    a.mov(eax, dword_ptr(r8 + 0x008))?;
-    a.cmp(eax, 2)?;
-    a.jne(no_device)?;
-    // Reset, ACKNOWLEDGE, DRIVER; accept VERSION_1 and FLUSH; FEATURES_OK must stick.
-    a.mov(dword_ptr(r8 + STATUS_REG), 0)?;
-    a.mov(dword_ptr(r8 + STATUS_REG), 1)?;
-    a.mov(dword_ptr(r8 + STATUS_REG), 3)?;
-    a.mov(dword_ptr(r8 + 0x014), 1)?;
-    a.mov(eax, dword_ptr(r8 + 0x010))?;
-    a.test(eax, 1)?;
-    a.jz(no_device)?;
-    a.mov(dword_ptr(r8 + 0x024), 0)?;
-    a.mov(dword_ptr(r8 + 0x020), FLUSH_FEATURE)?;
-    a.mov(dword_ptr(r8 + 0x024), 1)?;
-    a.mov(dword_ptr(r8 + 0x020), 1)?;
-    a.mov(dword_ptr(r8 + STATUS_REG), 0xb)?;
-    a.mov(eax, dword_ptr(r8 + STATUS_REG))?;
-    a.test(eax, 8)?;
-    a.jz(no_device)?;
-    // Queue 0 in the driver's area, empty rings.
+    virtio_negotiate(a, 2, FLUSH_FEATURE, no_device)?;
     a.mov(rdi, area_ptr)?;
-    a.mov(dword_ptr(r8 + 0x030), 0)?;
-    a.mov(eax, dword_ptr(r8 + 0x034))?;
-    a.cmp(eax, DISK_QUEUE_SIZE)?;
-    a.jb(no_device)?;
-    a.mov(dword_ptr(r8 + 0x038), DISK_QUEUE_SIZE)?;
-    for (register, offset) in [(0x80, area::DESC), (0x90, area::AVAIL), (0xa0, area::USED)] {
-        a.lea(rax, ptr(rdi + offset as i32))?;
-        a.mov(dword_ptr(r8 + register), eax)?;
-        a.shr(rax, 32)?;
-        a.mov(dword_ptr(r8 + (register + 4)), eax)?;
-    }
-    a.mov(dword_ptr(rdi + area::AVAIL as i32), 0)?;
-    a.mov(dword_ptr(rdi + area::USED as i32), 0)?;
+    virtio_queue(
+        a,
+        0,
+        DISK_QUEUE_SIZE,
+        rdi,
+        [area::DESC, area::AVAIL, area::USED],
+        no_device,
+    )?;
     // Descriptors: 0 header -> 1 data -> 2 status; 3 header -> 2 status (a flush).
     for (index, target, len, flags, next) in [
         (0, Some(area::HEADER), 16, F_NEXT, 1),
@@ -646,8 +698,7 @@ fn disk_guest(a: &mut CodeAssembler, l: DiskLabels<'_>) -> Result<(), IcedError>
         a.mov(word_ptr(rdi + (d + 12)), flags)?;
         a.mov(word_ptr(rdi + (d + 14)), next)?;
     }
-    a.mov(dword_ptr(r8 + 0x044), 1)?;
-    a.mov(dword_ptr(r8 + STATUS_REG), 0xf)?;
+    a.mov(dword_ptr(r8 + mmio::STATUS), 0xf)?;
     a.lea(rcx, ptr(l.msg_ready))?;
     a.call(l.print_str)?;
     a.mov(r12, r11)?;
@@ -759,7 +810,7 @@ fn disk_guest(a: &mut CodeAssembler, l: DiskLabels<'_>) -> Result<(), IcedError>
         a.mov(word_ptr(rdi + rcx * 2 + (area::AVAIL + 4) as i32), ax)?;
         a.inc(edx)?;
         a.mov(word_ptr(rdi + (area::AVAIL + 2) as i32), dx)?;
-        a.mov(dword_ptr(r8 + 0x050), 0)?;
+        a.mov(dword_ptr(r8 + mmio::QUEUE_NOTIFY), 0)?;
         a.set_label(&mut wait)?;
         a.pause()?;
         a.movzx(eax, word_ptr(rdi + (area::USED + 2) as i32))?;

@@ -4,7 +4,7 @@
 use iced_x86::IcedError;
 use iced_x86::code_asm::*;
 
-use super::code::{idle, out32, read_tsc};
+use super::code::{idle, mmio, out32, read_tsc, virtio_negotiate, virtio_queue};
 use super::net::{
     ETHERTYPE, FRAME_LEN, KIND_DATA, KIND_ECHO_REPLY, KIND_ECHO_REQUEST, MAGIC, NET_NO_DEVICE,
     NET_QUEUE_SIZE, RX_BUFFER, area, state,
@@ -26,7 +26,6 @@ pub(super) struct NetLabels<'a> {
 /// cycles per frame, R15 next frame's deadline, RBP slack before the deadline is moved to
 /// now (a paused guest does not burst to catch up), RSI parameters.
 pub(super) fn net_guest(a: &mut CodeAssembler, l: NetLabels<'_>) -> Result<(), IcedError> {
-    const STATUS_REG: i32 = 0x70;
     const F_WRITE: u32 = 2;
     // VIRTIO_NET_F_MAC (5) and VIRTIO_NET_F_STATUS (16) in word 0; VERSION_1 in word 1.
     const FEATURES_LOW: u32 = (1 << 5) | (1 << 16);
@@ -53,52 +52,23 @@ pub(super) fn net_guest(a: &mut CodeAssembler, l: NetLabels<'_>) -> Result<(), I
     a.shl(rbp, 4)?;
     a.lea(rcx, ptr(l.msg))?;
     a.call(l.print_str)?;
-    // A virtio-mmio version-2 network device?
-    a.mov(eax, dword_ptr(r8))?;
-    a.cmp(eax, 0x7472_6976)?;
-    a.jne(no_device)?;
-    a.mov(eax, dword_ptr(r8 + 0x004))?;
-    a.cmp(eax, 2)?;
-    a.jne(no_device)?;
-    a.mov(eax, dword_ptr(r8 + 0x008))?;
-    a.cmp(eax, 1)?;
-    a.jne(no_device)?;
-    // Reset, ACKNOWLEDGE, DRIVER; accept VERSION_1, MAC, STATUS; FEATURES_OK must stick.
-    a.mov(dword_ptr(r8 + STATUS_REG), 0)?;
-    a.mov(dword_ptr(r8 + STATUS_REG), 1)?;
-    a.mov(dword_ptr(r8 + STATUS_REG), 3)?;
-    a.mov(dword_ptr(r8 + 0x014), 1)?;
-    a.mov(eax, dword_ptr(r8 + 0x010))?;
-    a.test(eax, 1)?;
-    a.jz(no_device)?;
-    a.mov(dword_ptr(r8 + 0x024), 0)?;
-    a.mov(dword_ptr(r8 + 0x020), FEATURES_LOW)?;
-    a.mov(dword_ptr(r8 + 0x024), 1)?;
-    a.mov(dword_ptr(r8 + 0x020), 1)?;
-    a.mov(dword_ptr(r8 + STATUS_REG), 0xb)?;
-    a.mov(eax, dword_ptr(r8 + STATUS_REG))?;
-    a.test(eax, 8)?;
-    a.jz(no_device)?;
-    // Both queues in the driver's area, rings empty.
-    for (queue, desc, avail, used) in [
-        (0, area::RX_DESC, area::RX_AVAIL, area::RX_USED),
-        (1, area::TX_DESC, area::TX_AVAIL, area::TX_USED),
-    ] {
-        a.mov(dword_ptr(r8 + 0x030), queue)?;
-        a.mov(eax, dword_ptr(r8 + 0x034))?;
-        a.cmp(eax, NET_QUEUE_SIZE)?;
-        a.jb(no_device)?;
-        a.mov(dword_ptr(r8 + 0x038), NET_QUEUE_SIZE)?;
-        for (register, offset) in [(0x80, desc), (0x90, avail), (0xa0, used)] {
-            a.lea(rax, ptr(rbx + offset as i32))?;
-            a.mov(dword_ptr(r8 + register), eax)?;
-            a.shr(rax, 32)?;
-            a.mov(dword_ptr(r8 + (register + 4)), eax)?;
-        }
-        a.mov(dword_ptr(rbx + avail as i32), 0)?;
-        a.mov(dword_ptr(rbx + used as i32), 0)?;
-        a.mov(dword_ptr(r8 + 0x044), 1)?;
-    }
+    virtio_negotiate(a, 1, FEATURES_LOW, no_device)?;
+    virtio_queue(
+        a,
+        0,
+        NET_QUEUE_SIZE,
+        rbx,
+        [area::RX_DESC, area::RX_AVAIL, area::RX_USED],
+        no_device,
+    )?;
+    virtio_queue(
+        a,
+        1,
+        NET_QUEUE_SIZE,
+        rbx,
+        [area::TX_DESC, area::TX_AVAIL, area::TX_USED],
+        no_device,
+    )?;
     // Receive descriptor i: buffer i, device-writable; all of them posted.
     {
         let mut fill = a.create_label();
@@ -130,12 +100,12 @@ pub(super) fn net_guest(a: &mut CodeAssembler, l: NetLabels<'_>) -> Result<(), I
         (NET_HDR_LEN + FRAME_LEN) as u32,
     )?;
     a.mov(dword_ptr(rbx + (area::TX_DESC + 12) as i32), 0)?;
-    a.mov(dword_ptr(r8 + STATUS_REG), 0xf)?;
-    a.mov(dword_ptr(r8 + 0x050), 0)?;
+    a.mov(dword_ptr(r8 + mmio::STATUS), 0xf)?;
+    a.mov(dword_ptr(r8 + mmio::QUEUE_NOTIFY), 0)?;
     // Own MAC from the configuration space; the peer is broadcast until a request comes.
-    a.mov(eax, dword_ptr(r8 + 0x100))?;
+    a.mov(eax, dword_ptr(r8 + mmio::CONFIG))?;
     a.mov(dword_ptr(st(state::MAC)), eax)?;
-    a.movzx(eax, word_ptr(r8 + 0x104))?;
+    a.movzx(eax, word_ptr(r8 + (mmio::CONFIG + 4)))?;
     a.mov(word_ptr(st(state::MAC + 4)), ax)?;
     a.mov(dword_ptr(st(state::PEER)), u32::MAX)?;
     a.mov(word_ptr(st(state::PEER + 4)), 0xffff)?;
@@ -203,7 +173,7 @@ pub(super) fn net_guest(a: &mut CodeAssembler, l: NetLabels<'_>) -> Result<(), I
         a.mov(word_ptr(rbx + rcx * 2 + (area::TX_AVAIL + 4) as i32), 0)?;
         a.inc(edx)?;
         a.mov(word_ptr(rbx + (area::TX_AVAIL + 2) as i32), dx)?;
-        a.mov(dword_ptr(r8 + 0x050), 1)?;
+        a.mov(dword_ptr(r8 + mmio::QUEUE_NOTIFY), 1)?;
         a.set_label(&mut wait)?;
         a.pause()?;
         a.movzx(eax, word_ptr(rbx + (area::TX_USED + 2) as i32))?;
@@ -261,7 +231,7 @@ pub(super) fn net_guest(a: &mut CodeAssembler, l: NetLabels<'_>) -> Result<(), I
         a.mov(word_ptr(rbx + rcx * 2 + (area::RX_AVAIL + 4) as i32), r11w)?;
         a.inc(edx)?;
         a.mov(word_ptr(rbx + (area::RX_AVAIL + 2) as i32), dx)?;
-        a.mov(dword_ptr(r8 + 0x050), 0)?;
+        a.mov(dword_ptr(r8 + mmio::QUEUE_NOTIFY), 0)?;
         a.inc(r12d)?;
         a.jmp(rx_poll)?;
         a.set_label(&mut done)?;

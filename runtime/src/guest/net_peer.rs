@@ -87,7 +87,11 @@ pub fn in_netns<T: Send + 'static>(
     .map_err(|_| std::io::Error::other("the thread in the namespace panicked"))?
 }
 
-fn open_socket(interface: &str) -> std::io::Result<(OwnedFd, [u8; 6], i32)> {
+/// A raw packet socket bound to `interface` of this thread's namespace, seeing every frame
+/// on it (`ETH_P_ALL`), with a 50 ms receive timeout and a receive buffer large enough that
+/// bursts are not dropped in the socket (a frame lost there is one a test would blame on the
+/// network); also the interface's MAC and index.
+pub fn packet_socket(interface: &str) -> std::io::Result<(OwnedFd, [u8; 6], i32)> {
     let name = std::ffi::CString::new(interface).map_err(std::io::Error::other)?;
     // SAFETY: a valid NUL-terminated string.
     let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
@@ -149,6 +153,18 @@ fn open_socket(interface: &str) -> std::io::Result<(OwnedFd, [u8; 6], i32)> {
             std::mem::size_of::<libc::timeval>() as u32,
         )
     };
+    // Root may go past rmem_max; an unprivileged caller keeps the default.
+    let room: libc::c_int = 64 << 20;
+    // SAFETY: a valid option value and size.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&raw const room).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+    };
     Ok((socket, mac, index as i32))
 }
 
@@ -184,7 +200,7 @@ impl Peer {
         requests_per_sec: u64,
     ) -> Result<Peer, PeerError> {
         let owned = interface.to_string();
-        let (socket, mac, index) = in_netns(netns, move || open_socket(&owned))
+        let (socket, mac, index) = in_netns(netns, move || packet_socket(&owned))
             .map_err(sys(format!("opening a packet socket on {interface}")))?;
         let inner = Arc::new(Inner {
             socket,

@@ -56,6 +56,18 @@ pub enum DeviceError {
     },
 }
 
+/// A driver's read of `data.len()` bytes at `offset` of a device's configuration space
+/// `config`; bytes past its end read as 0.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = usize::try_from(offset)
+            .ok()
+            .and_then(|o| config.get(o + i))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// What a virtio device is, to its transport.
 pub trait VirtioDevice: Send {
     /// The virtio device ID (1: network, 2: block).

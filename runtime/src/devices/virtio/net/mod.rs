@@ -385,14 +385,7 @@ impl<B: FrameIo> VirtioDevice for Net<B> {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config_space();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset)
-                .ok()
-                .and_then(|o| config.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        super::read_config_bytes(&self.config_space(), offset, data);
     }
 
     fn activate(&mut self, features: u64) {
