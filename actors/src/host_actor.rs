@@ -1998,6 +1998,13 @@ impl Handler<DescribeHost> for HostActor {
             memory_free: self.settings.memory.saturating_sub(self.memory_used()),
             cpu: self.features.clone(),
             networks: self.settings.networks.keys().cloned().collect(),
+            bridged: self
+                .settings
+                .networks
+                .iter()
+                .filter(|(_, port)| port.bridge.is_some())
+                .map(|(name, _)| name.clone())
+                .collect(),
             datastores: self
                 .datastores
                 .values()
@@ -2075,6 +2082,7 @@ impl HostActor {
                     memory,
                     cpu: Default::default(),
                     networks: Vec::new(),
+                    nics: Vec::new(),
                     disks: Vec::new(),
                 };
                 let obstacle = match (state, addr) {
@@ -2083,6 +2091,7 @@ impl HostActor {
                             (Ok(info), Ok(Ok(cpu))) => {
                                 needs.cpu = cpu;
                                 needs.networks = info.network.into_iter().collect();
+                                needs.nics = info.nics.iter().map(|n| n.network.clone()).collect();
                                 needs.disks = info
                                     .disks
                                     .iter()

@@ -43,6 +43,8 @@ pub struct HostFacts {
     pub cpu: CpuFeatures,
     /// Networks.
     pub networks: Vec<String>,
+    /// Networks with a bridge here: the ones a VM with a NIC can arrive on.
+    pub bridged: Vec<String>,
     /// Datastores.
     pub datastores: Vec<DatastoreFacts>,
     /// In maintenance: takes no VMs.
@@ -75,6 +77,8 @@ pub struct VmNeeds {
     pub cpu: CpuFeatures,
     /// Networks it is attached to.
     pub networks: Vec<String>,
+    /// The network of each of its NICs (each needs a bridge on the host).
+    pub nics: Vec<String>,
     /// Disks.
     pub disks: Vec<DiskNeeds>,
 }
@@ -177,6 +181,9 @@ fn fits(vm: &VmNeeds, host: &HostFacts, datastore: Option<&str>) -> Result<Move,
     if let Some(network) = vm.networks.iter().find(|n| !host.networks.contains(n)) {
         return Err(format!("no network '{network}'"));
     }
+    if let Some(network) = vm.nics.iter().find(|n| !host.bridged.contains(n)) {
+        return Err(format!("no bridge on network '{network}' for the VM's NIC"));
+    }
     if host.memory_free < vm.memory {
         return Err(format!(
             "{} MiB of VM memory free, the VM needs {} MiB",
@@ -253,6 +260,7 @@ mod tests {
             memory_free: free_mib * MIB,
             cpu: cpu_with_all(),
             networks: vec!["vmnet".into()],
+            bridged: vec!["vmnet".into()],
             datastores: vec![DatastoreFacts {
                 name: "shared".into(),
                 identity: "id-shared".into(),
@@ -270,6 +278,7 @@ mod tests {
             memory: mib * MIB,
             cpu: CpuFeatures::default(),
             networks: vec!["vmnet".into()],
+            nics: Vec::new(),
             disks: Vec::new(),
         }
     }
@@ -340,6 +349,33 @@ mod tests {
         let reason = placed[0].1.as_ref().expect_err("no host");
         assert!(reason.contains("beta: no network 'vmnet'"), "{reason}");
         assert!(reason.contains("gamma: in maintenance"), "{reason}");
+    }
+
+    #[test]
+    fn a_vm_with_a_nic_goes_only_where_its_network_has_a_bridge() {
+        let mut unbridged = host("beta", 4096);
+        unbridged.bridged.clear();
+        let bridged = host("gamma", 1024);
+        let mut with_nic = vm("a", 64);
+        with_nic.nics = vec!["vmnet".into()];
+        let placed = place(
+            &[with_nic.clone(), vm("b", 64)],
+            &[unbridged.clone(), bridged],
+            "alpha",
+            None,
+        );
+        assert_eq!(to(&placed[0].1), "gamma", "the NIC needs a bridge");
+        assert_eq!(
+            to(&placed[1].1),
+            "beta",
+            "no NIC: the most free memory wins"
+        );
+        let placed = place(&[with_nic], &[unbridged], "alpha", None);
+        let reason = placed[0].1.as_ref().expect_err("no host");
+        assert!(
+            reason.contains("beta: no bridge on network 'vmnet'"),
+            "{reason}"
+        );
     }
 
     #[test]

@@ -204,3 +204,28 @@ fn a_migration_that_fails_after_the_destination_joined_its_bridge_leaves_the_tal
     assert_eq!(net.port_of(0, &mac).as_deref(), Some(tap.as_str()));
     assert_eq!(stats.data_missing, 0, "{stats:?}");
 }
+
+#[test]
+fn a_host_whose_network_has_no_bridge_is_refused_before_anything_moves() {
+    let (cluster, net) = cluster(HostSpec::new("beta").no_bridge());
+    let (_, peer) = talker(&cluster, &net);
+    let before = talk_on(&cluster, &peer, &PeerStats::default(), 20);
+    let result = cluster.ferryctl(&["migrate", "talker", "--to", "beta", "--json"]);
+    assert_eq!(result.code, Some(1), "{result:?}");
+    let report = result.json();
+    assert_eq!(report["status"], "refused", "{report:#}");
+    let error = report["error"].as_str().unwrap_or("");
+    assert!(
+        error.contains("no bridge") && error.contains("vmnet") && error.contains("beta"),
+        "{error}"
+    );
+    assert_eq!(
+        report["downtime_ms"], 0.0,
+        "the guest never stopped: {report:#}"
+    );
+    let stats = talk_on(&cluster, &peer, &before, 20);
+    assert_in_order(&stats);
+    assert_eq!(stats.replies_missing, before.replies_missing, "{stats:?}");
+    wait_for_taps(&cluster, &net, 1, None);
+    assert_eq!(cluster.vm("talker").expect("the VM")["host"], "alpha");
+}

@@ -47,6 +47,9 @@ pub struct HostSpec {
     /// Left out of the cluster's configuration file: the host runs from a file of its own
     /// that lists the cluster and itself, so the others do not know it.
     pub unlisted: bool,
+    /// On the VM network ([`VmNetwork`]) but without a bridge in its configuration: VMs
+    /// there get no NIC, and a VM with one cannot arrive.
+    pub no_bridge: bool,
 }
 
 /// What certificate a test host has.
@@ -79,7 +82,14 @@ impl HostSpec {
             shared_dir: "shared".into(),
             certificate: Certificate::Cluster,
             unlisted: false,
+            no_bridge: false,
         }
+    }
+
+    /// Without a bridge for the VM network (see [`HostSpec::no_bridge`]).
+    pub fn no_bridge(mut self) -> Self {
+        self.no_bridge = true;
+        self
     }
 
     /// Presenting this certificate.
@@ -802,8 +812,8 @@ impl TestCluster {
                 },
                 memory = spec.memory,
                 bridge = match netns.as_ref().and_then(|n| n.vm_network.as_ref()) {
-                    Some(_) => format!(", bridge = \"{VM_BRIDGE}\""),
-                    None => String::new(),
+                    Some(_) if !spec.no_bridge => format!(", bridge = \"{VM_BRIDGE}\""),
+                    _ => String::new(),
                 },
                 shared = spec.shared_dir,
                 dir = dir.path().display(),
