@@ -70,21 +70,6 @@ pub fn interface_index(name: &str) -> Option<u32> {
     (index != 0).then_some(index)
 }
 
-/// Asks for interface `name`'s link state through ethtool (`ETHTOOL_GLINK`), which makes
-/// the kernel apply the interface's pending link change now rather than in its next batch.
-fn sync_link_state(socket: RawFd, name: &str) {
-    const SIOCETHTOOL: libc::c_ulong = 0x8946;
-    const ETHTOOL_GLINK: u32 = 0xa;
-    let Ok(mut req) = ifreq(name) else {
-        return;
-    };
-    let mut value = [ETHTOOL_GLINK, 0u32];
-    req.ifr_ifru.ifru_data = value.as_mut_ptr().cast();
-    if let Err(error) = ioctl(socket, SIOCETHTOOL, &mut req) {
-        tracing::debug!(tap = name, %error, "ETHTOOL_GLINK failed; the link state settles on its own");
-    }
-}
-
 /// Whether `name` is a bridge in this thread's network namespace: its driver, as ethtool
 /// reports it, is `bridge`. (Not `/sys/class/net`: sysfs shows the namespace it was mounted
 /// in, not the caller's.)
@@ -148,15 +133,8 @@ pub struct Tap {
 }
 
 impl Tap {
-    /// Creates a TAP, up but on no bridge, with the device's MTU and no IPv6 of the host's
+    /// Creates a TAP, down and on no bridge, with the device's MTU and no IPv6 of the host's
     /// own on it (the host stack would otherwise talk to the guest through it).
-    ///
-    /// It is brought up here, not when it joins its bridge, and its link state is settled at
-    /// once: the kernel applies link changes of such a device (carrier, operational state)
-    /// in a batch at most once a second, and a bridge enables a port only once its
-    /// operational state is up. A TAP that came up just as a migration's destination joined
-    /// it to the bridge would drop the VM's first frames for up to a second (measured in
-    /// the namespace tests before this was done).
     pub fn create() -> Result<Tap, TapError> {
         let file = OpenOptions::new()
             .read(true)
@@ -185,15 +163,6 @@ impl Tap {
         req.ifr_ifru.ifru_mtu = i32::from(MTU);
         ioctl(socket.as_raw_fd(), libc::SIOCSIFMTU, &mut req)
             .map_err(sys(format!("setting the MTU of {}", tap.name)))?;
-        let mut req = ifreq(&tap.name)?;
-        ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req)
-            .map_err(sys(format!("reading the flags of {}", tap.name)))?;
-        // SAFETY: SIOCGIFFLAGS filled the flags member.
-        let flags = unsafe { req.ifr_ifru.ifru_flags };
-        req.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
-        ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &mut req)
-            .map_err(sys(format!("bringing {} up", tap.name)))?;
-        sync_link_state(socket.as_raw_fd(), &tap.name);
         Ok(tap)
     }
 
@@ -207,7 +176,7 @@ impl Tap {
         self.bridge.as_deref()
     }
 
-    /// Makes it a port of `bridge`.
+    /// Makes it a port of `bridge` and brings it up.
     pub fn attach(&mut self, bridge: &str) -> Result<(), TapError> {
         if self.bridge.as_deref() == Some(bridge) {
             return Ok(());
@@ -220,11 +189,18 @@ impl Tap {
             source: std::io::Error::from_raw_os_error(libc::ENODEV),
         })?;
         let socket = control_socket()?;
-        sync_link_state(socket.as_raw_fd(), &self.name);
         let mut req = ifreq(bridge)?;
         req.ifr_ifru.ifru_ifindex = index as i32;
         ioctl(socket.as_raw_fd(), SIOCBRADDIF, &mut req)
             .map_err(sys(format!("adding {} to bridge {bridge}", self.name)))?;
+        let mut req = ifreq(&self.name)?;
+        ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req)
+            .map_err(sys(format!("reading the flags of {}", self.name)))?;
+        // SAFETY: SIOCGIFFLAGS filled the flags member.
+        let flags = unsafe { req.ifr_ifru.ifru_flags };
+        req.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
+        ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &mut req)
+            .map_err(sys(format!("bringing {} up", self.name)))?;
         self.bridge = Some(bridge.into());
         Ok(())
     }
