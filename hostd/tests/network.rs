@@ -229,3 +229,31 @@ fn a_host_whose_network_has_no_bridge_is_refused_before_anything_moves() {
     wait_for_taps(&cluster, &net, 1, None);
     assert_eq!(cluster.vm("talker").expect("the VM")["host"], "alpha");
 }
+
+/// hostd is not on the data path: killed while the guest talks, it takes nothing with it (the
+/// VMM keeps its TAP on the bridge), and the restarted hostd finds the NIC and moves the VM.
+#[test]
+fn the_talk_survives_a_hostd_kill_and_the_restarted_hostd_moves_the_vm() {
+    let (mut cluster, net) = cluster(HostSpec::new("beta"));
+    let (mac, peer) = talker(&cluster, &net);
+    let before = talk_on(&cluster, &peer, &PeerStats::default(), 20);
+    let tap = nic(&cluster)["tap"].as_str().expect("tap").to_string();
+    cluster.kill("alpha");
+    // hostd is gone; the VM talks on through the same TAP.
+    let during = talk_on(&cluster, &peer, &before, 50);
+    assert_eq!(during.data_missing, 0, "{during:?}");
+    assert_eq!(during.replies_missing, before.replies_missing, "{during:?}");
+    wait_for_taps(&cluster, &net, 0, Some(&tap));
+    cluster.restart("alpha");
+    let found = nic(&cluster);
+    assert_eq!(found["tap"], tap.as_str(), "{found:#}");
+    assert_eq!(found["mac"], mac.as_str());
+    let result = cluster.ferryctl(&["migrate", "talker", "--to", "beta", "--json"]);
+    let report = result.json();
+    assert_eq!(report["status"], "completed", "{report:#}");
+    let after = talk_on(&cluster, &peer, &during, 50);
+    assert_in_order(&after);
+    assert_eq!(after.data_missing, 0, "{after:?}");
+    assert!(after.announces > during.announces, "{after:?}");
+    wait_for_taps(&cluster, &net, 0, None);
+}

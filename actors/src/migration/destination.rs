@@ -664,8 +664,8 @@ impl DestinationMigration {
         let mac = self.hello.identity.mac;
         let ip = self.hello.ip;
         // A VM with a NIC announces itself through its own TAP when it resumes (the VMM
-        // does it); only a VM without one is announced on the host's interface. Sending
-        // that on a bridge would teach it the MAC on the wrong port.
+        // does it); only a VM without one is announced on the host's interface, which is
+        // not the port the bridges must learn for a VM with a NIC.
         let interface = self
             .hello
             .networks
