@@ -149,6 +149,9 @@ pub struct HostInfo {
     pub hidden_cpu_features: Vec<String>,
     /// Networks.
     pub networks: Vec<String>,
+    /// The bridge of each network that has one here (its VMs get a NIC on it).
+    #[serde(default)]
+    pub bridges: std::collections::BTreeMap<String, String>,
     /// Datastores, with their paths, identities and space.
     pub datastores: Vec<DatastoreInfo>,
     /// Copy-worker CPUs.
@@ -1027,6 +1030,11 @@ impl Handler<GetHostInfo> for HostActor {
                 .collect(),
             hidden_cpu_features: s.hidden_cpu_features.clone(),
             networks: s.networks.keys().cloned().collect(),
+            bridges: s
+                .networks
+                .iter()
+                .filter_map(|(name, port)| Some((name.clone(), port.bridge.clone()?)))
+                .collect(),
             datastores: self.datastores.values().map(Datastore::info).collect(),
             copy_cpus: s.copy_cpus.clone(),
             peers: s.peers.keys().cloned().collect(),

@@ -208,6 +208,9 @@ fn a_migration_that_fails_after_the_destination_joined_its_bridge_leaves_the_tal
 #[test]
 fn a_host_whose_network_has_no_bridge_is_refused_before_anything_moves() {
     let (cluster, net) = cluster(HostSpec::new("beta").no_bridge());
+    let shown = |host: &str| cluster.ferryctl_ok(&["host", "show", host]).json()["bridges"].clone();
+    assert_eq!(shown("alpha")["vmnet"], VM_BRIDGE);
+    assert!(shown("beta")["vmnet"].is_null(), "{}", shown("beta"));
     let (_, peer) = talker(&cluster, &net);
     let before = talk_on(&cluster, &peer, &PeerStats::default(), 20);
     let result = cluster.ferryctl(&["migrate", "talker", "--to", "beta", "--json"]);
