@@ -3,6 +3,8 @@
 //! the image, a block changed behind its back is caught, and the device's state moves to a
 //! new VM at whatever moment the guest is paused, with the image lock handed over.
 
+mod common;
+
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -181,16 +183,7 @@ fn move_vm(source: &mut Vm, path: &Path) -> Vm {
     if source.disks()[0].path == path {
         assert!(target.lock_disks().is_err());
     }
-    for (gpa, len) in source.ram().layout() {
-        let mut buf = vec![0u8; 4 * MIB as usize];
-        let mut at = gpa;
-        while at < gpa + len {
-            let n = (gpa + len - at).min(buf.len() as u64) as usize;
-            source.ram().read(at, &mut buf[..n]).unwrap();
-            target.ram().write(at, &buf[..n]).unwrap();
-            at += n as u64;
-        }
-    }
+    common::copy_memory(source.ram(), target.ram());
     target.restore_state(&state).unwrap();
     source.release_disks().unwrap();
     target.lock_disks().unwrap();

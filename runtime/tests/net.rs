@@ -3,6 +3,8 @@
 //! and its NIC's state moves to a new VM (a new TAP) at a moment the guest is busy talking,
 //! with the conversation going on and the MAC announced through the new TAP.
 
+mod common;
+
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -199,16 +201,7 @@ fn move_vm(segment: &Segment, source: &mut Vm) -> Vm {
         !target.nics()[0].attached,
         "the target's TAP waits for the state"
     );
-    for (gpa, len) in source.ram().layout() {
-        let mut buf = vec![0u8; 4 * MIB as usize];
-        let mut at = gpa;
-        while at < gpa + len {
-            let n = (gpa + len - at).min(buf.len() as u64) as usize;
-            source.ram().read(at, &mut buf[..n]).unwrap();
-            target.ram().write(at, &buf[..n]).unwrap();
-            at += n as u64;
-        }
-    }
+    common::copy_memory(source.ram(), target.ram());
     // The bridge is in the namespace: so is the socket the attaching ioctl goes through.
     in_netns(Some(&segment.name), move || {
         let mut target = target;
