@@ -774,6 +774,23 @@ impl Handler<CreateVm> for HostActor {
                     format!("unknown CPU feature '{unknown}' to hide"),
                 ));
             }
+            let nic_slots = network
+                .as_ref()
+                .and_then(|net| self.settings.networks.get(net))
+                .is_some_and(|port| port.bridge.is_some()) as usize;
+            if nic_slots > 0
+                && spec.disks.len() + nic_slots > ferry_runtime::layout::MAX_VIRTIO_DEVICES
+            {
+                return Err(HostError::new(
+                    ErrorKind::BadRequest,
+                    format!(
+                        "a VM has at most {} virtio devices: {} disks and a NIC on network '{}' were asked for",
+                        ferry_runtime::layout::MAX_VIRTIO_DEVICES,
+                        spec.disks.len(),
+                        network.as_deref().unwrap_or_default()
+                    ),
+                ));
+            }
             let disks = self.resolve_disks(&spec.disks)?;
             Ok((network, disks))
         })();

@@ -260,3 +260,39 @@ fn the_talk_survives_a_hostd_kill_and_the_restarted_hostd_moves_the_vm() {
     assert!(after.announces > during.announces, "{after:?}");
     wait_for_taps(&cluster, &net, 0, None);
 }
+
+/// A NIC takes a virtio slot: eight disks and a NIC are one device too many, refused before
+/// any image is made.
+#[test]
+fn a_vm_asking_for_more_virtio_devices_than_slots_is_refused_before_any_image_is_made() {
+    let (cluster, _net) = cluster(HostSpec::new("beta"));
+    let mut args: Vec<String> = [
+        "vm", "create", "crowded", "--host", "alpha", "--guest", "counter",
+    ]
+    .map(String::from)
+    .to_vec();
+    for i in 0..8 {
+        args.push("--disk".into());
+        args.push(format!("shared:crowded{i}.raw,size=1M"));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let result = cluster.ferryctl(&args);
+    assert_eq!(result.code, Some(2), "{result:?}");
+    assert!(
+        result.stderr.contains("at most 8 virtio devices")
+            && result
+                .stderr
+                .contains("8 disks and a NIC on network 'vmnet'"),
+        "{result:?}"
+    );
+    let made: Vec<_> = std::fs::read_dir(cluster.dir().join("shared"))
+        .map(|dir| dir.filter_map(Result::ok).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        !made
+            .iter()
+            .any(|f| f.to_string_lossy().starts_with("crowded")),
+        "{made:?}"
+    );
+    assert!(cluster.vm("crowded").is_none());
+}

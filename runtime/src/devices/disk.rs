@@ -54,7 +54,7 @@ pub enum DiskError {
     #[error(transparent)]
     Image(#[from] ImageError),
     /// The VM has more disks than virtio slots.
-    #[error("a VM has at most {max} disks, {count} were given")]
+    #[error("a VM has at most {max} virtio devices (disks and NICs), {count} were given")]
     TooMany {
         /// Given.
         count: usize,
