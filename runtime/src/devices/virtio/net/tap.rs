@@ -4,8 +4,8 @@
 //! namespace, with a kernel-chosen name `fytapN`. It is not persistent: when the VMM closes it
 //! (the VM stops, migrates away, or its VMM dies) the kernel removes the interface and the
 //! bridge forgets its port. Plain ioctls on `/dev/net/tun` and an `AF_INET` socket, as
-//! `ip tuntap` and `brctl` do; no crate does TAP creation plus bridge membership without an
-//! async runtime, and this is a few calls.
+//! `ip tuntap` and `brctl` do: TAP crates (`tun`, `tun-tap`) create the device but do not
+//! join a bridge, which needs its own ioctl anyway, and the whole is a few calls.
 
 use std::ffi::CStr;
 use std::fs::{File, OpenOptions};
