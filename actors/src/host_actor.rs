@@ -733,6 +733,7 @@ impl Handler<CreateVm> for HostActor {
     type Result = ResponseActFuture<Self, Result<VmInfo, HostError>>;
 
     fn handle(&mut self, CreateVm(spec): CreateVm, ctx: &mut Self::Context) -> Self::Result {
+        let identity = VmIdentity::new(&spec.name);
         let checked = (|| {
             self.check_not_in_maintenance("new VMs")
                 .map_err(|m| HostError::new(ErrorKind::Conflict, m))?;
@@ -774,27 +775,23 @@ impl Handler<CreateVm> for HostActor {
                     format!("unknown CPU feature '{unknown}' to hide"),
                 ));
             }
-            let nic_slots = network
-                .as_ref()
-                .and_then(|net| self.settings.networks.get(net))
-                .is_some_and(|port| port.bridge.is_some()) as usize;
-            if nic_slots > 0
-                && spec.disks.len() + nic_slots > ferry_runtime::layout::MAX_VIRTIO_DEVICES
-            {
-                return Err(HostError::new(
-                    ErrorKind::BadRequest,
-                    format!(
-                        "a VM has at most {} virtio devices: {} disks and a NIC on network '{}' were asked for",
-                        ferry_runtime::layout::MAX_VIRTIO_DEVICES,
-                        spec.disks.len(),
-                        network.as_deref().unwrap_or_default()
-                    ),
-                ));
-            }
-            let disks = self.resolve_disks(&spec.disks)?;
-            Ok((network, disks))
+            // A network with a bridge here gives the VM a NIC on it.
+            let nics: Vec<NicSpec> = network
+                .iter()
+                .filter_map(|net| {
+                    Some(NicSpec {
+                        network: net.clone(),
+                        bridge: self.settings.bridge(net)?.to_string(),
+                        mac: identity.mac,
+                        ip: spec.ip,
+                        attach: true,
+                    })
+                })
+                .collect();
+            let disks = self.resolve_disks(&spec.disks, &nics)?;
+            Ok((network, disks, nics))
         })();
-        let (network, disks) = match checked {
+        let (network, disks, nics) = match checked {
             Ok(checked) => checked,
             Err(e) => return Box::pin(fut::ready(Err(e))),
         };
@@ -807,21 +804,6 @@ impl Handler<CreateVm> for HostActor {
                 migration: None,
             },
         );
-        let identity = VmIdentity::new(&spec.name);
-        // A network with a bridge here gives the VM a NIC on it.
-        let nics = network
-            .iter()
-            .filter_map(|net| {
-                let bridge = self.settings.networks.get(net)?.bridge.clone()?;
-                Some(NicSpec {
-                    network: net.clone(),
-                    bridge,
-                    mac: identity.mac,
-                    ip: spec.ip,
-                    attach: true,
-                })
-            })
-            .collect();
         let create = CreateSpec {
             identity,
             vcpus: spec.vcpus,
@@ -1047,11 +1029,7 @@ impl Handler<GetHostInfo> for HostActor {
                 .collect(),
             hidden_cpu_features: s.hidden_cpu_features.clone(),
             networks: s.networks.keys().cloned().collect(),
-            bridges: s
-                .networks
-                .iter()
-                .filter_map(|(name, port)| Some((name.clone(), port.bridge.clone()?)))
-                .collect(),
+            bridges: s.bridges(),
             datastores: self.datastores.values().map(Datastore::info).collect(),
             copy_cpus: s.copy_cpus.clone(),
             peers: s.peers.keys().cloned().collect(),
@@ -1622,13 +1600,23 @@ impl HostActor {
         })
     }
 
-    /// Checks a new VM's disk requests and creates the images that are missing.
-    fn resolve_disks(&self, requests: &[DiskRequest]) -> Result<ResolvedDisks, HostError> {
+    /// Checks a new VM's disk requests (they share the virtio slots with its `nics`) and
+    /// creates the images that are missing.
+    fn resolve_disks(
+        &self,
+        requests: &[DiskRequest],
+        nics: &[NicSpec],
+    ) -> Result<ResolvedDisks, HostError> {
         let bad = |m: String| HostError::new(ErrorKind::BadRequest, m);
-        if requests.len() > ferry_runtime::layout::MAX_VIRTIO_DEVICES {
+        let max = ferry_runtime::layout::MAX_VIRTIO_DEVICES;
+        if requests.len() + nics.len() > max {
+            let nics = match nics {
+                [] => String::new(),
+                [nic] => format!(" and a NIC on network '{}'", nic.network),
+                more => format!(" and {} NICs", more.len()),
+            };
             return Err(bad(format!(
-                "a VM has at most {} disks, {} were given",
-                ferry_runtime::layout::MAX_VIRTIO_DEVICES,
+                "a VM has at most {max} virtio devices: {} disks{nics} were asked for",
                 requests.len()
             )));
         }
@@ -1696,9 +1684,8 @@ impl HostActor {
             .map(|network| {
                 let bridge = self
                     .settings
-                    .networks
-                    .get(network)
-                    .and_then(|port| port.bridge.clone())
+                    .bridge(network)
+                    .map(str::to_string)
                     .ok_or_else(|| {
                         format!(
                             "the VM has a NIC on network '{network}', which has no bridge on host '{}'",
@@ -2023,13 +2010,7 @@ impl Handler<DescribeHost> for HostActor {
             memory_free: self.settings.memory.saturating_sub(self.memory_used()),
             cpu: self.features.clone(),
             networks: self.settings.networks.keys().cloned().collect(),
-            bridged: self
-                .settings
-                .networks
-                .iter()
-                .filter(|(_, port)| port.bridge.is_some())
-                .map(|(name, _)| name.clone())
-                .collect(),
+            bridged: self.settings.bridges().into_keys().collect(),
             datastores: self
                 .datastores
                 .values()

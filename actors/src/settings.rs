@@ -200,6 +200,19 @@ pub struct HostSettings {
 }
 
 impl HostSettings {
+    /// The bridge this host attaches `network` to, if it has one (its VMs get a NIC on it).
+    pub fn bridge(&self, network: &str) -> Option<&str> {
+        self.networks.get(network)?.bridge.as_deref()
+    }
+
+    /// Every network with a bridge here, and its bridge.
+    pub fn bridges(&self) -> BTreeMap<String, String> {
+        self.networks
+            .iter()
+            .filter_map(|(name, port)| Some((name.clone(), port.bridge.clone()?)))
+            .collect()
+    }
+
     /// What this host can do for a migration's data: its RDMA devices (discovery failing is
     /// logged and means none), TCP on `addrs`, up to `streams` streams.
     pub fn capabilities(

@@ -178,12 +178,7 @@ impl Disk {
                 operation: "building the virtqueue",
                 source: std::io::Error::other(e.to_string()),
             })?;
-        let SlotFds {
-            base,
-            notify,
-            irq,
-            wake,
-        } = SlotFds::register(vm_fd, index).map_err(setup)?;
+        let (fds, irq) = SlotFds::register(vm_fd, index).map_err(setup)?;
         let shared = Arc::new(Shared {
             core: Mutex::new(Core {
                 transport,
@@ -196,23 +191,17 @@ impl Disk {
         });
         let io = {
             let shared = Arc::clone(&shared);
-            SlotThread::spawn(
-                format!("disk{index}"),
-                base,
-                notify,
-                wake,
-                move |notified| {
-                    let mut core = shared.lock();
-                    if notified {
-                        if core.quiesced {
-                            core.pending = true;
-                        } else {
-                            shared.serve(&mut core);
-                        }
+            fds.start(format!("disk{index}"), move |notified| {
+                let mut core = shared.lock();
+                if notified {
+                    if core.quiesced {
+                        core.pending = true;
+                    } else {
+                        shared.serve(&mut core);
                     }
-                    Next::IDLE
-                },
-            )
+                }
+                Next::IDLE
+            })
             .map_err(|e| setup(("spawning the I/O thread", e)))?
         };
         Ok(Disk { shared, io })

@@ -229,12 +229,7 @@ impl Nic {
                 std::io::Error::other(e.to_string()),
             ))
         })?;
-        let SlotFds {
-            base,
-            notify,
-            irq,
-            wake,
-        } = SlotFds::register(vm_fd, slot).map_err(setup)?;
+        let (fds, irq) = SlotFds::register(vm_fd, slot).map_err(setup)?;
         let shared = Arc::new(Shared {
             core: Mutex::new(Core {
                 transport,
@@ -251,16 +246,10 @@ impl Nic {
             let shared = Arc::clone(&shared);
             // A notification that comes while quiesced needs no memory: the first serve after
             // the resume looks at every queue anyway.
-            SlotThread::spawn(
-                format!("nic{index}"),
-                base,
-                notify,
-                wake,
-                move |_notified| {
-                    let mut core = shared.lock();
-                    shared.serve(&mut core)
-                },
-            )
+            fds.start(format!("nic{index}"), move |_notified| {
+                let mut core = shared.lock();
+                shared.serve(&mut core)
+            })
             .map_err(|e| setup(("spawning the I/O thread", e)))?
         };
         Ok(Nic { shared, io })
@@ -312,11 +301,10 @@ impl Nic {
     /// Joins the bridge (a migration's destination, once the state is in).
     pub fn attach(&self) -> Result<(), NicError> {
         let mut core = self.shared.lock();
-        let bridge = self.shared.spec.bridge.clone();
         core.transport
             .device_mut()
             .backend_mut()
-            .attach(&bridge)
+            .attach(&self.shared.spec.bridge)
             .map_err(|source| NicError::Tap {
                 index: self.shared.index,
                 network: self.shared.spec.network.clone(),

@@ -15,23 +15,25 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use super::virtio::mmio::{MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
 use crate::layout;
 
-/// The eventfds of one slot, registered with KVM.
+/// The eventfds that drive one slot's I/O thread, registered with KVM.
 #[derive(Debug)]
 pub struct SlotFds {
     /// Guest-physical base of the register window.
-    pub base: u64,
+    base: u64,
     /// Signalled by KVM on a queue notification.
-    pub notify: Arc<EventFd>,
-    /// Raises the slot's interrupt line.
-    pub irq: EventFd,
+    notify: Arc<EventFd>,
     /// Wakes the I/O thread (to stop, or to look at its state again).
-    pub wake: Arc<EventFd>,
+    wake: Arc<EventFd>,
 }
 
 impl SlotFds {
-    /// Creates the eventfds of slot `slot` and registers them with `vm_fd`. On error: what was
+    /// Creates the eventfds of slot `slot` and registers them with `vm_fd`; also the eventfd
+    /// that raises the slot's interrupt line, for the device to keep. On error: what was
     /// attempted, and why it failed.
-    pub fn register(vm_fd: &VmFd, slot: usize) -> Result<SlotFds, (&'static str, std::io::Error)> {
+    pub fn register(
+        vm_fd: &VmFd,
+        slot: usize,
+    ) -> Result<(SlotFds, EventFd), (&'static str, std::io::Error)> {
         let eventfd = |operation| EventFd::new(EFD_NONBLOCK).map_err(|e| (operation, e));
         let kvm = |operation| {
             move |e: kvm_ioctls::Error| (operation, std::io::Error::from_raw_os_error(e.errno()))
@@ -50,11 +52,41 @@ impl SlotFds {
         vm_fd
             .register_irqfd(&irq, layout::VIRTIO_IRQ_BASE + slot as u32)
             .map_err(kvm("KVM_IRQFD"))?;
-        Ok(SlotFds {
+        let fds = SlotFds {
             base,
             notify: Arc::new(notify),
-            irq,
             wake: Arc::new(wake),
+        };
+        Ok((fds, irq))
+    }
+
+    /// Starts the slot's I/O thread `name`: it waits as `step` last asked, then calls it with
+    /// whether the driver notified a queue meanwhile, until `step` or the drop says stop.
+    pub fn start(
+        self,
+        name: String,
+        step: impl FnMut(bool) -> Next + Send + 'static,
+    ) -> std::io::Result<SlotThread> {
+        let SlotFds { base, notify, wake } = self;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (notify, wake, stop, name) = (
+                Arc::clone(&notify),
+                Arc::clone(&wake),
+                Arc::clone(&stop),
+                name.clone(),
+            );
+            std::thread::Builder::new()
+                .name(name.clone())
+                .spawn(move || io_loop(&name, &notify, &wake, &stop, step))?
+        };
+        Ok(SlotThread {
+            base,
+            notify,
+            wake,
+            stop,
+            thread: Some(thread),
+            name,
         })
     }
 }
@@ -94,38 +126,6 @@ pub struct SlotThread {
 }
 
 impl SlotThread {
-    /// Starts thread `name` on `base`'s eventfds: it waits as `step` last asked, then calls
-    /// it with whether the driver notified a queue meanwhile, until `step` or the drop says
-    /// stop.
-    pub fn spawn(
-        name: String,
-        base: u64,
-        notify: Arc<EventFd>,
-        wake: Arc<EventFd>,
-        step: impl FnMut(bool) -> Next + Send + 'static,
-    ) -> std::io::Result<SlotThread> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (notify, wake, stop, name) = (
-                Arc::clone(&notify),
-                Arc::clone(&wake),
-                Arc::clone(&stop),
-                name.clone(),
-            );
-            std::thread::Builder::new()
-                .name(name.clone())
-                .spawn(move || io_loop(&name, &notify, &wake, &stop, step))?
-        };
-        Ok(SlotThread {
-            base,
-            notify,
-            wake,
-            stop,
-            thread: Some(thread),
-            name,
-        })
-    }
-
     /// Whether `gpa` is in the slot's register window.
     pub fn claims(&self, gpa: u64) -> bool {
         (self.base..self.base + MMIO_WINDOW).contains(&gpa)

@@ -307,6 +307,19 @@ fn request(inner: &Inner, mac: [u8; 6], index: i32, period: Duration) {
     }
 }
 
+/// One more number `seq` of a sequence whose highest so far is `last` (`None`: none yet, and
+/// `first` is the number expected first): counts it out of order if not above `last`, else
+/// the numbers it skipped.
+fn follow(last: &mut Option<u64>, reorders: &mut u64, missing: &mut u64, seq: u64, first: u64) {
+    match *last {
+        Some(at) if seq <= at => *reorders += 1,
+        at => {
+            *missing += seq - at.map_or(first, |at| at + 1);
+            *last = Some(seq);
+        }
+    }
+}
+
 fn receive(inner: &Inner) {
     let mut buf = [0u8; 2048];
     while !inner.stop.load(Ordering::Relaxed) {
@@ -331,33 +344,53 @@ fn receive(inner: &Inner) {
             stats.announces += 1;
             continue;
         }
+        let stats = &mut *stats;
         match Frame::parse(bytes) {
             Some(frame) if frame.kind == KIND_DATA => {
                 stats.data += 1;
-                match stats.last_data {
-                    Some(last) if frame.seq <= last => stats.data_reorders += 1,
-                    Some(last) => {
-                        stats.data_missing += frame.seq - last - 1;
-                        stats.last_data = Some(frame.seq);
-                    }
-                    None => stats.last_data = Some(frame.seq),
-                }
+                // The guest numbered frames before the peer listened: count from the first.
+                let first = frame.seq;
+                follow(
+                    &mut stats.last_data,
+                    &mut stats.data_reorders,
+                    &mut stats.data_missing,
+                    frame.seq,
+                    first,
+                );
             }
             Some(frame) if frame.kind == KIND_ECHO_REPLY => {
                 stats.replies += 1;
-                match stats.last_reply {
-                    Some(last) if frame.seq <= last => stats.reply_reorders += 1,
-                    Some(last) => {
-                        stats.replies_missing += frame.seq - last - 1;
-                        stats.last_reply = Some(frame.seq);
-                    }
-                    None => {
-                        stats.replies_missing += frame.seq;
-                        stats.last_reply = Some(frame.seq);
-                    }
-                }
+                // The peer's requests start at 0.
+                follow(
+                    &mut stats.last_reply,
+                    &mut stats.reply_reorders,
+                    &mut stats.replies_missing,
+                    frame.seq,
+                    0,
+                );
             }
             _ => stats.other += 1,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::follow;
+
+    #[test]
+    fn a_sequence_counts_skips_and_what_comes_out_of_order() {
+        let (mut last, mut reorders, mut missing) = (None, 0, 0);
+        for seq in [5, 6, 9, 8, 9, 10] {
+            follow(&mut last, &mut reorders, &mut missing, seq, 5);
+        }
+        assert_eq!((last, reorders, missing), (Some(10), 2, 2));
+        let (mut last, mut reorders, mut missing) = (None, 0, 0);
+        follow(&mut last, &mut reorders, &mut missing, 3, 0);
+        assert_eq!(
+            (last, reorders, missing),
+            (Some(3), 0, 3),
+            "0, 1 and 2 never came"
+        );
     }
 }
